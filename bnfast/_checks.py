@@ -1,0 +1,188 @@
+"""Argument checks and the canonical (outer, C, inner) view. Nothing here writes user data.
+
+Every public function runs all of its checks before it allocates or writes anything, so a
+``ValueError``/``TypeError`` leaves running statistics and ``out`` buffers untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+DATA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+VECTOR_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def data_array(x, name: str) -> np.ndarray:
+    """``x`` as an ndarray of a supported dtype with ndim >= 2 (no copy for an ndarray)."""
+    x = np.asarray(x)
+    if x.dtype not in DATA_DTYPES:
+        hint = " (convert with .astype(np.float32))" if x.dtype.kind in "fiub" else ""
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; bnfast accepts float32 or float64 arrays{hint}"
+        )
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} has shape {x.shape}; batch norm needs an array with ndim >= 2 "
+            "(a batch axis and a channel axis)"
+        )
+    return x
+
+
+def channel_axis(axis, ndim: int) -> int:
+    """The channel axis as a non-negative int; any single axis, negative counts from the end."""
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {axis!r} of type {type(axis).__name__}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis={axis} is out of range for an array with ndim={ndim}; "
+                         f"accepted: {-ndim} to {ndim - 1}")
+    return axis % ndim
+
+
+def positive_eps(eps) -> float:
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {eps!r}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps > 0.0):
+        raise ValueError(f"eps must be finite and > 0, got {eps!r}")
+    return eps
+
+
+def unit_momentum(momentum) -> float:
+    if momentum is None:
+        raise TypeError("momentum=None (cumulative average) needs a batch count: use "
+                        "BatchNorm(momentum=None), or pass momentum=1/k for the k-th batch")
+    if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number in [0, 1], got {momentum!r}")
+    momentum = float(momentum)
+    if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a finite number in [0, 1], got {momentum!r}")
+    return momentum
+
+
+def channel_vector(v, name: str, channels: int, *, writeable: bool = False) -> np.ndarray:
+    """A per-channel array: floating dtype, shape ``(channels,)``; writeable if asked."""
+    if writeable and not isinstance(v, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
+                        f"got {type(v).__name__}")
+    v = np.asarray(v)
+    if v.dtype not in VECTOR_DTYPES:
+        raise TypeError(f"{name} has dtype {v.dtype}; accepted: float16, float32 or float64")
+    if v.shape != (channels,):
+        raise ValueError(f"{name} has shape {v.shape}; expected ({channels},), one value "
+                         "per channel")
+    if writeable and not v.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place, so it must be writeable")
+    return v
+
+
+def in_precision(v: np.ndarray | None, dtype: np.dtype, default: float, channels: int) -> np.ndarray:
+    """A per-channel vector rounded to the data's dtype, then held as float64 for the kernels."""
+    if v is None:
+        return np.full(channels, default)
+    return v.astype(dtype, copy=False).astype(np.float64)
+
+
+def output_array(out, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}; expected {dtype}, the input's dtype")
+    if out.shape != shape:
+        raise ValueError(f"{name} has shape {out.shape}; expected {shape}, the input's shape")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only; it must be writeable")
+    return out
+
+
+def same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when ``a`` and ``b`` are the same elements in the same places."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides)
+
+
+def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=100_000))
+    except np.exceptions.TooHardError:
+        return True
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an array with channel axis ``axis`` maps to the canonical ``(outer, C, inner)``.
+
+    The reduction is over every axis but the channel axis and its order is free, so the other
+    axes are sorted by decreasing stride: those with a larger stride than the channel axis are
+    merged into ``outer``, the rest into ``inner``. Contiguous arrays of every layout (NCHW,
+    NHWC, a transposed NCHW view, ...) then become a contiguous 3-D view without a copy.
+    """
+
+    shape: tuple
+    axis: int
+    order: tuple  # a transpose of the array to (outer axes..., channel, inner axes...)
+    canon: tuple  # (outer, C, inner)
+
+    @classmethod
+    def of(cls, x: np.ndarray, axis: int) -> "Layout":
+        shape, strides = x.shape, x.strides
+        others = [a for a in range(x.ndim) if a != axis]
+        ones = [a for a in others if shape[a] == 1]
+        rest = sorted((a for a in others if shape[a] != 1), key=lambda a: -abs(strides[a]))
+        if shape[axis] == 1:
+            outer, inner = [], rest  # one channel: make its rows as long as possible
+        else:
+            cs = abs(strides[axis])
+            outer = [a for a in rest if abs(strides[a]) > cs]
+            inner = [a for a in rest if abs(strides[a]) <= cs]
+        order = tuple(ones + outer + [axis] + inner)
+        n_outer = math.prod(shape[a] for a in ones + outer)
+        n_inner = math.prod(shape[a] for a in inner)
+        return cls(shape, axis, order, (n_outer, shape[axis], n_inner))
+
+    @property
+    def channels(self) -> int:
+        return self.canon[1]
+
+    @property
+    def count(self) -> int:
+        """Values per channel."""
+        return self.canon[0] * self.canon[2]
+
+    def view3(self, a: np.ndarray) -> tuple[np.ndarray, bool]:
+        """``a`` (of this layout's shape) as (outer, C, inner); True when that needed a copy."""
+        v = a.transpose(self.order)
+        try:
+            return v.reshape(self.canon, copy=False), False
+        except ValueError:
+            return np.ascontiguousarray(v).reshape(self.canon), True
+
+    def output(self, out: np.ndarray | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """``(array, its 3-D view)`` for a kernel to write; pass both to :meth:`finish_output`.
+
+        Without ``out``, a new array laid out canonically (its 3-D view is always a view). With
+        an ``out`` that has no 3-D view, the kernel writes a temporary copied into ``out``.
+        """
+        if out is not None:
+            return out, self.view3(out)[0]
+        t = np.empty([self.shape[a] for a in self.order], dtype)
+        return t.transpose(np.argsort(self.order)), t.reshape(self.canon)
+
+    def finish_output(self, a: np.ndarray, a3: np.ndarray) -> None:
+        """Copy the kernel's result into ``a`` when ``a3`` was a temporary, not a view of it."""
+        if not np.may_share_memory(a, a3):  # a fresh temporary never does
+            t = a3.reshape([self.shape[k] for k in self.order])
+            a[...] = t.transpose(np.argsort(self.order))
+
+
+def readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view, which matches the kernels' read-only input signatures exactly."""
+    v = a.view()
+    v.flags.writeable = False
+    return v

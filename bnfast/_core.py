@@ -1,0 +1,280 @@
+"""The functional API: validate, map to the canonical (outer, C, inner) view, call a kernel.
+
+The kernel behind each function: ``moments`` -> ``kernels.stats.moments``; ``forward`` ->
+``kernels.stats.moments`` (training) then ``kernels.normalize.normalize``; ``backward`` ->
+``kernels.backward.grad_sums`` (training) then ``kernels.backward.grad_input``. The math they
+implement is written out in ``bnfast.reference``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _checks as chk
+from . import kernels
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNormCache:
+    """What :func:`backward` needs from one :func:`forward` call. Immutable.
+
+    Attributes
+    ----------
+    x : ndarray
+        The forward input (a reference, not a copy: do not modify it before backward).
+    mean, invstd : ndarray
+        float64, shape ``(C,)``: the statistics that normalized ``x`` (the batch's when
+        ``training``, the running ones otherwise); ``invstd = 1/sqrt(var + eps)``.
+    gamma : ndarray
+        float64, shape ``(C,)``: the scale, rounded to x's dtype (ones when none was given).
+    axis : int
+        The channel axis, non-negative.
+    training : bool
+        True: batch statistics, full gradient. False: running statistics, frozen-BN gradient.
+    """
+
+    x: np.ndarray
+    mean: np.ndarray
+    invstd: np.ndarray
+    gamma: np.ndarray
+    axis: int
+    training: bool
+    _layout: chk.Layout
+    _x3: np.ndarray
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance over every axis but ``axis``, in one read of x.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+    axis : int, default 1
+        The channel axis (negative counts from the end).
+
+    Returns
+    -------
+    mean, var : ndarray
+        Shape ``(C,)``, x's dtype. Accumulated in float64 around a per-channel shift, so a
+        float32 channel with mean 1e4 and unit spread gets its variance to ~1e-12 relative.
+        A channel holding NaN or inf gets NaN.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> mean, var = bnfast.moments(x)
+    >>> mean, var
+    (array([ 2., 20.]), array([  1., 100.]))
+    """
+    x = chk.data_array(x, "x")
+    layout = chk.Layout.of(x, chk.channel_axis(axis, x.ndim))
+    if layout.count == 0:
+        raise ValueError(f"x has shape {x.shape}: no values per channel along axis {axis}; "
+                         "moments need at least one")
+    x3, _ = layout.view3(x)
+    mean = np.empty(layout.channels)
+    var = np.empty(layout.channels)
+    kernels.moments(chk.readonly(x3), mean, var)
+    return mean.astype(x.dtype), var.astype(x.dtype)
+
+
+def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
+            running_mean=None, running_var=None, momentum: float = 0.1, eps: float = 1e-5,
+            out=None) -> tuple[np.ndarray, BatchNormCache]:
+    """Batch-normalize ``x`` over every axis but ``axis``: ``y = gamma * xhat + beta``.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+        Any layout: (N, C), (N, C, L), NCHW, NHWC with ``axis=-1``, 5-D; strided, transposed,
+        negative-stride, read-only and broadcast views too. Contiguous input of every layout is
+        processed without a copy; a view whose non-channel axes cannot be merged into one
+        (outer, C, inner) view without copying (e.g. a broadcast or a sliced non-channel axis
+        next to another) is copied once. float16 raises ``TypeError``: convert explicitly.
+    gamma, beta : array of shape (C,), optional
+        Scale and shift, any float dtype, used in x's precision. None means 1 and 0.
+    axis : int, default 1
+        The channel axis.
+    training : bool, default True
+        True: normalize with the batch's mean and biased variance and, when running arrays are
+        given, update them in place with PyTorch's rule ``new = (1 - momentum) * old +
+        momentum * batch`` (running variance unbiased, ``var * m / (m - 1)``). Needs more than
+        one value per channel. False: normalize with the running arrays, which are required.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Any float dtype; updated in their own dtype. Both or neither.
+    momentum : float in [0, 1], default 0.1
+        Weight of the new batch (PyTorch's convention; Keras' ``momentum=0.99`` is 0.01 here).
+    eps : float > 0, default 1e-5
+    out : ndarray, optional
+        Where to write y: x's shape and dtype, writeable. In training it must not overlap x
+        (backward reads x); in inference ``out=x`` normalizes in place.
+
+    Returns
+    -------
+    y : ndarray
+        x's shape and dtype; laid out in memory like x's canonical view.
+    cache : BatchNormCache
+        For :func:`backward`.
+
+    Notes
+    -----
+    All arithmetic is float64 (statistics and the normalization of each element) with one
+    rounding to x's dtype at the end. A channel holding NaN or +-inf gets NaN statistics and an
+    all-NaN output while training (as in PyTorch); the other channels are unaffected. Every
+    argument is checked before anything is written.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> rm, rv = np.zeros(2), np.ones(2)
+    >>> y, cache = bnfast.forward(x, running_mean=rm, running_var=rv, eps=0.0001)
+    >>> y.round(4)
+    array([[-1., -1.],
+           [ 1.,  1.]])
+    >>> rm, rv
+    (array([0.2, 2. ]), array([ 1.1, 20.9]))
+    """
+    x = chk.data_array(x, "x")
+    axis = chk.channel_axis(axis, x.ndim)
+    layout = chk.Layout.of(x, axis)
+    channels, count = layout.channels, layout.count
+    eps = chk.positive_eps(eps)
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be True or False, got {training!r}")
+    training = bool(training)
+    if gamma is not None:
+        gamma = chk.channel_vector(gamma, "gamma", channels)
+    if beta is not None:
+        beta = chk.channel_vector(beta, "beta", channels)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
+    tracking = running_mean is not None
+    if tracking:
+        running_mean = chk.channel_vector(running_mean, "running_mean", channels,
+                                          writeable=training)
+        running_var = chk.channel_vector(running_var, "running_var", channels,
+                                         writeable=training)
+        if training and chk.overlaps(running_mean, running_var):
+            raise ValueError("running_mean and running_var share memory; pass two arrays")
+    if training:
+        momentum = chk.unit_momentum(momentum)
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                             f"of shape {x.shape} with channel axis {axis} ({count} per channel)")
+    elif not tracking:
+        raise ValueError("training=False normalizes with running statistics: pass "
+                         "running_mean and running_var")
+    if out is not None:
+        out = chk.output_array(out, "out", x.shape, x.dtype)
+        if training and chk.overlaps(out, x):
+            raise ValueError("out overlaps x; while training x is kept for backward, so out "
+                             "must be a separate array")
+        if not training and chk.overlaps(out, x) and not chk.same_view(out, x):
+            raise ValueError("out partly overlaps x; pass out=x itself or a separate array")
+
+    x3, _ = layout.view3(x)
+    x3 = chk.readonly(x3)
+    gamma64 = chk.in_precision(gamma, x.dtype, 1.0, channels)
+    beta64 = chk.in_precision(beta, x.dtype, 0.0, channels)
+    if training:
+        mean = np.empty(channels)
+        var = np.empty(channels)
+        kernels.moments(x3, mean, var)
+    else:
+        mean = chk.in_precision(running_mean, x.dtype, 0.0, channels)
+        var = chk.in_precision(running_var, x.dtype, 1.0, channels)
+    invstd = 1.0 / np.sqrt(var + eps)
+
+    y, y3 = layout.output(out, x.dtype)
+    kernels.normalize(x3, mean, chk.readonly(gamma64 * invstd), beta64, y3)
+    layout.finish_output(y, y3)
+
+    if training and tracking:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+        unbiased = var * (count / (count - 1))
+        running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
+    cache = BatchNormCache(x, _frozen(mean), _frozen(invstd), _frozen(gamma64), axis, training,
+                           layout, x3)
+    return y, cache
+
+
+def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`forward` with respect to x, gamma and beta.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to y: the forward input's shape and dtype.
+    cache : BatchNormCache
+        From the :func:`forward` call that produced y. A training cache gives the full
+        batch-norm gradient (batch statistics depend on x); an inference cache the frozen-BN
+        gradient ``dx = dy * gamma * invstd``.
+    out : ndarray, optional
+        Where to write dx: x's shape and dtype, writeable, not overlapping x; ``out=dy``
+        computes dx in place.
+
+    Returns
+    -------
+    dx : ndarray
+        x's shape and dtype.
+    dgamma, dbeta : ndarray
+        Shape ``(C,)``, x's dtype: ``sum(dy * xhat)`` and ``sum(dy)`` per channel (returned
+        whether or not forward had gamma and beta).
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, cache = bnfast.forward(x)
+    >>> dx, dgamma, dbeta = bnfast.backward(np.ones_like(x), cache)
+    >>> np.abs(dx).max() < 1e-12, dbeta
+    (np.True_, array([2., 2.]))
+    """
+    if not isinstance(cache, BatchNormCache):
+        raise TypeError(f"cache must be the BatchNormCache returned by bnfast.forward, got "
+                        f"{type(cache).__name__}")
+    x, layout = cache.x, cache._layout
+    if not isinstance(dy, np.ndarray):
+        dy = np.asarray(dy)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype}; expected {x.dtype}, the forward input's dtype")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape}, but the cache is from a forward call on "
+                         f"shape {x.shape}; pass the gradient of that call's output")
+    if out is not None:
+        out = chk.output_array(out, "out", x.shape, x.dtype)
+        if chk.overlaps(out, x):
+            raise ValueError("out overlaps the forward input x, which backward reads; "
+                             "pass a separate array (or out=dy)")
+        if chk.overlaps(out, dy) and not chk.same_view(out, dy):
+            raise ValueError("out partly overlaps dy; pass out=dy itself or a separate array")
+
+    channels, count = layout.channels, layout.count
+    dy3, _ = layout.view3(dy)
+    dy3 = chk.readonly(dy3)
+    mean, invstd = cache.mean, cache.invstd
+    sum_dy = np.empty(channels)
+    sum_dy_xmu = np.empty(channels)
+    kernels.grad_sums(cache._x3, dy3, mean, sum_dy, sum_dy_xmu)
+    dgamma = sum_dy_xmu * invstd
+    k = cache.gamma * invstd
+    if cache.training:
+        c1 = k * invstd * dgamma / count
+        c0 = -k * sum_dy / count
+    else:
+        c1 = c0 = np.zeros(channels)
+
+    dx, dx3 = layout.output(out, x.dtype)
+    kernels.grad_input(cache._x3, dy3, mean, chk.readonly(k), chk.readonly(c1),
+                       chk.readonly(c0), dx3)
+    layout.finish_output(dx, dx3)
+    return dx, dgamma.astype(x.dtype), sum_dy.astype(x.dtype)

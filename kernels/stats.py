@@ -1,0 +1,87 @@
+"""Per-channel statistics in one read of x.
+
+Algorithm: shifted sums accumulated in float64. For each channel take a shift ``k`` = the
+channel's first value, accumulate ``s1 = sum(x - k)`` and ``s2 = sum((x - k)**2)`` in float64,
+then ``mean = k + s1/n`` and ``var = (s2 - s1*s1/n) / n``.
+
+Why not ``E[x^2] - E[x]^2``: with float32 x = 1e4 + N(0, 1) that formula cancels away 8 of the
+float32 digits (relative error ~1e-1 in float32, ~1e-8 even in float64 sums). With the shift,
+``s2`` exceeds ``s1**2/n`` by the factor ``1 + (mean-k)**2/var`` only, and ``(x_i-mean)**2 <=
+n*var`` bounds that factor by n; float64 accumulation then leaves a relative error of about
+``1e-16 * (that factor)``. Measured against a float64 two-pass reference on x = 1e4 + N(0, 1)
+float32 with 1e7 values per channel: 2e-12 relative (target 2e-7), in every layout; see
+``tests/test_accuracy.py``.
+
+Loop order follows the canonical view: with ``inner > 1`` each (o, c) row is reduced with four
+independent accumulator pairs (no fastmath needed to break the add latency chain: 2.6x faster
+than one pair on a (32, 64, 3136) float32 array, identical error); with ``inner == 1``
+(2-D or channels-last) the loop runs across channels, whose accumulators are independent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._jit import helper, kernel
+
+
+@helper
+def row_sums(x, o, c, k):
+    """Return ``(sum(x[o, c, :] - k), sum((x[o, c, :] - k)**2))`` in float64."""
+    n = x.shape[2]
+    a0 = a1 = a2 = a3 = 0.0
+    b0 = b1 = b2 = b3 = 0.0
+    i = 0
+    while i + 4 <= n:
+        d0 = x[o, c, i] - k
+        d1 = x[o, c, i + 1] - k
+        d2 = x[o, c, i + 2] - k
+        d3 = x[o, c, i + 3] - k
+        a0 += d0
+        a1 += d1
+        a2 += d2
+        a3 += d3
+        b0 += d0 * d0
+        b1 += d1 * d1
+        b2 += d2 * d2
+        b3 += d3 * d3
+        i += 4
+    while i < n:
+        d0 = x[o, c, i] - k
+        a0 += d0
+        b0 += d0 * d0
+        i += 1
+    return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3)
+
+
+@kernel("x", "vec_out", "vec_out")
+def moments(x, mean, var):
+    """Per-channel mean and biased variance of ``x`` (outer, C, inner); needs outer*inner >= 1.
+
+    A channel holding NaN or +-inf gets NaN statistics; the other channels are unaffected.
+    """
+    outer, channels, inner = x.shape
+    n = outer * inner
+    shift = np.empty(channels)
+    s1 = np.zeros(channels)
+    s2 = np.zeros(channels)
+    for c in range(channels):
+        shift[c] = x[0, c, 0]
+    if inner == 1:
+        for o in range(outer):
+            for c in range(channels):
+                d = x[o, c, 0] - shift[c]
+                s1[c] += d
+                s2[c] += d * d
+    else:
+        for o in range(outer):
+            for c in range(channels):
+                a, b = row_sums(x, o, c, shift[c])
+                s1[c] += a
+                s2[c] += b
+    for c in range(channels):
+        mean[c] = shift[c] + s1[c] / n
+        v = (s2[c] - s1[c] * (s1[c] / n)) / n
+        # Rounding can leave v a few ulps below zero for a constant channel; clamp without
+        # touching NaN (a NaN compares false).
+        var[c] = 0.0 if v < 0.0 else v

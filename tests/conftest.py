@@ -1,0 +1,87 @@
+"""Shared test helpers: tolerances derived from an error bound, array layouts, torch fixture."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default", deadline=None, max_examples=60, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=1000)
+settings.load_profile(os.environ.get("BNFAST_HYPOTHESIS_PROFILE", "default"))
+
+DTYPES = (np.float32, np.float64)
+
+
+def describe(x: np.ndarray, axis: int, fn: str = "") -> str:
+    """Names what failed: function, dtype, shape, axis and memory order."""
+    order = ("C" if x.flags.c_contiguous else "F" if x.flags.f_contiguous else "strided")
+    ro = "" if x.flags.writeable else " read-only"
+    return f"{fn} {x.dtype} shape={x.shape} axis={axis} {order} strides={x.strides}{ro}"
+
+
+def channels_last64(a: np.ndarray, axis: int) -> np.ndarray:
+    a = np.moveaxis(np.asarray(a, np.float64), axis, -1)
+    return a.reshape(-1, a.shape[-1])
+
+
+def _slack(dtype, m: int) -> float:
+    """Error budget in units of the scale below: float32 results are rounded once from float64
+    (a few float32 ulps). float64 results carry float64 error of both bnfast and the reference:
+    summation, ~(8 + m) ulps for m values per channel, and in bnfast's shifted variance a
+    cancellation factor up to m when a channel's first value is its extreme outlier (see
+    kernels/stats.py); the thorough Hypothesis profile reached 2.05x (8 + m) ulps at m = 54."""
+    return 8 * np.finfo(np.float32).eps if np.dtype(dtype) == np.float32 else (
+        4 * (8 + m) * np.finfo(np.float64).eps)
+
+
+def forward_tolerance(x, axis, cache) -> np.ndarray:
+    """Per-channel absolute tolerance for y, from the reference cache.
+
+    ``y = gamma*(x - mean)*invstd + beta``; an error of ``eps*max|x|`` in ``x - mean`` and the
+    rounding of y scale with ``S_c = |gamma|*invstd*(max|x_c| + |mean_c|) + |beta_c|``.
+    """
+    z = channels_last64(x, axis)
+    xmax = np.max(np.abs(z), axis=0, initial=0.0)
+    s = np.abs(cache["gamma"]) * cache["invstd"] * (xmax + np.abs(cache["mean"]))
+    beta = np.asarray(cache.get("beta", 0.0))
+    return _slack(x.dtype, z.shape[0]) * (s + np.abs(beta) + np.finfo(np.float64).tiny)
+
+
+def backward_tolerance(x, dy, axis, cache):
+    """Absolute tolerances ``(dx per channel, dgamma per channel, dbeta per channel)``."""
+    z = channels_last64(x, axis)
+    g = channels_last64(dy, axis)
+    m = z.shape[0]
+    invstd, gamma, mean = cache["invstd"], cache["gamma"], cache["mean"]
+    spread = (np.max(np.abs(z), axis=0, initial=0.0) + np.abs(mean)) * invstd  # >= max|xhat|
+    gmax = np.max(np.abs(g), axis=0, initial=0.0)
+    slack = _slack(x.dtype, m)
+    tiny = np.finfo(np.float64).tiny
+    dx = slack * np.abs(gamma) * invstd * gmax * (3 + 2 * spread ** 2) + tiny
+    dgamma = slack * m * gmax * (1 + spread) + tiny
+    dbeta = slack * m * gmax + tiny
+    return dx, dgamma, dbeta
+
+
+def assert_channels_close(got, want, atol_c, axis, what: str) -> None:
+    """|got - want| <= atol of each element's channel; dtype must match want's."""
+    got = np.asarray(got)
+    assert got.dtype == np.asarray(want).dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == np.shape(want), f"{what}: shape {got.shape} != {np.shape(want)}"
+    if got.ndim == 1:
+        err = np.abs(got.astype(np.float64) - np.asarray(want, np.float64))
+    else:
+        err = np.abs(channels_last64(got, axis) - channels_last64(want, axis))
+    bad = ~(err <= atol_c)
+    assert not bad.any(), (f"{what}: {bad.sum()} of {err.size} values off; worst error "
+                           f"{err.max():.3e} vs tolerance {np.broadcast_to(atol_c, err.shape)[bad].min():.3e}")
+
+
+@pytest.fixture(scope="session")
+def torch():
+    return pytest.importorskip("torch")

@@ -1,0 +1,101 @@
+"""The BatchNorm layer: modes, parameters and gradients, state round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast import reference as ref
+
+
+def test_training_step_matches_functional_and_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2, 3, (16, 4, 5)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    bn = bnfast.BatchNorm(4)
+    bn.gamma[...] = rng.uniform(0.5, 1.5, 4)
+    y = bn(x)
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    y_ref, cache = ref.forward(x, bn.gamma, bn.beta, running_mean=rm, running_var=rv)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    np.testing.assert_allclose(bn.running_mean, rm, rtol=1e-6)
+    np.testing.assert_allclose(bn.running_var, rv, rtol=1e-6)
+    dx = bn.backward(dy)
+    dx_ref, dg_ref, db_ref = ref.backward(dy, cache)
+    np.testing.assert_allclose(dx, dx_ref, atol=1e-5)
+    grads = bn.grads()
+    np.testing.assert_allclose(grads["gamma"], dg_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads["beta"], db_ref, rtol=1e-5, atol=1e-5)
+    assert grads["gamma"] is bn.grads()["gamma"]  # persistent buffers an optimizer can hold
+    assert bn.num_batches_tracked == 1
+
+
+def test_params_update_in_place_and_eval_mode():
+    rng = np.random.default_rng(1)
+    bn = bnfast.BatchNorm(3, axis=-1, dtype=np.float64)
+    x = rng.normal(5, 2, (8, 6, 3))
+    bn(x)
+    bn.backward(np.ones_like(x))
+    params, grads = bn.params(), bn.grads()
+    before = bn.beta.copy()
+    params["beta"] -= 0.5 * grads["beta"]
+    np.testing.assert_allclose(bn.beta, before - 0.5 * 48)  # dbeta = sum(dy) = 48 per channel
+    assert bn.eval() is bn and not bn.training
+    y = bn(x)
+    want = bn.gamma * (x - bn.running_mean) / np.sqrt(bn.running_var + bn.eps) + bn.beta
+    np.testing.assert_allclose(y, want, rtol=1e-12)
+    assert bn.num_batches_tracked == 1  # eval does not count
+    dx = bn.backward(np.ones_like(x))
+    np.testing.assert_allclose(dx, np.broadcast_to(bn.gamma / np.sqrt(bn.running_var + bn.eps),
+                                                   x.shape), rtol=1e-12)
+
+
+def test_without_affine_and_without_running_stats():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(10, 2)).astype(np.float32)
+    bn = bnfast.BatchNorm(2, affine=False, track_running_stats=False)
+    assert bn.gamma is None and bn.params() == {} and bn.grads() == {}
+    assert bn.state_dict() == {}
+    y_train = bn(x)
+    y_eval = bn.eval()(x)  # no running stats: eval mode uses batch statistics
+    np.testing.assert_array_equal(y_train, y_eval)
+    np.testing.assert_allclose(y_train, ref.forward(x)[0], atol=1e-6)
+    dx = bn.backward(np.ones_like(x))
+    np.testing.assert_allclose(dx, 0, atol=1e-6)
+
+
+def test_state_dict_round_trip_and_copies():
+    rng = np.random.default_rng(3)
+    a = bnfast.BatchNorm(4, dtype=np.float64)
+    for _ in range(3):
+        a(rng.normal(1, 2, (8, 4)))
+    a.gamma[...] = rng.normal(size=4)
+    sd = a.state_dict()
+    assert set(sd) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    sd["weight"][0] = 99.0
+    assert a.gamma[0] != 99.0, "state_dict must return copies"
+    b = bnfast.BatchNorm(4, dtype=np.float32)
+    b.load_state_dict(a.state_dict())
+    for k, v in a.state_dict().items():
+        np.testing.assert_allclose(b.state_dict()[k], v, rtol=1e-7)
+    assert b.gamma.dtype == np.float32 and b.num_batches_tracked == 3
+
+
+def test_buffer_reuse_with_out():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 3, 2))
+    bn = bnfast.BatchNorm(3, dtype=np.float64)
+    out = np.empty_like(x)
+    y = bn(x, out=out)
+    assert y is out
+    np.testing.assert_allclose(y, ref.forward(x)[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 3), 1), ((4, 3, 2, 2), 1), ((4, 2, 2, 3), -1),
+                                        ((2, 3, 2, 2, 2), 1)])
+def test_any_axis(shape, axis):
+    x = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+    bn = bnfast.BatchNorm(3, axis=axis)
+    np.testing.assert_allclose(bn(x), ref.forward(x, axis=axis)[0], atol=2e-6)
+    assert "BatchNorm(3" in repr(bn)

@@ -1,0 +1,62 @@
+"""Packaging and documentation: layout of the installed package, doctests, the registry."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast import _compare as cmp
+
+
+def test_kernels_ship_only_inside_bnfast(tmp_path):
+    """``bnfast.kernels`` imports; a top-level ``kernels`` does not (run outside the repo)."""
+    code = ("import importlib.util, bnfast.kernels;"
+            "print(importlib.util.find_spec('kernels') is None)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"
+
+
+def test_py_typed_is_shipped():
+    assert (Path(bnfast.__file__).parent / "py.typed").is_file()
+
+
+@pytest.mark.parametrize("module", ["bnfast._core", "bnfast._layer", "bnfast.reference"])
+def test_doctests(module):
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+
+
+def test_public_surface():
+    assert set(bnfast.__all__) == {"BatchNorm", "BatchNormCache", "backward", "forward", "moments"}
+
+
+def test_eager_signatures_cover_float32_and_float64():
+    from bnfast import kernels
+    for k in (kernels.moments, kernels.normalize, kernels.grad_sums, kernels.grad_input):
+        assert len(k.signatures) == 4, k  # {float32, float64} x {C, A}
+
+
+@pytest.mark.parametrize("op", cmp.OPERATIONS)
+def test_registry_implementations_agree(op):
+    """Every available implementation in the shared registry matches the reference on small
+    versions of the bench layouts."""
+    for case in (cmp.Case("2-D", (16, 8)), cmp.Case("NCHW", (4, 3, 5, 6)),
+                 cmp.Case("NHWC", (4, 5, 6, 3), -1)):
+        inp = cmp.make_inputs(case, seed=1)
+        want = cmp.IMPLEMENTATIONS["numpy"].prepare(op, inp)()
+        for name, impl in cmp.available().items():
+            got = impl.prepare(op, inp)()
+            assert len(got) == len(want)
+            err = cmp.max_error(got, want)
+            assert err < (1e-3 if name == "pytorch" else 1e-5), f"{op} {case.label} {name}: {err}"
+            assert all(np.asarray(g).shape == np.asarray(w).shape for g, w in zip(got, want))

@@ -60,3 +60,13 @@ def test_registry_implementations_agree(op):
             err = cmp.max_error(got, want)
             assert err < (1e-3 if name == "pytorch" else 1e-5), f"{op} {case.label} {name}: {err}"
             assert all(np.asarray(g).shape == np.asarray(w).shape for g, w in zip(got, want))
+
+
+def test_readme_quick_start_runs():
+    """The README's quick start is real code: run it."""
+    import re
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)[0]
+    scope: dict = {}
+    exec(compile(block, str(readme), "exec"), scope)
+    assert scope["y"].shape == (64, 256) and scope["bn"].num_batches_tracked == 1

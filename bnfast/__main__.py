@@ -37,36 +37,40 @@ def main(argv=None) -> int:
           "max |reference|\n")
     failures = []
     start = time.perf_counter()
+    torch = "pytorch" in impls
+    columns = [  # (title, width, cell from the row's values); PyTorch columns only when installed
+        ("case", -22, lambda r: r["case"]),
+        ("bnfast ms", 10, lambda r: f"{r['bnfast']:.3f}"),
+        ("NumPy ms", 10, lambda r: f"{r['numpy']:.3f}"),
+        *([("PyTorch ms", 11, lambda r: f"{r['pytorch']:.3f}")] if torch else []),
+        ("vs NumPy", 9, lambda r: f"{r['numpy'] / r['bnfast']:.1f}x"),
+        *([("vs PyTorch", 11, lambda r: f"{r['pytorch'] / r['bnfast']:.2f}x")] if torch else []),
+        ("GB/s", 7, lambda r: f"{r['gbs']:.1f}"),
+        ("err", 9, lambda r: f"{r['err']:.1e}"),
+        ("check", 7, lambda r: r["check"]),
+    ]
+
+    def line(cells):
+        return "".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, (_, w, _) in zip(cells, columns))
+
     for op in cmp.OPERATIONS:
         print(f"== {op}")
-        head = f"{'case':<22}{'bnfast ms':>10}{'NumPy ms':>10}"
-        if "pytorch" in impls:
-            head += f"{'PyTorch ms':>11}"
-        head += f"{'vs NumPy':>9}"
-        if "pytorch" in impls:
-            head += f"{'vs PyTorch':>11}"
-        head += f"{'GB/s':>7}{'err':>9}  check"
-        print(head)
+        print(line([title for title, _, _ in columns]))
         for case in cmp.CASES:
             inp = cmp.make_inputs(case)
             want = cmp.IMPLEMENTATIONS["numpy"].prepare(op, inp)()
-            ms, ok, errs = {}, True, {}
+            row, ok = {"case": case.label}, True
             for name, impl in impls.items():
-                fn = impl.prepare(op, inp)
-                errs[name] = cmp.max_error(fn(), want)
-                if not errs[name] <= TOLERANCE[name]:
+                err = cmp.max_error(impl.prepare(op, inp)(), want)
+                if not err <= TOLERANCE[name]:
                     ok = False
-                    failures.append(f"{op} {case.label} {name}: error {errs[name]:.2e}")
-                ms[name] = cmp.median_ms(impl.prepare(op, inp), budget_s=args.budget)
-            gbs = cmp.TRAFFIC[op] * case.nbytes / ms["bnfast"] / 1e6
-            row = f"{case.label:<22}{ms['bnfast']:>10.3f}{ms['numpy']:>10.3f}"
-            if "pytorch" in impls:
-                row += f"{ms['pytorch']:>11.3f}"
-            row += f"{ms['numpy'] / ms['bnfast']:>8.1f}x"
-            if "pytorch" in impls:
-                row += f"{ms['pytorch'] / ms['bnfast']:>10.2f}x"
-            row += f"{gbs:>7.1f}{errs['bnfast']:>9.1e}  {'ok' if ok else 'FAIL'}"
-            print(row, flush=True)
+                    failures.append(f"{op} {case.label} {name}: error {err:.2e}")
+                if name == "bnfast":
+                    row["err"] = err
+                row[name] = cmp.median_ms(impl.prepare(op, inp), budget_s=args.budget)
+            row["gbs"] = cmp.TRAFFIC[op] * case.nbytes / row["bnfast"] / 1e6
+            row["check"] = "ok" if ok else "FAIL"
+            print(line([cell(row) for _, _, cell in columns]), flush=True)
         print()
     print(f"done in {time.perf_counter() - start:.1f} s")
     if failures:

@@ -199,6 +199,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced run (8 epochs instead of 30)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--readme", action="store_true",
+                   help="also rewrite the results section of README.md (between its markers)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     rows = run(args.quick, args.out)
@@ -208,6 +210,13 @@ def main(argv=None):
     text = "\n".join(table) + f"\n\n{'--quick' if args.quick else 'full'} run, {took:.0f} s.\n"
     print(text)
     (args.out / "results.md").write_text(text)
+    if args.readme:
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        start, end = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+        s = readme.read_text()
+        plot = Path(args.out / "1_loss.png").resolve().relative_to(readme.parent)
+        block = (f"{start}\n{text}\n![training loss with and without BN]({plot.as_posix()})\n{end}")
+        readme.write_text(s[:s.index(start)] + block + s[s.index(end) + len(end):])
     return rows
 
 

@@ -38,6 +38,19 @@ def run(quick: bool, out: Path):
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
+
+    def plot(name, title, series, *, xlabel="epoch", ylabel="val acc", x=None, **axes):
+        """One PNG of labelled curves: ``series`` maps label -> y values."""
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for label, ys in series.items():
+            ax.plot(x if x is not None else range(1, len(ys) + 1), ys, "o-" if x else "-",
+                    label=label, ms=3)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel, **axes)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+
     data = mlp.load_digits_split()
     (xtr, ytr), (xva, yva), (xte, yte) = data
     E = 8 if quick else 30
@@ -51,14 +64,12 @@ def run(quick: bool, out: Path):
     h = {bn: mlp.train(net(bn=bn), data, epochs=E, lr=0.01) for bn in (True, False)}
     rows.append(("1 epochs to 95% val acc (SGD+momentum, lr 0.01)",
                  epochs_to(h[True]), epochs_to(h[False])))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for bn in (True, False):
-        ax.plot(range(1, len(h[bn]["loss"]) + 1), h[bn]["loss"], label="BN" if bn else "no BN")
-    ax.set(xlabel="epoch", ylabel="train loss", yscale="log", title="1. Training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "1_loss.png", dpi=90)
-    plt.close(fig)
+    adam = {bn: mlp.train(net(bn=bn), data, epochs=E, lr=1e-3, optimizer="adam") for bn in (True, False)}
+    rows.append(("1 epochs to 95% val acc (Adam, lr 1e-3)", epochs_to(adam[True]), epochs_to(adam[False])))
+    plot("1_loss.png", "1. Training loss", {
+        "BN, SGD": h[True]["loss"], "no BN, SGD": h[False]["loss"],
+        "BN, Adam": adam[True]["loss"], "no BN, Adam": adam[False]["loss"]},
+        ylabel="train loss", yscale="log")
 
     # 2. Learning-rate range
     progress("2 learning-rate sweep")
@@ -67,29 +78,16 @@ def run(quick: bool, out: Path):
              for bn in (True, False)}
     rows.append((f"2 learning rates (of {len(lrs)}, 1e-3..1) reaching 95%",
                  sum(a >= TARGET for a in sweep[True]), sum(a >= TARGET for a in sweep[False])))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for bn in (True, False):
-        ax.plot(lrs, sweep[bn], "o-", label="BN" if bn else "no BN")
-    ax.axhline(TARGET, color="gray", ls=":")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="best val acc", title="2. LR range")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "2_lr_sweep.png", dpi=90)
-    plt.close(fig)
+    plot("2_lr_sweep.png", "2. Learning-rate range",
+         {"BN": sweep[True], "no BN": sweep[False]}, x=lrs, xlabel="learning rate",
+         ylabel="best val acc", xscale="log")
 
     # 3. Deep network
     progress("3 20-layer MLP")
     deep = {bn: net(bn=bn, depth=20, width=32) for bn in (True, False)}
     hd = {bn: mlp.train(deep[bn], data, epochs=E, lr=0.01) for bn in (True, False)}
     rows.append(("3 20-layer MLP final val acc", hd[True]["val_acc"][-1], hd[False]["val_acc"][-1]))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for bn in (True, False):
-        ax.plot(range(1, len(hd[bn]["val_acc"]) + 1), hd[bn]["val_acc"], label="BN" if bn else "no BN")
-    ax.set(xlabel="epoch", ylabel="val acc", title="3. 20-layer MLP")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "3_deep.png", dpi=90)
-    plt.close(fig)
+    plot("3_deep.png", "3. 20-layer MLP", {"BN": hd[True]["val_acc"], "no BN": hd[False]["val_acc"]})
 
     # 4. Bias redundancy
     progress("4 bias before BN")
@@ -99,7 +97,10 @@ def run(quick: bool, out: Path):
     first = nb.layers[0]
     bias_grad = float(np.linalg.norm(first.db))
     w_grad = float(np.linalg.norm(first.dW))
-    acc_bias = mlp.train(net(bias_before_bn=True), data, epochs=E, lr=0.01)["val_acc"][-1]
+    hb = mlp.train(net(bias_before_bn=True), data, epochs=E, lr=0.01)
+    acc_bias = hb["val_acc"][-1]
+    plot("4_bias.png", "4. Bias before BN: same training",
+         {"with bias": hb["val_acc"], "without bias": h[True]["val_acc"]})
     rows.append(("4 norm of grad of the bias before BN (norm of grad W for scale)", f"{bias_grad:.1e}", f"{w_grad:.1e}"))
     rows.append(("4 final val acc: with bias / without", acc_bias, h[True]["val_acc"][-1]))
 
@@ -115,6 +116,9 @@ def run(quick: bool, out: Path):
     rows.append(("5 final val acc: learned gamma/beta / frozen at 1/0",
                  h[True]["val_acc"][-1], frozen["val_acc"][-1]))
     rows.append(("5 final train loss: learned / frozen", h[True]["loss"][-1], frozen["loss"][-1]))
+    plot("5_gamma_beta.png", "5. Learned vs frozen gamma/beta",
+         {"learned": h[True]["loss"], "frozen 1/0": frozen["loss"]}, ylabel="train loss",
+         yscale="log")
 
     # 6. Inference with running averages
     progress("6 inference statistics")
@@ -145,9 +149,17 @@ def run(quick: bool, out: Path):
             hits += int((logits.argmax(axis=1) == yte[i:i + bs]).sum())
         return hits / len(yte)
 
+    acc6 = {"EMA (eval)": acc_ema, "batch 360": batch_stats_acc(len(yte)),
+            "batch 8": batch_stats_acc(8), "batch 1": batch_stats_acc(1)}
     rows.append(("6 test acc: EMA stats (eval) / test-batch stats, batch 360",
-                 acc_ema, batch_stats_acc(len(yte))))
-    rows.append(("6 test acc: test-batch stats, batch 8 / batch 1", batch_stats_acc(8), batch_stats_acc(1)))
+                 acc6["EMA (eval)"], acc6["batch 360"]))
+    rows.append(("6 test acc: test-batch stats, batch 8 / batch 1", acc6["batch 8"], acc6["batch 1"]))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(list(acc6), list(acc6.values()))
+    ax.set(title="6. Test accuracy by normalization statistics", ylabel="test acc")
+    fig.tight_layout()
+    fig.savefig(out / "6_inference.png", dpi=90)
+    plt.close(fig)
 
     # 7. Covariate shift and regularization
     progress("7 covariate shift")

@@ -82,6 +82,21 @@ def assert_channels_close(got, want, atol_c, axis, what: str) -> None:
                            f"{err.max():.3e} vs tolerance {np.broadcast_to(atol_c, err.shape)[bad].min():.3e}")
 
 
+def numeric_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central finite differences of the scalar ``f()`` with respect to ``a`` (changed in place
+    and restored)."""
+    grad = np.empty(a.shape)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + h
+        up = f()
+        a[i] = old - h
+        down = f()
+        a[i] = old
+        grad[i] = (up - down) / (2 * h)
+    return grad
+
+
 @pytest.fixture(scope="session")
 def torch():
     return pytest.importorskip("torch")

@@ -7,29 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import numeric_grad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 mlp = pytest.importorskip("mlp")
-
-
-def _numeric_grad(f, a, h=1e-6):
-    g = np.empty(a.shape)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + h
-        up = f()
-        a[i] = old - h
-        down = f()
-        a[i] = old
-        g[i] = (up - down) / (2 * h)
-    return g
 
 
 def test_softmax_cross_entropy_gradient():
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(size=(5, 4)), rng.integers(0, 4, 5)
     _, grad = mlp.softmax_cross_entropy(logits, labels)
-    num = _numeric_grad(lambda: mlp.softmax_cross_entropy(logits, labels)[0], logits)
+    num = numeric_grad(lambda: mlp.softmax_cross_entropy(logits, labels)[0], logits)
     np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-9)
 
 
@@ -41,9 +29,9 @@ def test_linear_gradient():
     f = lambda: float(np.sum(w * lin.forward(x)))  # noqa: E731
     f()
     dx = lin.backward(w)
-    np.testing.assert_allclose(dx, _numeric_grad(f, x), rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(lin.dW, _numeric_grad(f, lin.W), rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(lin.db, _numeric_grad(f, lin.b), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(dx, numeric_grad(f, x), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(lin.dW, numeric_grad(f, lin.W), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(lin.db, numeric_grad(f, lin.b), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("bias_before_bn", [False, True])
@@ -60,7 +48,7 @@ def test_whole_network_with_bn_gradient(bias_before_bn):
     _, dl = net.loss(x, y)
     net.backward(dl)
     for p, g in net.params():
-        np.testing.assert_allclose(g, _numeric_grad(f, p), rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(g, numeric_grad(f, p), rtol=1e-5, atol=1e-8)
 
 
 def test_quick_run_learns(tmp_path):

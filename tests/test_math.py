@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import channels_last64
+from conftest import channels_last64, numeric_grad
 
 import bnfast
 
@@ -76,24 +76,10 @@ def test_backward_matches_finite_differences(shape, axis, training):
     rm, rv = rng.normal(3, 1, c), rng.uniform(1, 5, c)
     loss, cache = _loss_and_grads(x, g, b, w, axis, training, rm, rv)
     dx, dg, db = bnfast.backward(w, cache)
-    h = 1e-6
-
-    def numeric(f, a):
-        grad = np.empty(a.shape)
-        for i in np.ndindex(a.shape):
-            old = a[i]
-            a[i] = old + h
-            up = f()
-            a[i] = old - h
-            down = f()
-            a[i] = old
-            grad[i] = (up - down) / (2 * h)
-        return grad
-
     f = lambda: _loss_and_grads(x, g, b, w, axis, training, rm, rv)[0]  # noqa: E731
-    np.testing.assert_allclose(dx, numeric(f, x), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dg, numeric(f, g), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(db, numeric(f, b), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dx, numeric_grad(f, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dg, numeric_grad(f, g), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(db, numeric_grad(f, b), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS)

@@ -14,6 +14,7 @@ Public surface::
 ``bnfast.kernels`` the jitted loops. ``python -m bnfast`` checks and times them on this machine.
 """
 
+from . import _tbb  # noqa: F401  (first: makes the TBB threading layer loadable)
 from ._core import BatchNormCache, backward, forward, moments
 from ._layer import BatchNorm
 

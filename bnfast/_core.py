@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks as chk
-from . import kernels
+from . import _threading
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +82,7 @@ def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
     x3, _ = layout.view3(x)
     mean = np.empty(layout.channels)
     var = np.empty(layout.channels)
-    kernels.moments(chk.readonly(x3), mean, var)
+    _threading.kernels_for(x3).moments(chk.readonly(x3), mean, var)
     return mean.astype(x.dtype), var.astype(x.dtype)
 
 
@@ -188,14 +188,14 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
     if training:
         mean = np.empty(channels)
         var = np.empty(channels)
-        kernels.moments(x3, mean, var)
+        _threading.kernels_for(x3).moments(x3, mean, var)
     else:
         mean = chk.in_precision(running_mean, x.dtype, 0.0, channels)
         var = chk.in_precision(running_var, x.dtype, 1.0, channels)
     invstd = 1.0 / np.sqrt(var + eps)
 
     y, y3 = layout.output(out, x.dtype)
-    kernels.normalize(x3, mean, chk.readonly(gamma64 * invstd), beta64, y3)
+    _threading.kernels_for(x3, y3).normalize(x3, mean, chk.readonly(gamma64 * invstd), beta64, y3)
     layout.finish_output(y, y3)
 
     if training and tracking:
@@ -264,7 +264,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
     mean, invstd = cache.mean, cache.invstd
     sum_dy = np.empty(channels)
     sum_dy_xmu = np.empty(channels)
-    kernels.grad_sums(cache._x3, dy3, mean, sum_dy, sum_dy_xmu)
+    _threading.kernels_for(cache._x3, dy3).grad_sums(cache._x3, dy3, mean, sum_dy, sum_dy_xmu)
     dgamma = sum_dy_xmu * invstd
     k = cache.gamma * invstd
     if cache.training:
@@ -274,7 +274,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         c1 = c0 = np.zeros(channels)
 
     dx, dx3 = layout.output(out, x.dtype)
-    kernels.grad_input(cache._x3, dy3, mean, chk.readonly(k), chk.readonly(c1),
+    _threading.kernels_for(cache._x3, dy3, dx3).grad_input(cache._x3, dy3, mean, chk.readonly(k), chk.readonly(c1),
                        chk.readonly(c0), dx3)
     layout.finish_output(dx, dx3)
     return dx, dgamma.astype(x.dtype), sum_dy.astype(x.dtype)

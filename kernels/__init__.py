@@ -1,18 +1,26 @@
-"""Jitted loops of bnfast, one module per kernel family.
+"""Jitted loops of bnfast: three layout families with the same four kernels each.
 
 Every kernel works on the canonical 3-D view ``(outer, C, inner)`` that ``bnfast`` makes of any
 array (the channel axis in the middle, every other axis merged before or after it), takes its
 outputs as the last parameters and returns nothing. No argument checking, no allocation policy:
 that is ``bnfast``'s job. Per-channel vectors are float64; data arrays are float32 or float64.
 
-- ``stats.moments``: per-channel mean and biased variance, one read of x.
-- ``normalize.normalize``: y = (x - mean) * scale + shift, one read and one write.
-- ``backward.grad_sums``: sum(dy) and sum(dy * (x - mean)), one read of x and dy.
-- ``backward.grad_input``: dx = k * dy - c1 * (x - mean) + c0, one read of x and dy, one write.
+Families (chosen by ``bnfast`` from the view's memory layout, not from a layout name):
+
+- ``rows``: C-contiguous, ``inner >= ROWS_MIN`` (NCHW and the like); parallel.
+- ``lanes``: C-contiguous, ``inner < ROWS_MIN`` (2-D, NHWC, small spatial sizes); parallel.
+- ``strided``: any other view (sliced, negative-stride, broadcast); serial.
+
+Kernels in each family:
+
+- ``moments(x, mean, var)``: per-channel mean and biased variance, one read of x.
+- ``normalize(x, mean, scale, shift, y)``: ``y = (x - mean) * scale + shift``, one read, one write.
+- ``grad_sums(x, dy, mean, sum_dy, sum_dy_xmu)``: ``sum(dy)``, ``sum(dy * (x - mean))``, one read.
+- ``grad_input(x, dy, mean, k, c1, c0, dx)``: ``dx = k*dy - c1*(x - mean) + c0``, one pass.
 """
 
-from .backward import grad_input, grad_sums
-from .normalize import normalize
-from .stats import moments
+from . import lanes, rows, strided
 
-__all__ = ["grad_input", "grad_sums", "moments", "normalize"]
+FAMILIES = {"rows": rows, "lanes": lanes, "strided": strided}
+
+__all__ = ["FAMILIES", "lanes", "rows", "strided"]

@@ -18,10 +18,20 @@ Options, and why:
 - ``nogil=True``: kernels release the GIL, so Python threads can run them side by side.
 - ``error_model="numpy"``: a division by zero gives inf/nan as in NumPy instead of a Python
   exception, and costs no branch in the loops.
-- ``fastmath=False``: no reassociation, so a sum is computed in the order written and a NaN or
-  inf propagates as IEEE says. The reductions get their speed from their structure instead
-  (float64 accumulators over a per-channel shift; see ``stats.py``).
-- ``parallel=False``: serial for now; a serial path stays for callers already inside a pool.
+- ``fastmath=False`` for kernels: every operation in the order written, NaN and inf as IEEE says.
+  The one exception is ``reduction``: the helpers that sum one contiguous row get
+  ``fastmath={"reassoc"}`` and nothing else (no ``nnan``/``ninf``: NaN and inf still propagate),
+  which lets LLVM split the sum into vector lanes. Measured on float32 (32, 64, 3136), serial:
+  2.5 ms for the shifted moments sums against 5.2 ms with 8 hand-unrolled accumulator pairs and
+  6.8 ms with one pair, error unchanged (float64 accumulation around a shift; the lanes only
+  change which values are added first). The order is fixed by the compiled code, so results do
+  not depend on the thread count.
+- ``parallel``: the ``rows`` and ``lanes`` families are parallel (``prange`` over a fixed
+  partition into blocks, see below); every parallel kernel also has a ``.serial`` twin compiled
+  from the same code with ``parallel=False`` (lazily, cached), for small arrays, for callers
+  already inside a thread pool, and for a process forked from one whose threading layer is not
+  fork-safe. Serial and parallel runs give bitwise identical results: the partition and the order
+  in which partials are combined depend on the shape only, never on the thread count.
 """
 
 from __future__ import annotations
@@ -32,7 +42,14 @@ from numba import types
 DATA_DTYPES = (types.float32, types.float64)
 LAYOUTS = ("C", "A")
 
-JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=False, parallel=False)
+JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
+
+# The fixed partition of the parallel families (depends on the shape only):
+BLOCK = 16384  # target elements per block: 64 KiB of float32 stays in L1/L2 while reduced
+MAX_BLOCKS = 64  # at most this many blocks per reduction (bounds the partials' memory)
+MIN_STRIPES = 16  # lanes family: at least 16 stripes per block, so partials <= 1/4 of x's bytes
+LANES_MIN = 64  # lanes family: at least 64 lanes per stripe, so SIMD lanes stay full
+ROWS_MIN = 64  # inner >= ROWS_MIN: the rows family (each (o, c) row contiguous and long)
 
 
 def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
@@ -47,20 +64,39 @@ def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
     raise ValueError(f"unknown kernel parameter kind {kind!r}")
 
 
-def signatures(*kinds: str) -> list:
+def signatures(*kinds: str, layouts=LAYOUTS) -> list:
     """Every eager signature of a kernel whose parameters are of the given kinds."""
     return [
         types.void(*(_param(kind, dtype, layout) for kind in kinds))
         for dtype in DATA_DTYPES
-        for layout in LAYOUTS
+        for layout in layouts
     ]
 
 
 def kernel(*kinds: str):
-    """Decorator: compile the function eagerly for every signature of ``kinds``."""
-    return numba.njit(signatures(*kinds), **JIT_OPTIONS)
+    """Decorator: a serial kernel, compiled eagerly for every signature of ``kinds``."""
+    return numba.njit(signatures(*kinds), parallel=False, **JIT_OPTIONS)
+
+
+def parallel_kernel(*kinds: str):
+    """Decorator: a parallel kernel for C-contiguous data, compiled eagerly for float32 and
+    float64, with a ``.serial`` twin of the same code (compiled on first use)."""
+    def wrap(func):
+        dispatcher = numba.njit(signatures(*kinds, layouts=("C",)), parallel=True,
+                                **JIT_OPTIONS)(func)
+        dispatcher.serial = numba.njit(parallel=False, **JIT_OPTIONS)(func)
+        return dispatcher
+    return wrap
+
+
+REDUCTION_FASTMATH = {"reassoc"}
+
+
+def reduction(func):
+    """Decorator for a helper that sums one contiguous row (see the fastmath note above)."""
+    return numba.njit(parallel=False, **{**JIT_OPTIONS, "fastmath": REDUCTION_FASTMATH})(func)
 
 
 def helper(func):
     """Decorator for a jitted function called only from kernels (compiled with their options)."""
-    return numba.njit(**JIT_OPTIONS)(func)
+    return numba.njit(parallel=False, **JIT_OPTIONS)(func)

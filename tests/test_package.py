@@ -41,9 +41,17 @@ def test_public_surface():
 
 
 def test_eager_signatures_cover_float32_and_float64():
+    """Every kernel of every family is compiled at import for float32 and float64 (strided also
+    for the 'A' layout); the parallel ones carry a serial twin of the same code."""
     from bnfast import kernels
-    for k in (kernels.moments, kernels.normalize, kernels.grad_sums, kernels.grad_input):
-        assert len(k.signatures) == 4, k  # {float32, float64} x {C, A}
+    for name, family in kernels.FAMILIES.items():
+        for k in ("moments", "normalize", "grad_sums", "grad_input"):
+            dispatcher = getattr(family, k)
+            dtypes = sorted(str(sig[0].dtype) for sig in dispatcher.signatures)
+            layouts = {sig[0].layout for sig in dispatcher.signatures}
+            assert set(dtypes) == {"float32", "float64"}, (name, k)
+            assert layouts == ({"C", "A"} if name == "strided" else {"C"}), (name, k)
+            assert (name == "strided") != hasattr(dispatcher, "serial"), (name, k)
 
 
 @pytest.mark.parametrize("op", cmp.OPERATIONS)

@@ -1,0 +1,78 @@
+"""Which kernels run a call: the layout family, and parallel or serial. Thread and fork safety.
+
+- Family: the ``rows``/``lanes`` kernels need every data array C-contiguous in the canonical
+  view; anything else runs the serial ``strided`` kernels.
+- Parallel or serial: the serial twin of a parallel kernel is the same code, so both give
+  bitwise identical results; serial is used below ``SERIAL_BELOW`` elements (launching the
+  thread pool costs more than it saves there) and in a forked child whose parent had started
+  numba's GNU OpenMP pool (not fork-safe: numba aborts such a child).
+- TBB: numba's TBB layer is thread- and fork-safe. When the ``tbb`` wheel is installed
+  (``pip install bnfast[tbb]``) its ``libtbb.so.12`` lives in the environment's ``lib/``, where
+  the dynamic loader does not look; ``bnfast._tbb`` loads it before any kernel is compiled
+  (numba starts its pool while compiling a parallel kernel), so that numba's default layer order
+  (tbb, omp, workqueue) finds it. ``NUMBA_THREADING_LAYER`` set by the user is respected.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numba
+import numpy as np
+
+from . import kernels
+from ._tbb import TBB_LOADED  # noqa: F401  (re-exported for tests and the main job)
+
+# Below this many elements a call runs serially. Measured at (32, 64) float32: a parallel
+# launch costs ~10 us here against ~1 us of serial work; at 2**15 elements the two break even.
+SERIAL_BELOW = 2**15
+
+KERNEL_NAMES = ("moments", "normalize", "grad_sums", "grad_input")
+
+
+
+
+def _family(module, serial: bool) -> SimpleNamespace:
+    return SimpleNamespace(**{name: getattr(getattr(module, name), "serial", None) if serial
+                              else getattr(module, name) for name in KERNEL_NAMES})
+
+
+_PARALLEL = {name: _family(mod, False) for name, mod in kernels.FAMILIES.items()
+             if name != "strided"}
+_SERIAL = {name: _family(mod, True) for name, mod in kernels.FAMILIES.items()
+           if name != "strided"}
+_STRIDED = _family(kernels.strided, False)
+
+_serial_only = False  # set in a forked child whose parent ran GNU OpenMP
+
+
+def _after_fork_in_child() -> None:
+    global _serial_only
+    if _parent_layer in ("omp",):
+        _serial_only = True
+
+
+_parent_layer = None
+
+
+def _before_fork() -> None:
+    global _parent_layer
+    try:
+        _parent_layer = numba.threading_layer()
+    except ValueError:  # no parallel region ran yet: the child may start any layer afresh
+        _parent_layer = None
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def kernels_for(*arrays: np.ndarray) -> SimpleNamespace:
+    """The four kernels for a call on these canonical (outer, C, inner) arrays."""
+    x = arrays[0]
+    if not all(a.flags.c_contiguous for a in arrays):
+        return _STRIDED
+    name = "rows" if x.shape[2] >= kernels.rows.ROWS_MIN else "lanes"
+    if _serial_only or x.size < SERIAL_BELOW:
+        return _SERIAL[name]
+    return _PARALLEL[name]

@@ -1,0 +1,161 @@
+"""The parallel path: correct on every family, bitwise independent of the thread count, safe
+under concurrent calls from Python threads and in a forked child."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+from conftest import assert_channels_close, backward_tolerance, describe, forward_tolerance
+
+import bnfast
+from bnfast import _threading
+from bnfast import reference as ref
+
+# Above SERIAL_BELOW elements, one per family and layout kind.
+CASES = [
+    ("rows NCHW", (4, 8, 40, 50), 1),
+    ("rows 3-D", (3, 5, 6000), 1),
+    ("lanes 2-D", (2048, 40), 1),
+    ("lanes NHWC C=3", (16, 40, 40, 3), -1),
+    ("lanes small inner", (700, 16, 5), 1),
+    ("lanes wide C", (40, 2000), 1),
+]
+
+
+def _data(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(3, 2, shape).astype(dtype), rng.normal(size=shape).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("label,shape,axis", CASES, ids=[c[0] for c in CASES])
+def test_parallel_families_match_reference(label, shape, axis, dtype):
+    x, dy = _data(shape, dtype)
+    assert x.size >= _threading.SERIAL_BELOW
+    c = shape[axis]
+    g, b = np.linspace(0.5, 1.5, c).astype(dtype), np.linspace(-1, 1, c).astype(dtype)
+    for training in (True, False):
+        rm, rv = np.linspace(2, 4, c), np.linspace(3, 5, c)
+        y, cache = bnfast.forward(x, g, b, axis=axis, training=training, running_mean=rm.copy(),
+                                  running_var=rv.copy())
+        y_ref, cache_ref = ref.forward(x, g, b, axis=axis, training=training,
+                                       running_mean=rm.copy(), running_var=rv.copy())
+        what = describe(x, axis, f"{label} training={training}")
+        assert_channels_close(y, y_ref, forward_tolerance(x, axis, cache_ref), axis, what)
+        got, want = bnfast.backward(dy, cache), ref.backward(dy, cache_ref)
+        for name, gg, w, t in zip(("dx", "dgamma", "dbeta"), got, want,
+                                  backward_tolerance(x, dy, axis, cache_ref)):
+            assert_channels_close(gg, w, t, axis, f"{what} {name}")
+
+
+DETERMINISM_SCRIPT = textwrap.dedent("""
+    import hashlib, sys
+    import numba, numpy as np
+    import bnfast
+    from bnfast import _threading
+    shapes = %r
+    def digest(arrays):
+        h = hashlib.sha256()
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+    for label, shape, axis in shapes:
+        rng = np.random.default_rng(1)
+        for dtype in (np.float32, np.float64):
+            x = rng.normal(3, 2, shape).astype(dtype)
+            dy = rng.normal(size=shape).astype(dtype)
+            results = []
+            for k in range(1, 9):
+                numba.set_num_threads(k)
+                y, cache = bnfast.forward(x, axis=axis)
+                dx, dg, db = bnfast.backward(dy, cache)
+                mean, var = bnfast.moments(x, axis=axis)
+                results.append(digest([y, cache.mean, cache.invstd, dx, dg, db, mean, var]))
+            _threading._serial_only = True  # the serial twins of the same kernels
+            y, cache = bnfast.forward(x, axis=axis)
+            dx, dg, db = bnfast.backward(dy, cache)
+            mean, var = bnfast.moments(x, axis=axis)
+            results.append(digest([y, cache.mean, cache.invstd, dx, dg, db, mean, var]))
+            _threading._serial_only = False
+            print(label, np.dtype(dtype).name, len(set(results)), numba.threading_layer())
+""")
+
+
+@pytest.mark.parametrize("layer", ["default", "omp"])
+def test_bitwise_identical_for_1_to_8_threads(layer, tmp_path):
+    """numba.set_num_threads(k) for k = 1..8 and the serial twins give the same bits."""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "8", "NUMBA_THREADING_LAYER": layer}
+    r = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT % (CASES,)], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 * len(CASES)
+    for line in lines:
+        assert line.split()[-2] == "1", f"results differ across thread counts: {line}"
+
+
+def test_concurrent_calls_from_8_threads_equal_serial_calls():
+    shapes = [(c[1], c[2]) for c in CASES] + [((8, 64, 32, 32), 1), ((8, 16, 16, 64), -1)]
+    inputs = [(_data(s, np.float32, seed=i), s, a) for i, (s, a) in enumerate(shapes)]
+    expected = []
+    for (x, dy), _, axis in inputs:
+        y, cache = bnfast.forward(x, axis=axis)
+        expected.append((y, *bnfast.backward(dy, cache)))
+    errors = []
+
+    def work(t):
+        try:
+            for rep in range(3):
+                i = (t + rep) % len(inputs)
+                (x, dy), _, axis = inputs[i]
+                y, cache = bnfast.forward(x, axis=axis)
+                got = (y, *bnfast.backward(dy, cache))
+                for g, e in zip(got, expected[i]):
+                    if not np.array_equal(g, e):
+                        errors.append(f"thread {t}, input {i}: result differs")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"thread {t}: {exc!r}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+
+
+FORK_SCRIPT = textwrap.dedent("""
+    import os, numba, numpy as np, bnfast
+    x = np.random.default_rng(0).normal(size=(8, 16, 4096)).astype(np.float32)
+    y, cache = bnfast.forward(x)              # parallel: the pool is running now
+    dx = bnfast.backward(np.ones_like(x), cache)[0]
+    layer = numba.threading_layer()
+    pid = os.fork()
+    if pid == 0:
+        y2, cache2 = bnfast.forward(x)
+        dx2 = bnfast.backward(np.ones_like(x), cache2)[0]
+        os._exit(0 if np.array_equal(y, y2) and np.array_equal(dx, dx2) else 3)
+    _, status = os.waitpid(pid, 0)
+    print(layer, os.waitstatus_to_exitcode(status))
+""")
+
+
+@pytest.mark.parametrize("layer", ["default", "omp", "workqueue"])
+def test_forked_child_can_call_bnfast(layer, tmp_path):
+    """A process forked after a parallel call runs bnfast in the child, same results, no hang
+    (GNU OpenMP: the child runs the serial twins; TBB and workqueue are fork-safe)."""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": layer}
+    r = subprocess.run([sys.executable, "-c", FORK_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    used, child_status = r.stdout.split()
+    assert child_status == "0", f"child failed under {used}: {r.stderr}"
+    if layer != "default":
+        assert used == layer

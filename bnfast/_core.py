@@ -185,17 +185,17 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
     x3 = chk.readonly(x3)
     gamma64 = chk.in_precision(gamma, x.dtype, 1.0, channels)
     beta64 = chk.in_precision(beta, x.dtype, 0.0, channels)
-    if training:
+    y, y3 = layout.output(out, x.dtype)
+    run = _threading.kernels_for(x3, y3)
+    if training:  # statistics and normalization in one kernel call
         mean = np.empty(channels)
         var = np.empty(channels)
-        _threading.kernels_for(x3).moments(x3, mean, var)
+        invstd = np.empty(channels)
+        run.forward_train(x3, gamma64, beta64, eps, mean, var, invstd, y3)
     else:
         mean = chk.in_precision(running_mean, x.dtype, 0.0, channels)
-        var = chk.in_precision(running_var, x.dtype, 1.0, channels)
-    invstd = 1.0 / np.sqrt(var + eps)
-
-    y, y3 = layout.output(out, x.dtype)
-    _threading.kernels_for(x3, y3).normalize(x3, mean, chk.readonly(gamma64 * invstd), beta64, y3)
+        invstd = 1.0 / np.sqrt(chk.in_precision(running_var, x.dtype, 1.0, channels) + eps)
+        run.normalize(x3, mean, chk.readonly(gamma64 * invstd), beta64, y3)
     layout.finish_output(y, y3)
 
     if training and tracking:
@@ -264,17 +264,15 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
     mean, invstd = cache.mean, cache.invstd
     sum_dy = np.empty(channels)
     sum_dy_xmu = np.empty(channels)
-    _threading.kernels_for(cache._x3, dy3).grad_sums(cache._x3, dy3, mean, sum_dy, sum_dy_xmu)
-    dgamma = sum_dy_xmu * invstd
-    k = cache.gamma * invstd
-    if cache.training:
-        c1 = k * invstd * dgamma / count
-        c0 = -k * sum_dy / count
-    else:
-        c1 = c0 = np.zeros(channels)
-
     dx, dx3 = layout.output(out, x.dtype)
-    _threading.kernels_for(cache._x3, dy3, dx3).grad_input(cache._x3, dy3, mean, chk.readonly(k), chk.readonly(c1),
-                       chk.readonly(c0), dx3)
+    run = _threading.kernels_for(cache._x3, dy3, dx3)
+    if cache.training:  # sums, coefficients and dx in one kernel call
+        run.backward_train(cache._x3, dy3, mean, invstd, cache.gamma, sum_dy, sum_dy_xmu, dx3)
+    else:  # frozen statistics: dx = gamma * invstd * dy
+        run.grad_sums(cache._x3, dy3, mean, sum_dy, sum_dy_xmu)
+        zeros = chk.readonly(np.zeros(channels))
+        run.grad_input(cache._x3, dy3, mean, chk.readonly(cache.gamma * invstd), zeros, zeros,
+                       dx3)
     layout.finish_output(dx, dx3)
+    dgamma = sum_dy_xmu * invstd
     return dx, dgamma.astype(x.dtype), sum_dy.astype(x.dtype)

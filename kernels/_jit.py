@@ -8,6 +8,7 @@ canonical view, all 'A' for strided, negative-stride and broadcast views). Param
   broadcast arrays all match it (numba converts a writeable array to a read-only type safely).
 - ``"out"``: a 3-D data array the kernel writes, same dtype and layout as the inputs.
 - ``"vec"``: a float64 per-channel vector the kernel reads; ``"vec_out"``: one it writes.
+- ``"scalar"``: a float64 number (eps).
 
 Options, and why:
 
@@ -50,6 +51,10 @@ MAX_BLOCKS = 64  # at most this many blocks per reduction (bounds the partials' 
 MIN_STRIPES = 16  # lanes family: at least 16 stripes per block, so partials <= 1/4 of x's bytes
 LANES_MIN = 64  # lanes family: at least 64 lanes per stripe, so SIMD lanes stay full
 ROWS_MIN = 64  # inner >= ROWS_MIN: the rows family (each (o, c) row contiguous and long)
+# rows family: a channel whose slice of x is at most FUSE_BYTES is reduced and then normalized
+# (or its dx written) by one task while the slice is still in this core's 1 MiB L2, so x (and
+# dy) are read from memory once instead of twice.
+FUSE_BYTES = 512 * 1024
 
 
 def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
@@ -61,6 +66,8 @@ def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
         return types.Array(types.float64, 1, "C", readonly=True)
     if kind == "vec_out":
         return types.Array(types.float64, 1, "C")
+    if kind == "scalar":
+        return types.float64
     raise ValueError(f"unknown kernel parameter kind {kind!r}")
 
 

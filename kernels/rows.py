@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import BLOCK, ROWS_MIN, helper, parallel_kernel, reduction  # noqa: F401
-from .common import finish_moments
+from ._jit import BLOCK, FUSE_BYTES, ROWS_MIN, helper, parallel_kernel  # noqa: F401
+from .common import (grad_coefficients, inverse_std, moments_from_sums, row_grad_sums,
+                     row_moment_sums)
 
 
 @helper
@@ -21,30 +22,6 @@ def blocks(outer, inner):
     """``(rows per block, blocks per channel)``: a function of the shape only."""
     rb = max(1, BLOCK // inner)
     return rb, (outer + rb - 1) // rb
-
-
-@reduction
-def row_moment_sums(row, k):
-    """``(sum(row - k), sum((row - k)**2))`` in float64."""
-    a = 0.0
-    b = 0.0
-    for i in range(row.shape[0]):
-        d = row[i] - k
-        a += d
-        b += d * d
-    return a, b
-
-
-@reduction
-def row_grad_sums(x_row, dy_row, m):
-    """``(sum(dy), sum(dy * (x - m)))`` over one row, in float64."""
-    a = 0.0
-    b = 0.0
-    for i in range(x_row.shape[0]):
-        g = np.float64(dy_row[i])
-        a += g
-        b += g * (x_row[i] - m)
-    return a, b
 
 
 @helper
@@ -71,6 +48,43 @@ def block_grad_sums(x, dy, c, r0, r1, m):
     return s1, s2
 
 
+@helper
+def normalize_rows(x, c, r0, r1, m, s, b, y):
+    for o in range(r0, r1):
+        xr = x[o, c]
+        yr = y[o, c]
+        for i in range(xr.shape[0]):
+            yr[i] = (xr[i] - m) * s + b
+
+
+@helper
+def grad_input_rows(x, dy, c, r0, r1, m, kc, c1c, c0c, dx):
+    for o in range(r0, r1):
+        xr = x[o, c]
+        gr = dy[o, c]
+        dr = dx[o, c]
+        for i in range(xr.shape[0]):
+            dr[i] = kc * gr[i] - c1c * (xr[i] - m) + c0c
+
+
+@helper
+def channel_total(part, c, nb):
+    """A channel's two sums: its block partials added in block order (from 0.0)."""
+    s1 = 0.0
+    s2 = 0.0
+    for b in range(nb):
+        s1 += part[c * nb + b, 0]
+        s2 += part[c * nb + b, 1]
+    return s1, s2
+
+
+@helper
+def fused(x):
+    """One task per channel (reduce, then write while the slice is in L2)? Shape only."""
+    outer, channels, inner = x.shape
+    return outer * inner * x.itemsize <= FUSE_BYTES and channels >= 4
+
+
 @parallel_kernel("x", "vec_out", "vec_out")
 def moments(x, mean, var):
     """Per-channel mean and biased variance; needs outer*inner >= 1."""
@@ -82,15 +96,9 @@ def moments(x, mean, var):
         r0 = (t % nb) * rb
         part[t, 0], part[t, 1] = block_moment_sums(x, c, r0, min(outer, r0 + rb),
                                                    np.float64(x[0, c, 0]))
-    shift = np.empty(channels)
-    s1 = np.zeros(channels)
-    s2 = np.zeros(channels)
     for c in range(channels):
-        shift[c] = x[0, c, 0]
-        for b in range(nb):
-            s1[c] += part[c * nb + b, 0]
-            s2[c] += part[c * nb + b, 1]
-    finish_moments(shift, s1, s2, outer * inner, mean, var)
+        s1, s2 = channel_total(part, c, nb)
+        mean[c], var[c] = moments_from_sums(np.float64(x[0, c, 0]), s1, s2, outer * inner)
 
 
 @parallel_kernel("x", "vec", "vec", "vec", "out")
@@ -101,12 +109,7 @@ def normalize(x, mean, scale, shift, y):
     for t in prange(channels * nb):
         c = t // nb
         r0 = (t % nb) * rb
-        m, s, b = mean[c], scale[c], shift[c]
-        for o in range(r0, min(outer, r0 + rb)):
-            xr = x[o, c]
-            yr = y[o, c]
-            for i in range(inner):
-                yr[i] = (xr[i] - m) * s + b
+        normalize_rows(x, c, r0, min(outer, r0 + rb), mean[c], scale[c], shift[c], y)
 
 
 @parallel_kernel("x", "x", "vec", "vec_out", "vec_out")
@@ -120,11 +123,7 @@ def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
         r0 = (t % nb) * rb
         part[t, 0], part[t, 1] = block_grad_sums(x, dy, c, r0, min(outer, r0 + rb), mean[c])
     for c in range(channels):
-        sum_dy[c] = 0.0
-        sum_dy_xmu[c] = 0.0
-        for b in range(nb):
-            sum_dy[c] += part[c * nb + b, 0]
-            sum_dy_xmu[c] += part[c * nb + b, 1]
+        sum_dy[c], sum_dy_xmu[c] = channel_total(part, c, nb)
 
 
 @parallel_kernel("x", "x", "vec", "vec", "vec", "vec", "out")
@@ -135,10 +134,81 @@ def grad_input(x, dy, mean, k, c1, c0, dx):
     for t in prange(channels * nb):
         c = t // nb
         r0 = (t % nb) * rb
-        m, kc, c1c, c0c = mean[c], k[c], c1[c], c0[c]
-        for o in range(r0, min(outer, r0 + rb)):
-            xr = x[o, c]
-            gr = dy[o, c]
-            dr = dx[o, c]
-            for i in range(inner):
-                dr[i] = kc * gr[i] - c1c * (xr[i] - m) + c0c
+        grad_input_rows(x, dy, c, r0, min(outer, r0 + rb), mean[c], k[c], c1[c], c0[c], dx)
+
+
+@parallel_kernel("x", "vec", "vec", "scalar", "vec_out", "vec_out", "vec_out", "out")
+def forward_train(x, gamma, beta, eps, mean, var, invstd, y):
+    """Training forward: batch statistics, then ``y = gamma*(x - mean)*invstd + beta``.
+
+    With :func:`fused` shapes each channel is one task (sums over its blocks in order, then its
+    rows normalized from cache); otherwise the same block sums run in parallel and are combined
+    in the same order, so both routes give the same bits.
+    """
+    outer, channels, inner = x.shape
+    rb, nb = blocks(outer, inner)
+    n = outer * inner
+    if fused(x):
+        for c in prange(channels):
+            k = np.float64(x[0, c, 0])
+            s1 = 0.0
+            s2 = 0.0
+            for b in range(nb):
+                a1, a2 = block_moment_sums(x, c, b * rb, min(outer, (b + 1) * rb), k)
+                s1 += a1
+                s2 += a2
+            mean[c], var[c] = moments_from_sums(k, s1, s2, n)
+            invstd[c] = inverse_std(var[c], eps)
+            normalize_rows(x, c, 0, outer, mean[c], gamma[c] * invstd[c], beta[c], y)
+    else:  # the same block sums in parallel, combined in the same order
+        part = np.empty((channels * nb, 2))
+        for t in prange(channels * nb):
+            c = t // nb
+            r0 = (t % nb) * rb
+            part[t, 0], part[t, 1] = block_moment_sums(x, c, r0, min(outer, r0 + rb),
+                                                       np.float64(x[0, c, 0]))
+        for c in range(channels):
+            s1, s2 = channel_total(part, c, nb)
+            mean[c], var[c] = moments_from_sums(np.float64(x[0, c, 0]), s1, s2, n)
+            invstd[c] = inverse_std(var[c], eps)
+        for t in prange(channels * nb):
+            c = t // nb
+            r0 = (t % nb) * rb
+            normalize_rows(x, c, r0, min(outer, r0 + rb), mean[c], gamma[c] * invstd[c],
+                           beta[c], y)
+
+
+@parallel_kernel("x", "x", "vec", "vec", "vec", "vec_out", "vec_out", "out")
+def backward_train(x, dy, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx):
+    """Training backward: the two sums, then dx, per channel from cache when :func:`fused`."""
+    outer, channels, inner = x.shape
+    rb, nb = blocks(outer, inner)
+    n = outer * inner
+    k = np.empty(channels)
+    c1 = np.empty(channels)
+    c0 = np.empty(channels)
+    if fused(x):
+        for c in prange(channels):
+            s1 = 0.0
+            s2 = 0.0
+            for b in range(nb):
+                a1, a2 = block_grad_sums(x, dy, c, b * rb, min(outer, (b + 1) * rb), mean[c])
+                s1 += a1
+                s2 += a2
+            sum_dy[c] = s1
+            sum_dy_xmu[c] = s2
+            grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, n, c, k, c1, c0)
+            grad_input_rows(x, dy, c, 0, outer, mean[c], k[c], c1[c], c0[c], dx)
+    else:  # the same block sums in parallel, combined in the same order
+        part = np.empty((channels * nb, 2))
+        for t in prange(channels * nb):
+            c = t // nb
+            r0 = (t % nb) * rb
+            part[t, 0], part[t, 1] = block_grad_sums(x, dy, c, r0, min(outer, r0 + rb), mean[c])
+        for c in range(channels):
+            sum_dy[c], sum_dy_xmu[c] = channel_total(part, c, nb)
+            grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, n, c, k, c1, c0)
+        for t in prange(channels * nb):
+            c = t // nb
+            r0 = (t % nb) * rb
+            grad_input_rows(x, dy, c, r0, min(outer, r0 + rb), mean[c], k[c], c1[c], c0[c], dx)

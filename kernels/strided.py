@@ -20,47 +20,18 @@ the float32 target; typically ~1e-15. Measured against a float64 two-pass refere
 x = 1e4 + N(0, 1) with 1e7 values per channel: at most 2.6e-13 relative (target 2e-7; PyTorch
 2.13: 2e5 on 2-D and NHWC), in every layout; see ``tests/test_accuracy.py``.
 
-Loop order follows the canonical view: with ``inner > 1`` each (o, c) row is reduced with four
-independent accumulator pairs (no fastmath needed to break the add latency chain: 4.7 ms
-against 6.8 ms for one pair on a (32, 64, 3136) float32 array, same error); with
-``inner == 1`` (2-D or channels-last) the loop runs across channels, whose accumulators are
-independent.
+Loop order follows the canonical view: with ``inner > 1`` each (o, c) row is reduced by the
+shared ``common.row_moment_sums`` (vectorized through ``reassoc`` only, see ``_jit``); with
+``inner == 1`` the loop runs across channels, whose accumulators are independent.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._jit import helper, kernel
-
-
-@helper
-def row_sums(x, o, c, k):
-    """Return ``(sum(x[o, c, :] - k), sum((x[o, c, :] - k)**2))`` in float64."""
-    n = x.shape[2]
-    a0 = a1 = a2 = a3 = 0.0
-    b0 = b1 = b2 = b3 = 0.0
-    i = 0
-    while i + 4 <= n:
-        d0 = x[o, c, i] - k
-        d1 = x[o, c, i + 1] - k
-        d2 = x[o, c, i + 2] - k
-        d3 = x[o, c, i + 3] - k
-        a0 += d0
-        a1 += d1
-        a2 += d2
-        a3 += d3
-        b0 += d0 * d0
-        b1 += d1 * d1
-        b2 += d2 * d2
-        b3 += d3 * d3
-        i += 4
-    while i < n:
-        d0 = x[o, c, i] - k
-        a0 += d0
-        b0 += d0 * d0
-        i += 1
-    return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3)
+from ._jit import kernel
+from .common import (finish_moments, grad_coefficients, inverse_std, row_grad_sums,
+                     row_moment_sums)
 
 
 @kernel("x", "vec_out", "vec_out")
@@ -85,15 +56,10 @@ def moments(x, mean, var):
     else:
         for o in range(outer):
             for c in range(channels):
-                a, b = row_sums(x, o, c, shift[c])
+                a, b = row_moment_sums(x[o, c], shift[c])
                 s1[c] += a
                 s2[c] += b
-    for c in range(channels):
-        mean[c] = shift[c] + s1[c] / n
-        v = (s2[c] - s1[c] * (s1[c] / n)) / n
-        # Rounding can leave v a few ulps below zero for a constant channel; clamp without
-        # touching NaN (a NaN compares false).
-        var[c] = 0.0 if v < 0.0 else v
+    finish_moments(shift, s1, s2, n, mean, var)
 
 
 # Normalization: one read of x, one write of y.
@@ -116,35 +82,6 @@ def normalize(x, mean, scale, shift, y):
 
 
 # Backward: two reductions in one read of x and dy, then one pass for dx.
-@helper
-def row_grad_sums(x, dy, o, c, m):
-    """Return ``(sum(dy[o, c, :]), sum(dy[o, c, :] * (x[o, c, :] - m)))`` in float64."""
-    n = x.shape[2]
-    a0 = a1 = a2 = a3 = 0.0
-    b0 = b1 = b2 = b3 = 0.0
-    i = 0
-    while i + 4 <= n:
-        g0 = np.float64(dy[o, c, i])
-        g1 = np.float64(dy[o, c, i + 1])
-        g2 = np.float64(dy[o, c, i + 2])
-        g3 = np.float64(dy[o, c, i + 3])
-        a0 += g0
-        a1 += g1
-        a2 += g2
-        a3 += g3
-        b0 += g0 * (x[o, c, i] - m)
-        b1 += g1 * (x[o, c, i + 1] - m)
-        b2 += g2 * (x[o, c, i + 2] - m)
-        b3 += g3 * (x[o, c, i + 3] - m)
-        i += 4
-    while i < n:
-        g0 = np.float64(dy[o, c, i])
-        a0 += g0
-        b0 += g0 * (x[o, c, i] - m)
-        i += 1
-    return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3)
-
-
 @kernel("x", "x", "vec", "vec_out", "vec_out")
 def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
     """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
@@ -161,7 +98,7 @@ def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
     else:
         for o in range(outer):
             for c in range(channels):
-                a, b = row_grad_sums(x, dy, o, c, mean[c])
+                a, b = row_grad_sums(x[o, c], dy[o, c], mean[c])
                 sum_dy[c] += a
                 sum_dy_xmu[c] += b
 
@@ -183,3 +120,26 @@ def grad_input(x, dy, mean, k, c1, c0, dx):
                 m = mean[c]
                 for i in range(inner):
                     dx[o, c, i] = kc * dy[o, c, i] - c1c * (x[o, c, i] - m) + c0c
+
+
+@kernel("x", "vec", "vec", "scalar", "vec_out", "vec_out", "vec_out", "out")
+def forward_train(x, gamma, beta, eps, mean, var, invstd, y):
+    """Training forward: :func:`moments`, then :func:`normalize` with ``gamma * invstd``."""
+    moments(x, mean, var)
+    for c in range(x.shape[1]):
+        invstd[c] = inverse_std(var[c], eps)
+    normalize(x, mean, gamma * invstd, beta, y)
+
+
+@kernel("x", "x", "vec", "vec", "vec", "vec_out", "vec_out", "out")
+def backward_train(x, dy, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx):
+    """Training backward: :func:`grad_sums`, the coefficients, then :func:`grad_input`."""
+    channels = x.shape[1]
+    grad_sums(x, dy, mean, sum_dy, sum_dy_xmu)
+    k = np.empty(channels)
+    c1 = np.empty(channels)
+    c0 = np.empty(channels)
+    for c in range(channels):
+        grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, x.shape[0] * x.shape[2], c, k, c1,
+                          c0)
+    grad_input(x, dy, mean, k, c1, c0, dx)

@@ -21,6 +21,7 @@ from bnfast import reference as ref
 CASES = [
     ("rows NCHW", (4, 8, 40, 50), 1),
     ("rows 3-D", (3, 5, 6000), 1),
+    ("rows, unfused (C < 4)", (2, 3, 40000), 1),
     ("lanes 2-D", (2048, 40), 1),
     ("lanes NHWC C=3", (16, 40, 40, 3), -1),
     ("lanes small inner", (700, 16, 5), 1),

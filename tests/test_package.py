@@ -78,3 +78,26 @@ def test_readme_quick_start_runs():
     scope: dict = {}
     exec(compile(block, str(readme), "exec"), scope)
     assert scope["y"].shape == (64, 256) and scope["bn"].num_batches_tracked == 1
+
+
+def test_main_job_measures_checks_and_reports(tmp_path):
+    """The main job's pieces on one small case: records, table, JSON, plot."""
+    import json
+
+    from bnfast import __main__ as main_job
+    case = cmp.Case("2-D 64x8", (64, 8))
+    impls = cmp.available()
+    records, failures = main_job.measure(("forward",), (case,), [1], impls, 0.01, lambda m: None)
+    assert not failures
+    assert {r["impl"] for r in records} == set(impls)
+    b = next(r for r in records if r["impl"] == "bnfast")
+    assert b["ms"] > 0 and b["read_gbs"] > 0 and b["err"] < 1e-5
+    assert abs(b["gbs"] - 3 * case.nbytes / b["ms"] / 1e6) < 1e-9 * b["gbs"]
+    text = main_job.table(records, "forward", 1, impls)
+    assert "2-D 64x8" in text and "bnfast ms" in text
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(records))
+    assert json.loads(path.read_text())[0]["op"] == "forward"
+    pytest.importorskip("matplotlib")
+    main_job.plot(records, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000

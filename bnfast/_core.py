@@ -191,11 +191,13 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
         mean = np.empty(channels)
         var = np.empty(channels)
         invstd = np.empty(channels)
-        run.forward_train(x3, gamma64, beta64, eps, mean, var, invstd, y3)
+        run.forward_train(x3, chk.readonly(gamma64), chk.readonly(beta64), eps, mean, var,
+                          invstd, y3)
     else:
         mean = chk.in_precision(running_mean, x.dtype, 0.0, channels)
         invstd = 1.0 / np.sqrt(chk.in_precision(running_var, x.dtype, 1.0, channels) + eps)
-        run.normalize(x3, mean, chk.readonly(gamma64 * invstd), beta64, y3)
+        run.normalize(x3, chk.readonly(mean), chk.readonly(gamma64 * invstd),
+                      chk.readonly(beta64), y3)
     layout.finish_output(y, y3)
 
     if training and tracking:

@@ -28,8 +28,7 @@ from ._tbb import TBB_LOADED  # noqa: F401  (re-exported for tests and the main 
 # launch costs ~10 us here against ~1 us of serial work; at 2**15 elements the two break even.
 SERIAL_BELOW = 2**15
 
-KERNEL_NAMES = ("moments", "normalize", "grad_sums", "grad_input", "forward_train",
-                "backward_train")
+KERNEL_NAMES = kernels.KERNELS
 
 
 

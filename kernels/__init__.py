@@ -22,5 +22,22 @@ Kernels in each family:
 from . import lanes, rows, strided
 
 FAMILIES = {"rows": rows, "lanes": lanes, "strided": strided}
+KERNELS = ("moments", "normalize", "grad_sums", "grad_input", "forward_train", "backward_train")
 
-__all__ = ["FAMILIES", "lanes", "rows", "strided"]
+
+def compile_all() -> int:
+    """Compile (or load from the cache) every declared signature of every kernel, serial twins
+    included; returns how many. Kernels otherwise compile on first use."""
+    count = 0
+    for family in FAMILIES.values():
+        for name in KERNELS:
+            dispatcher = getattr(family, name)
+            for d in (dispatcher, getattr(dispatcher, "serial", None)):
+                if d is not None:
+                    for sig in d.declared:
+                        d.compile(sig)
+                        count += 1
+    return count
+
+
+__all__ = ["FAMILIES", "KERNELS", "compile_all", "lanes", "rows", "strided"]

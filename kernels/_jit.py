@@ -1,6 +1,6 @@
 """The one place where the JIT options of every kernel are chosen.
 
-``kernel("x", "x", "vec", "out")`` compiles a function eagerly for each of its signatures:
+``kernel("x", "x", "vec", "out")`` declares a kernel's signatures from its parameter kinds:
 data arrays in float32 and in float64, each in two memory layouts (all 'C' for the contiguous
 canonical view, all 'A' for strided, negative-stride and broadcast views). Parameter kinds:
 
@@ -14,8 +14,12 @@ Options, and why:
 
 - ``cache=True``: compiled code is written next to the module (or to ``NUMBA_CACHE_DIR``), so
   only the first process on a machine pays for compilation.
-- eager signatures: the dispatcher never compiles on a call, a call with an unsupported type
-  fails with a ``TypeError`` instead of compiling, and the cache is complete after one import.
+- compiled on first use, not at import: ``bnfast`` passes exactly the declared types (inputs
+  as read-only views), so a call compiles (or, with a warm cache, loads) only the signatures it
+  needs. Eager compilation of every declared signature made ``import bnfast`` take 0.8-1.0 s
+  with a warm cache (loading 40 compiled kernels) and 64 s with a cold one; the first float32
+  training step needs a handful. ``bnfast.kernels.compile_all()`` compiles every declared
+  signature (tests check that they all compile; a deployment can warm its cache with it).
 - ``nogil=True``: kernels release the GIL, so Python threads can run them side by side.
 - ``error_model="numpy"``: a division by zero gives inf/nan as in NumPy instead of a Python
   exception, and costs no branch in the loops.
@@ -36,6 +40,8 @@ Options, and why:
 """
 
 from __future__ import annotations
+
+import types as types_module
 
 import numba
 from numba import types
@@ -81,17 +87,33 @@ def signatures(*kinds: str, layouts=LAYOUTS) -> list:
 
 
 def kernel(*kinds: str):
-    """Decorator: a serial kernel, compiled eagerly for every signature of ``kinds``."""
-    return numba.njit(signatures(*kinds), parallel=False, **JIT_OPTIONS)
+    """Decorator: a serial kernel; its declared signatures are ``.declared``."""
+    def wrap(func):
+        dispatcher = numba.njit(parallel=False, **JIT_OPTIONS)(func)
+        dispatcher.declared = signatures(*kinds)
+        return dispatcher
+    return wrap
+
+
+def _renamed(func, suffix: str):
+    """The same code under another qualified name. Numba's cache keys an entry on the function's
+    qualified name, bytecode and signature, not on ``parallel``: compiled from the very same
+    function, the serial twin would load the parallel machine code from the cache (seen here: a
+    forked child then started GNU OpenMP and was killed)."""
+    twin = types_module.FunctionType(func.__code__, func.__globals__, func.__name__ + suffix,
+                                     func.__defaults__, func.__closure__)
+    twin.__qualname__ = func.__qualname__ + suffix
+    twin.__doc__ = func.__doc__
+    return twin
 
 
 def parallel_kernel(*kinds: str):
-    """Decorator: a parallel kernel for C-contiguous data, compiled eagerly for float32 and
-    float64, with a ``.serial`` twin of the same code (compiled on first use)."""
+    """Decorator: a parallel kernel for C-contiguous data (float32 and float64 declared), with a
+    ``.serial`` twin of the same code."""
     def wrap(func):
-        dispatcher = numba.njit(signatures(*kinds, layouts=("C",)), parallel=True,
-                                **JIT_OPTIONS)(func)
-        dispatcher.serial = numba.njit(parallel=False, **JIT_OPTIONS)(func)
+        dispatcher = numba.njit(parallel=True, **JIT_OPTIONS)(func)
+        dispatcher.serial = numba.njit(parallel=False, **JIT_OPTIONS)(_renamed(func, "_serial"))
+        dispatcher.declared = dispatcher.serial.declared = signatures(*kinds, layouts=("C",))
         return dispatcher
     return wrap
 

@@ -40,18 +40,39 @@ def test_public_surface():
     assert set(bnfast.__all__) == {"BatchNorm", "BatchNormCache", "backward", "forward", "moments"}
 
 
-def test_eager_signatures_cover_float32_and_float64():
-    """Every kernel of every family is compiled at import for float32 and float64 (strided also
-    for the 'A' layout); the parallel ones carry a serial twin of the same code."""
+def test_declared_signatures_compile():
+    """Every kernel of every family declares float32 and float64 (strided also the 'A' layout)
+    and compiles for all of them; the parallel ones carry a serial twin of the same code."""
     from bnfast import kernels
     for name, family in kernels.FAMILIES.items():
-        for k in ("moments", "normalize", "grad_sums", "grad_input"):
+        for k in kernels.KERNELS:
             dispatcher = getattr(family, k)
-            dtypes = sorted(str(sig[0].dtype) for sig in dispatcher.signatures)
-            layouts = {sig[0].layout for sig in dispatcher.signatures}
-            assert set(dtypes) == {"float32", "float64"}, (name, k)
+            dtypes = {str(sig.args[0].dtype) for sig in dispatcher.declared}
+            layouts = {sig.args[0].layout for sig in dispatcher.declared}
+            assert dtypes == {"float32", "float64"}, (name, k)
             assert layouts == ({"C", "A"} if name == "strided" else {"C"}), (name, k)
             assert (name == "strided") != hasattr(dispatcher, "serial"), (name, k)
+    assert kernels.compile_all() == 6 * (4 + 2 * 2 + 2 * 2)
+
+
+def test_calls_use_the_declared_types():
+    """bnfast passes exactly the declared types, so no call compiles an extra specialization
+    (which would cost start-up time) on contiguous input."""
+    from bnfast import kernels
+    rng = np.random.default_rng(0)
+    for shape, axis in (((64, 8), 1), ((4, 8, 100), 1), ((2, 3, 4, 5), 1)):
+        x = rng.normal(size=shape).astype(np.float32)
+        y, cache = bnfast.forward(x, axis=axis)
+        bnfast.backward(np.ones_like(x), cache)
+        bnfast.forward(x, axis=axis, training=False, running_mean=np.zeros(shape[axis]),
+                       running_var=np.ones(shape[axis]))
+        bnfast.moments(x, axis=axis)
+    for family in ("rows", "lanes"):
+        for k in kernels.KERNELS:
+            for d in (getattr(kernels.FAMILIES[family], k),
+                      getattr(kernels.FAMILIES[family], k).serial):
+                extra = set(d.signatures) - {tuple(s.args) for s in d.declared}
+                assert not extra, (family, k, extra)
 
 
 @pytest.mark.parametrize("op", cmp.OPERATIONS)

@@ -1,28 +1,100 @@
-"""pytest-benchmark cases: forward, backward and inference on the bench shapes, float32, each
-grouped with the NumPy reference and PyTorch (when importable) from the shared registry.
+"""pytest-benchmark cases: forward, backward and inference on the bench shapes, float32 and
+float64, at 1 and 2 threads, each grouped with the NumPy reference and PyTorch (when importable)
+from the shared registry; plus start-up and compile time, each in a fresh subprocess.
 
-``pytest bench --benchmark-only`` (or ``--benchmark-enable``) times them side by side; the default
-test run executes each once (``--benchmark-disable``) so they cannot rot. Benchmarks never
-assert a time. Kernels compile eagerly at import, and each case is called once before timing.
+``pytest bench --benchmark-enable --benchmark-only`` times them side by side; the default test
+run executes each once (``--benchmark-disable``) so they cannot rot. Benchmarks never assert a
+time. Each case is called once before timing, so compilation is never timed (except where it
+is the subject).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
 import pytest
 
 from bnfast import _compare as cmp
 
+THREADS = sorted({1, numba.config.NUMBA_NUM_THREADS})
+CASES = [dataclasses.replace(c, dtype=dt) for dt in (np.float32, np.float64) for c in cmp.CASES]
+
+
+@functools.lru_cache(maxsize=4)
+def _inputs(case):
+    return cmp.make_inputs(case)
+
 
 @pytest.mark.parametrize("impl", list(cmp.IMPLEMENTATIONS))
-@pytest.mark.parametrize("case", cmp.CASES, ids=[c.label for c in cmp.CASES])
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("case", CASES,
+                         ids=[f"{c.label}-{np.dtype(c.dtype).name}" for c in CASES])
 @pytest.mark.parametrize("op", cmp.OPERATIONS)
-def test_bench(benchmark, op, case, impl):
+def test_bench(benchmark, op, case, threads, impl):
     implementation = cmp.IMPLEMENTATIONS[impl]
     if not implementation.available():
         pytest.skip(f"{impl} is not installed")
-    inp = cmp.make_inputs(case)
-    fn = implementation.prepare(op, inp)
-    fn()  # warm-up, outside timing
-    benchmark.group = f"{op} {case.label} float32"
-    benchmark.extra_info["minimum traffic bytes"] = cmp.TRAFFIC[op] * case.nbytes
-    benchmark(fn)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    if impl == "pytorch":
+        import torch
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    try:
+        fn = implementation.prepare(op, _inputs(case))
+        fn()  # warm-up (and compilation), outside timing
+        benchmark.group = f"{op} {case.label} {np.dtype(case.dtype).name} {threads} thread(s)"
+        benchmark.extra_info["minimum traffic bytes"] = cmp.TRAFFIC[op] * case.nbytes
+        benchmark(fn)
+    finally:
+        numba.set_num_threads(previous)
+        if impl == "pytorch":
+            torch.set_num_threads(torch_threads)
+
+
+STEP = textwrap.dedent("""
+    import time
+    t0 = time.perf_counter()
+    import numba
+    import numpy as np
+    import bnfast
+    x = np.random.default_rng(0).normal(size=(32, 64)).astype(np.float32)
+    bn = bnfast.BatchNorm(64)
+    y = bn(x)
+    bn.backward(np.ones_like(y))
+    bn.eval()(x)
+    print(time.perf_counter() - t0)
+""")
+
+
+def _step_seconds(cache_dir) -> float:
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    r = subprocess.run([sys.executable, "-c", STEP], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    return float(r.stdout.split()[-1])
+
+
+def test_bench_cold_compile_first_training_step(benchmark, tmp_path):
+    """A fresh process and an empty cache: import numba, bnfast, one float32 training step and
+    an inference call, compiling what they need. Seconds, one round."""
+    benchmark.group = "start-up"
+    counter = iter(range(10**6))
+    inner = benchmark.pedantic(lambda: _step_seconds(tmp_path / f"cold{next(counter)}"),
+                               rounds=1, iterations=1)
+    benchmark.extra_info["seconds from import numba"] = inner
+
+
+def test_bench_warm_start_first_training_step(benchmark, tmp_path):
+    """A fresh process with a warm cache: from ``import numba`` to the end of the first step."""
+    benchmark.group = "start-up"
+    _step_seconds(tmp_path)  # fill the cache
+    inner = benchmark.pedantic(lambda: _step_seconds(tmp_path), rounds=3, iterations=1)
+    benchmark.extra_info["seconds from import numba"] = inner

@@ -128,11 +128,22 @@ class Layout:
     axis: int
     order: tuple  # a transpose of the array to (outer axes..., channel, inner axes...)
     canon: tuple  # (outer, C, inner)
+    inverse: tuple  # the transpose back
+    ordered_shape: tuple  # the shape in ``order``
 
     @classmethod
     def of(cls, x: np.ndarray, axis: int) -> "Layout":
-        shape, strides = x.shape, x.strides
-        others = [a for a in range(x.ndim) if a != axis]
+        key = (x.shape, x.strides, axis)
+        layout = _LAYOUTS.get(key)
+        if layout is None:  # memoized: a trainer calls with the same few layouts every step
+            if len(_LAYOUTS) >= 1024:
+                _LAYOUTS.clear()
+            layout = _LAYOUTS[key] = cls._of(x.shape, x.strides, axis)
+        return layout
+
+    @classmethod
+    def _of(cls, shape: tuple, strides: tuple, axis: int) -> "Layout":
+        others = [a for a in range(len(shape)) if a != axis]
         ones = [a for a in others if shape[a] == 1]
         rest = sorted((a for a in others if shape[a] != 1), key=lambda a: -abs(strides[a]))
         if shape[axis] == 1:
@@ -144,7 +155,8 @@ class Layout:
         order = tuple(ones + outer + [axis] + inner)
         n_outer = math.prod(shape[a] for a in ones + outer)
         n_inner = math.prod(shape[a] for a in inner)
-        return cls(shape, axis, order, (n_outer, shape[axis], n_inner))
+        return cls(shape, axis, order, (n_outer, shape[axis], n_inner),
+                   tuple(int(i) for i in np.argsort(order)), tuple(shape[a] for a in order))
 
     @property
     def channels(self) -> int:
@@ -171,14 +183,16 @@ class Layout:
         """
         if out is not None:
             return out, self.view3(out)[0]
-        t = np.empty([self.shape[a] for a in self.order], dtype)
-        return t.transpose(np.argsort(self.order)), t.reshape(self.canon)
+        t = np.empty(self.ordered_shape, dtype)
+        return t.transpose(self.inverse), t.reshape(self.canon)
 
     def finish_output(self, a: np.ndarray, a3: np.ndarray) -> None:
         """Copy the kernel's result into ``a`` when ``a3`` was a temporary, not a view of it."""
         if not np.may_share_memory(a, a3):  # a fresh temporary never does
-            t = a3.reshape([self.shape[k] for k in self.order])
-            a[...] = t.transpose(np.argsort(self.order))
+            a[...] = a3.reshape(self.ordered_shape).transpose(self.inverse)
+
+
+_LAYOUTS: dict = {}
 
 
 def readonly(a: np.ndarray) -> np.ndarray:

@@ -201,9 +201,9 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
     layout.finish_output(y, y3)
 
     if training and tracking:
+        # in float64, rounded once into the running arrays' own dtype
         running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-        unbiased = var * (count / (count - 1))
-        running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
+        running_var[...] = (1.0 - momentum) * running_var + (momentum * count / (count - 1)) * var
     cache = BatchNormCache(x, _frozen(mean), _frozen(invstd), _frozen(gamma64), axis, training,
                            layout, x3)
     return y, cache

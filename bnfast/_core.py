@@ -1,9 +1,10 @@
 """The functional API: validate, map to the canonical (outer, C, inner) view, call a kernel.
 
-The kernel behind each function: ``moments`` -> ``kernels.stats.moments``; ``forward`` ->
-``kernels.stats.moments`` (training) then ``kernels.normalize.normalize``; ``backward`` ->
-``kernels.backward.grad_sums`` (training) then ``kernels.backward.grad_input``. The math they
-implement is written out in ``bnfast.reference``.
+The kernel behind each function, in the family ``_threading.kernels_for`` picks from the view's
+memory layout (``kernels.rows``, ``kernels.lanes`` or ``kernels.strided``): ``moments`` ->
+``moments``; ``forward`` -> ``forward_train`` (training) or ``normalize`` (inference);
+``backward`` -> ``backward_train`` (training cache) or ``grad_sums`` + ``grad_input`` (inference
+cache). The math they implement is written out in ``bnfast.reference``.
 """
 
 from __future__ import annotations

@@ -19,13 +19,13 @@ from bnfast import reference as ref
 
 # Above SERIAL_BELOW elements, one per family and layout kind.
 CASES = [
-    ("rows NCHW", (4, 8, 40, 50), 1),
-    ("rows 3-D", (3, 5, 6000), 1),
+    ("rows NCHW", (8, 8, 48, 50), 1),
+    ("rows 3-D", (3, 5, 12000), 1),
     ("rows, unfused (C < 4)", (2, 3, 40000), 1),
-    ("lanes 2-D", (2048, 40), 1),
-    ("lanes NHWC C=3", (16, 40, 40, 3), -1),
-    ("lanes small inner", (700, 16, 5), 1),
-    ("lanes wide C", (40, 2000), 1),
+    ("lanes 2-D", (4096, 40), 1),
+    ("lanes NHWC C=3", (16, 60, 60, 3), -1),
+    ("lanes small inner", (1700, 16, 5), 1),
+    ("lanes wide C", (80, 2000), 1),
 ]
 
 

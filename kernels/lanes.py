@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import BLOCK, LANES_MIN, MAX_BLOCKS, MIN_STRIPES, helper, parallel_kernel
+from ._jit import BLOCK, LANES_MIN, MAX_BLOCKS, MIN_STRIPES, helper, parallel_kernel, phase
 from .common import grad_coefficients, inverse_std, moments_from_sums
 
 
@@ -110,9 +110,9 @@ def first_values(x):
     return shift
 
 
-@parallel_kernel("x", "vec_out", "vec_out")
-def moments(x, mean, var):
-    """Per-channel mean and biased variance; needs outer*inner >= 1."""
+@phase
+def stats(x, mean, var):
+    """Per-channel mean and biased variance: per-block lane sums in parallel, then combined."""
     lw, total, ns, sb, nb = stripes(x)
     xf = x.reshape(total)
     shift = first_values(x)
@@ -129,9 +129,8 @@ def moments(x, mean, var):
         mean[c], var[c] = moments_from_sums(shift[c], s1[c], s2[c], total // x.shape[1])
 
 
-@parallel_kernel("x", "vec", "vec", "vec", "out")
-def normalize(x, mean, scale, shift, y):
-    """``y = (x - mean[c]) * scale[c] + shift[c]``, float64 arithmetic; y may be x itself."""
+@phase
+def write_normalized(x, mean, scale, shift, y):
     lw, total, ns, sb, nb = stripes(x)
     xf = x.reshape(total)
     yf = y.reshape(total)
@@ -142,9 +141,8 @@ def normalize(x, mean, scale, shift, y):
         block_normalize(xf, m, sc, sh, b * sb, min(ns, (b + 1) * sb), lw, yf)
 
 
-@parallel_kernel("x", "x", "vec", "vec_out", "vec_out")
-def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+@phase
+def gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu):
     lw, total, ns, sb, nb = stripes(x)
     xf = x.reshape(total)
     gf = dy.reshape(total)
@@ -157,9 +155,8 @@ def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
     lanes_to_channels(p2, x, sum_dy_xmu)
 
 
-@parallel_kernel("x", "x", "vec", "vec", "vec", "vec", "out")
-def grad_input(x, dy, mean, k, c1, c0, dx):
-    """``dx = k[c]*dy - c1[c]*(x - mean[c]) + c0[c]``; dx may be dy itself."""
+@phase
+def write_grad_input(x, dy, mean, k, c1, c0, dx):
     lw, total, ns, sb, nb = stripes(x)
     xf = x.reshape(total)
     gf = dy.reshape(total)
@@ -172,57 +169,48 @@ def grad_input(x, dy, mean, k, c1, c0, dx):
         block_grad_input(xf, gf, m, kl, c1l, c0l, b * sb, min(ns, (b + 1) * sb), lw, df)
 
 
+@parallel_kernel("x", "vec_out", "vec_out")
+def moments(x, mean, var):
+    """Per-channel mean and biased variance; needs outer*inner >= 1."""
+    stats(x, mean, var)
+
+
+@parallel_kernel("x", "vec", "vec", "vec", "out")
+def normalize(x, mean, scale, shift, y):
+    """``y = (x - mean[c]) * scale[c] + shift[c]``, float64 arithmetic; y may be x itself."""
+    write_normalized(x, mean, scale, shift, y)
+
+
+@parallel_kernel("x", "x", "vec", "vec_out", "vec_out")
+def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+    gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu)
+
+
+@parallel_kernel("x", "x", "vec", "vec", "vec", "vec", "out")
+def grad_input(x, dy, mean, k, c1, c0, dx):
+    """``dx = k[c]*dy - c1[c]*(x - mean[c]) + c0[c]``; dx may be dy itself."""
+    write_grad_input(x, dy, mean, k, c1, c0, dx)
+
+
 @parallel_kernel("x", "vec", "vec", "scalar", "vec_out", "vec_out", "vec_out", "out")
 def forward_train(x, gamma, beta, eps, mean, var, invstd, y):
     """Training forward: batch statistics, then ``y = gamma*(x - mean)*invstd + beta``."""
-    channels = x.shape[1]
-    lw, total, ns, sb, nb = stripes(x)
-    xf = x.reshape(total)
-    yf = y.reshape(total)
-    shift = first_values(x)
-    k = lane_values(shift, x, lw)
-    p1 = np.zeros((nb, lw))
-    p2 = np.zeros((nb, lw))
-    for b in prange(nb):
-        block_moment_sums(xf, k, b * sb, min(ns, (b + 1) * sb), lw, p1[b], p2[b])
-    s1 = np.empty(channels)
-    s2 = np.empty(channels)
-    lanes_to_channels(p1, x, s1)
-    lanes_to_channels(p2, x, s2)
-    scale = np.empty(channels)
-    for c in range(channels):
-        mean[c], var[c] = moments_from_sums(shift[c], s1[c], s2[c], total // channels)
+    stats(x, mean, var)
+    for c in range(x.shape[1]):
         invstd[c] = inverse_std(var[c], eps)
-        scale[c] = gamma[c] * invstd[c]
-    m = lane_values(mean, x, lw)
-    sc = lane_values(scale, x, lw)
-    sh = lane_values(beta, x, lw)
-    for b in prange(nb):
-        block_normalize(xf, m, sc, sh, b * sb, min(ns, (b + 1) * sb), lw, yf)
+    write_normalized(x, mean, gamma * invstd, beta, y)
 
 
 @parallel_kernel("x", "x", "vec", "vec", "vec", "vec_out", "vec_out", "out")
 def backward_train(x, dy, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx):
     """Training backward: the two sums, the per-channel coefficients, then dx."""
     channels = x.shape[1]
-    lw, total, ns, sb, nb = stripes(x)
-    xf = x.reshape(total)
-    gf = dy.reshape(total)
-    df = dx.reshape(total)
-    m = lane_values(mean, x, lw)
-    p1 = np.zeros((nb, lw))
-    p2 = np.zeros((nb, lw))
-    for b in prange(nb):
-        block_grad_sums(xf, gf, m, b * sb, min(ns, (b + 1) * sb), lw, p1[b], p2[b])
-    lanes_to_channels(p1, x, sum_dy)
-    lanes_to_channels(p2, x, sum_dy_xmu)
+    gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu)
     k = np.empty(channels)
     c1 = np.empty(channels)
     c0 = np.empty(channels)
+    n = x.shape[0] * x.shape[2]
     for c in range(channels):
-        grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, total // channels, c, k, c1, c0)
-    kl = lane_values(k, x, lw)
-    c1l = lane_values(c1, x, lw)
-    c0l = lane_values(c0, x, lw)
-    for b in prange(nb):
-        block_grad_input(xf, gf, m, kl, c1l, c0l, b * sb, min(ns, (b + 1) * sb), lw, df)
+        grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, n, c, k, c1, c0)
+    write_grad_input(x, dy, mean, k, c1, c0, dx)

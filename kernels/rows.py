@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import BLOCK, FUSE_BYTES, ROWS_MIN, helper, parallel_kernel  # noqa: F401
+from ._jit import BLOCK, FUSE_BYTES, ROWS_MIN, helper, parallel_kernel, phase  # noqa: F401
 from .common import (grad_coefficients, inverse_std, moments_from_sums, row_grad_sums,
                      row_moment_sums)
 
@@ -85,9 +85,9 @@ def fused(x):
     return outer * inner * x.itemsize <= FUSE_BYTES and channels >= 4
 
 
-@parallel_kernel("x", "vec_out", "vec_out")
-def moments(x, mean, var):
-    """Per-channel mean and biased variance; needs outer*inner >= 1."""
+@phase
+def stats(x, mean, var):
+    """Per-channel mean and biased variance: block sums in parallel, combined in block order."""
     outer, channels, inner = x.shape
     rb, nb = blocks(outer, inner)
     part = np.empty((channels * nb, 2))
@@ -101,9 +101,8 @@ def moments(x, mean, var):
         mean[c], var[c] = moments_from_sums(np.float64(x[0, c, 0]), s1, s2, outer * inner)
 
 
-@parallel_kernel("x", "vec", "vec", "vec", "out")
-def normalize(x, mean, scale, shift, y):
-    """``y = (x - mean[c]) * scale[c] + shift[c]``, float64 arithmetic; y may be x itself."""
+@phase
+def write_normalized(x, mean, scale, shift, y):
     outer, channels, inner = x.shape
     rb, nb = blocks(outer, inner)
     for t in prange(channels * nb):
@@ -112,9 +111,8 @@ def normalize(x, mean, scale, shift, y):
         normalize_rows(x, c, r0, min(outer, r0 + rb), mean[c], scale[c], shift[c], y)
 
 
-@parallel_kernel("x", "x", "vec", "vec_out", "vec_out")
-def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+@phase
+def gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu):
     outer, channels, inner = x.shape
     rb, nb = blocks(outer, inner)
     part = np.empty((channels * nb, 2))
@@ -126,15 +124,38 @@ def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
         sum_dy[c], sum_dy_xmu[c] = channel_total(part, c, nb)
 
 
-@parallel_kernel("x", "x", "vec", "vec", "vec", "vec", "out")
-def grad_input(x, dy, mean, k, c1, c0, dx):
-    """``dx = k[c]*dy - c1[c]*(x - mean[c]) + c0[c]``; dx may be dy itself."""
+@phase
+def write_grad_input(x, dy, mean, k, c1, c0, dx):
     outer, channels, inner = x.shape
     rb, nb = blocks(outer, inner)
     for t in prange(channels * nb):
         c = t // nb
         r0 = (t % nb) * rb
         grad_input_rows(x, dy, c, r0, min(outer, r0 + rb), mean[c], k[c], c1[c], c0[c], dx)
+
+
+@parallel_kernel("x", "vec_out", "vec_out")
+def moments(x, mean, var):
+    """Per-channel mean and biased variance; needs outer*inner >= 1."""
+    stats(x, mean, var)
+
+
+@parallel_kernel("x", "vec", "vec", "vec", "out")
+def normalize(x, mean, scale, shift, y):
+    """``y = (x - mean[c]) * scale[c] + shift[c]``, float64 arithmetic; y may be x itself."""
+    write_normalized(x, mean, scale, shift, y)
+
+
+@parallel_kernel("x", "x", "vec", "vec_out", "vec_out")
+def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+    gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu)
+
+
+@parallel_kernel("x", "x", "vec", "vec", "vec", "vec", "out")
+def grad_input(x, dy, mean, k, c1, c0, dx):
+    """``dx = k[c]*dy - c1[c]*(x - mean[c]) + c0[c]``; dx may be dy itself."""
+    write_grad_input(x, dy, mean, k, c1, c0, dx)
 
 
 @parallel_kernel("x", "vec", "vec", "scalar", "vec_out", "vec_out", "vec_out", "out")
@@ -146,9 +167,8 @@ def forward_train(x, gamma, beta, eps, mean, var, invstd, y):
     in the same order, so both routes give the same bits.
     """
     outer, channels, inner = x.shape
-    rb, nb = blocks(outer, inner)
-    n = outer * inner
     if fused(x):
+        rb, nb = blocks(outer, inner)
         for c in prange(channels):
             k = np.float64(x[0, c, 0])
             s1 = 0.0
@@ -157,37 +177,26 @@ def forward_train(x, gamma, beta, eps, mean, var, invstd, y):
                 a1, a2 = block_moment_sums(x, c, b * rb, min(outer, (b + 1) * rb), k)
                 s1 += a1
                 s2 += a2
-            mean[c], var[c] = moments_from_sums(k, s1, s2, n)
+            mean[c], var[c] = moments_from_sums(k, s1, s2, outer * inner)
             invstd[c] = inverse_std(var[c], eps)
             normalize_rows(x, c, 0, outer, mean[c], gamma[c] * invstd[c], beta[c], y)
-    else:  # the same block sums in parallel, combined in the same order
-        part = np.empty((channels * nb, 2))
-        for t in prange(channels * nb):
-            c = t // nb
-            r0 = (t % nb) * rb
-            part[t, 0], part[t, 1] = block_moment_sums(x, c, r0, min(outer, r0 + rb),
-                                                       np.float64(x[0, c, 0]))
+    else:
+        stats(x, mean, var)
         for c in range(channels):
-            s1, s2 = channel_total(part, c, nb)
-            mean[c], var[c] = moments_from_sums(np.float64(x[0, c, 0]), s1, s2, n)
             invstd[c] = inverse_std(var[c], eps)
-        for t in prange(channels * nb):
-            c = t // nb
-            r0 = (t % nb) * rb
-            normalize_rows(x, c, r0, min(outer, r0 + rb), mean[c], gamma[c] * invstd[c],
-                           beta[c], y)
+        write_normalized(x, mean, gamma * invstd, beta, y)
 
 
 @parallel_kernel("x", "x", "vec", "vec", "vec", "vec_out", "vec_out", "out")
 def backward_train(x, dy, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx):
     """Training backward: the two sums, then dx, per channel from cache when :func:`fused`."""
     outer, channels, inner = x.shape
-    rb, nb = blocks(outer, inner)
     n = outer * inner
     k = np.empty(channels)
     c1 = np.empty(channels)
     c0 = np.empty(channels)
     if fused(x):
+        rb, nb = blocks(outer, inner)
         for c in prange(channels):
             s1 = 0.0
             s2 = 0.0
@@ -199,16 +208,8 @@ def backward_train(x, dy, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx):
             sum_dy_xmu[c] = s2
             grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, n, c, k, c1, c0)
             grad_input_rows(x, dy, c, 0, outer, mean[c], k[c], c1[c], c0[c], dx)
-    else:  # the same block sums in parallel, combined in the same order
-        part = np.empty((channels * nb, 2))
-        for t in prange(channels * nb):
-            c = t // nb
-            r0 = (t % nb) * rb
-            part[t, 0], part[t, 1] = block_grad_sums(x, dy, c, r0, min(outer, r0 + rb), mean[c])
+    else:
+        gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu)
         for c in range(channels):
-            sum_dy[c], sum_dy_xmu[c] = channel_total(part, c, nb)
             grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, n, c, k, c1, c0)
-        for t in prange(channels * nb):
-            c = t // nb
-            r0 = (t % nb) * rb
-            grad_input_rows(x, dy, c, r0, min(outer, r0 + rb), mean[c], k[c], c1[c], c0[c], dx)
+        write_grad_input(x, dy, mean, k, c1, c0, dx)

@@ -261,7 +261,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         if chk.overlaps(out, dy) and not chk.same_view(out, dy):
             raise ValueError("out partly overlaps dy; pass out=dy itself or a separate array")
 
-    channels, count = layout.channels, layout.count
+    channels = layout.channels
     dy3, _ = layout.view3(dy)
     dy3 = chk.readonly(dy3)
     mean, invstd = cache.mean, cache.invstd

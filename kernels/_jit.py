@@ -78,7 +78,7 @@ def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
 
 
 def signatures(*kinds: str, layouts=LAYOUTS) -> list:
-    """Every eager signature of a kernel whose parameters are of the given kinds."""
+    """Every declared signature of a kernel whose parameters are of the given kinds."""
     return [
         types.void(*(_param(kind, dtype, layout) for kind in kinds))
         for dtype in DATA_DTYPES

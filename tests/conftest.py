@@ -34,7 +34,7 @@ def _slack(dtype, m: int) -> float:
     (a few float32 ulps). float64 results carry float64 error of both bnfast and the reference:
     summation, ~(8 + m) ulps for m values per channel, and in bnfast's shifted variance a
     cancellation factor up to m when a channel's first value is its extreme outlier (see
-    kernels/stats.py); the thorough Hypothesis profile reached 2.05x (8 + m) ulps at m = 54."""
+    kernels/strided.py); the thorough Hypothesis profile reached 2.05x (8 + m) ulps at m = 54."""
     return 8 * np.finfo(np.float32).eps if np.dtype(dtype) == np.float32 else (
         4 * (8 + m) * np.finfo(np.float64).eps)
 

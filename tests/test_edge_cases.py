@@ -95,7 +95,7 @@ def test_extreme_magnitudes(dtype, loc, scale):
     mean, var = bnfast.moments(x)
     mean_r, var_r = ref.moments(x)
     # float32: one rounding each from float64. float64: both sides' summation error over 320
-    # values, and for var the shifted sums' cancellation factor (bounded by m; stats.py).
+    # values, and for var the shifted sums' cancellation factor (bounded by m; kernels/strided.py).
     np.testing.assert_allclose(mean, mean_r, rtol=2 * np.finfo(dtype).eps,
                                atol=(8 + x.size // 3) * np.finfo(np.float64).eps * np.abs(x).max())
     var_rtol = 8 * np.finfo(np.float32).eps if dtype == np.float32 else (

@@ -167,13 +167,14 @@ class Layout:
         """Values per channel."""
         return self.canon[0] * self.canon[2]
 
-    def view3(self, a: np.ndarray) -> tuple[np.ndarray, bool]:
-        """``a`` (of this layout's shape) as (outer, C, inner); True when that needed a copy."""
+    def view3(self, a: np.ndarray) -> np.ndarray:
+        """``a`` (of this layout's shape) as (outer, C, inner): a view, or a copy where no view
+        exists."""
         v = a.transpose(self.order)
         try:
-            return v.reshape(self.canon, copy=False), False
+            return v.reshape(self.canon, copy=False)
         except ValueError:
-            return np.ascontiguousarray(v).reshape(self.canon), True
+            return np.ascontiguousarray(v).reshape(self.canon)
 
     def output(self, out: np.ndarray | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         """``(array, its 3-D view)`` for a kernel to write; pass both to :meth:`finish_output`.
@@ -182,7 +183,7 @@ class Layout:
         an ``out`` that has no 3-D view, the kernel writes a temporary copied into ``out``.
         """
         if out is not None:
-            return out, self.view3(out)[0]
+            return out, self.view3(out)
         t = np.empty(self.ordered_shape, dtype)
         return t.transpose(self.inverse), t.reshape(self.canon)
 

@@ -80,7 +80,7 @@ def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
     if layout.count == 0:
         raise ValueError(f"x has shape {x.shape}: no values per channel along axis {axis}; "
                          "moments need at least one")
-    x3, _ = layout.view3(x)
+    x3 = layout.view3(x)
     mean = np.empty(layout.channels)
     var = np.empty(layout.channels)
     _threading.kernels_for(x3).moments(chk.readonly(x3), mean, var)
@@ -182,7 +182,7 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
         if not training and chk.overlaps(out, x) and not chk.same_view(out, x):
             raise ValueError("out partly overlaps x; pass out=x itself or a separate array")
 
-    x3, _ = layout.view3(x)
+    x3 = layout.view3(x)
     x3 = chk.readonly(x3)
     gamma64 = chk.in_precision(gamma, x.dtype, 1.0, channels)
     beta64 = chk.in_precision(beta, x.dtype, 0.0, channels)
@@ -262,7 +262,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
             raise ValueError("out partly overlaps dy; pass out=dy itself or a separate array")
 
     channels = layout.channels
-    dy3, _ = layout.view3(dy)
+    dy3 = layout.view3(dy)
     dy3 = chk.readonly(dy3)
     mean, invstd = cache.mean, cache.invstd
     sum_dy = np.empty(channels)

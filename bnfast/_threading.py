@@ -22,6 +22,7 @@ import numba
 import numpy as np
 
 from . import kernels
+from .kernels._jit import ROWS_MIN
 from ._tbb import TBB_LOADED  # noqa: F401  (re-exported for tests and the main job)
 
 # Below this many elements a call runs serially. Measured, lanes forward_train, float32, C = 64,
@@ -29,51 +30,43 @@ from ._tbb import TBB_LOADED  # noqa: F401  (re-exported for tests and the main 
 # 131072: 69 / 73 us; 262144: 110 / 151 us. The launch costs ~12 us; break-even near 2**17.
 SERIAL_BELOW = 2**17
 
-KERNEL_NAMES = kernels.KERNELS
-
-
 
 
 def _family(module, serial: bool) -> SimpleNamespace:
-    return SimpleNamespace(**{name: getattr(getattr(module, name), "serial", None) if serial
-                              else getattr(module, name) for name in KERNEL_NAMES})
+    return SimpleNamespace(**{name: getattr(module, name).serial if serial
+                              else getattr(module, name) for name in kernels.KERNELS})
 
 
-_PARALLEL = {name: _family(mod, False) for name, mod in kernels.FAMILIES.items()
-             if name != "strided"}
-_SERIAL = {name: _family(mod, True) for name, mod in kernels.FAMILIES.items()
-           if name != "strided"}
+_PARALLEL = {name: _family(kernels.FAMILIES[name], False) for name in ("rows", "lanes")}
+_SERIAL = {name: _family(kernels.FAMILIES[name], True) for name in ("rows", "lanes")}
 _STRIDED = _family(kernels.strided, False)
 
-_serial_only = False  # set in a forked child whose parent ran GNU OpenMP
+_serial_only = False  # set in a forked child whose parent had started GNU OpenMP
+_layer_at_fork = None
+
+
+def _before_fork() -> None:
+    global _layer_at_fork
+    try:
+        _layer_at_fork = numba.threading_layer()
+    except ValueError:  # no parallel region ran yet: the child may start any layer afresh
+        _layer_at_fork = None
 
 
 def _after_fork_in_child() -> None:
     global _serial_only
-    if _parent_layer in ("omp",):
-        _serial_only = True
-
-
-_parent_layer = None
-
-
-def _before_fork() -> None:
-    global _parent_layer
-    try:
-        _parent_layer = numba.threading_layer()
-    except ValueError:  # no parallel region ran yet: the child may start any layer afresh
-        _parent_layer = None
+    _serial_only = _serial_only or _layer_at_fork == "omp"
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def kernels_for(*arrays: np.ndarray) -> SimpleNamespace:
-    """The four kernels for a call on these canonical (outer, C, inner) arrays."""
+    """The family's six kernels for a call on these canonical (outer, C, inner) arrays."""
     x = arrays[0]
     if not all(a.flags.c_contiguous for a in arrays):
         return _STRIDED
-    name = "rows" if x.shape[2] >= kernels.rows.ROWS_MIN else "lanes"
+    name = "rows" if x.shape[2] >= ROWS_MIN else "lanes"
     if _serial_only or x.size < SERIAL_BELOW:
         return _SERIAL[name]
     return _PARALLEL[name]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import BLOCK, FUSE_BYTES, ROWS_MIN, helper, parallel_kernel, phase  # noqa: F401
+from ._jit import BLOCK, FUSE_BYTES, helper, parallel_kernel, phase
 from .common import (grad_coefficients, inverse_std, moments_from_sums, row_grad_sums,
                      row_moment_sums)
 

@@ -32,7 +32,6 @@ def _make(shape, axis, layout, dtype, seed=0):
         small = list(shape)
         small[b] = 1
         v = rng.normal(5, 3, small).astype(dtype)
-        # vary along a second axis if possible so the channel is not constant
         return np.broadcast_to(v, shape)
     v = rng.normal(5, 3, shape).astype(dtype)
     return lay_out(v, layout, axis=(axis + 1) % len(shape), perm=tuple(rng.permutation(len(shape))))
@@ -74,11 +73,11 @@ def test_contiguous_input_is_not_copied(shape, axis, layout):
     x = lay_out(np.zeros(shape, np.float32), layout, perm=tuple(
         np.random.default_rng(2).permutation(len(shape))))
     lay = _checks.Layout.of(x, axis % x.ndim)
-    x3, copied = lay.view3(x)
-    assert not copied and np.shares_memory(x3, x), describe(x, axis)
+    x3 = lay.view3(x)
+    assert np.shares_memory(x3, x), describe(x, axis)
     assert x3.flags.c_contiguous, describe(x, axis)
     y, _ = bnfast.forward(x, axis=axis)
-    assert lay.view3(y)[0].flags.c_contiguous  # y laid out like x's canonical view
+    assert lay.view3(y).flags.c_contiguous  # y laid out like x's canonical view
 
 
 @pytest.mark.parametrize("dtype,loc,scale", [

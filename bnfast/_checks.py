@@ -114,6 +114,50 @@ def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
         return True
 
 
+def self_overlapping(a: np.ndarray) -> bool:
+    """True when two elements of ``a`` share bytes (a writeable ``as_strided`` view can)."""
+    if a.size <= 1 or a.flags.c_contiguous or a.flags.f_contiguous:
+        return False
+    extent = a.itemsize  # sufficient test: each stride clears the extent of the smaller ones
+    for stride, n in sorted((abs(s), n) for s, n in zip(a.strides, a.shape) if n > 1):
+        if stride < extent:
+            break
+        extent += stride * (n - 1)
+    else:
+        return False
+    offsets = np.zeros(1, np.int64)  # exact test, only for unusual strides: O(size)
+    for stride, n in zip(a.strides, a.shape):
+        offsets = (offsets[:, None] + stride * np.arange(n, dtype=np.int64)).ravel()
+    return bool(np.any(np.diff(np.sort(offsets)) < a.itemsize))
+
+
+def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
+    """Raise ``ValueError`` unless every written array is free of self-overlap and disjoint from
+    every other written array and from every array read. ``in_place`` names (written, read) pairs
+    that may instead be the very same view (``out=x`` in inference, ``out=dy`` in backward).
+    None entries are skipped. Runs before anything is written."""
+    names = [k for k, v in written.items() if v is not None]
+    for i, w in enumerate(names):
+        a = written[w]
+        if self_overlapping(a):
+            raise ValueError(f"{w} has elements that share memory (strides {a.strides}); "
+                             "pass an array whose elements are distinct")
+        for other in names[i + 1:]:
+            if overlaps(a, written[other]):
+                raise ValueError(f"{w} and {other} share memory; both are written, so pass "
+                                 "separate arrays")
+        for r, b in read.items():
+            if b is None or not overlaps(a, b):
+                continue
+            if (w, r) in in_place:
+                if same_view(a, b):
+                    continue
+                raise ValueError(f"{w} partly overlaps {r}; pass {w}={r} itself or a "
+                                 "separate array")
+            raise ValueError(f"{w} overlaps {r}, which this call reads; writing {w} would "
+                             f"change {r}: pass separate arrays")
+
+
 @dataclass(frozen=True)
 class Layout:
     """How an array with channel axis ``axis`` maps to the canonical ``(outer, C, inner)``.

@@ -46,6 +46,19 @@ class BatchNormCache:
     _x3: np.ndarray
 
 
+def _after_write():
+    """Context for the O(C) NumPy math that runs after a kernel wrote y or dx: it must not raise.
+
+    An exception there would leave the caller's arrays half-updated (seen: under
+    ``np.errstate(all="raise")``, float16 running arrays and a batch variance above 65504 raised
+    "overflow encountered in cast" after ``out`` was written). Its only floating-point events are
+    overflow to inf (rounding into a narrower dtype, or a float64 variance near 1.8e308) and NaN
+    from a NaN channel: the IEEE results, as the kernels and PyTorch give them. So a call either
+    completes or raises before its first write.
+    """
+    return np.errstate(all="ignore")
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
@@ -164,8 +177,6 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
                                           writeable=training)
         running_var = chk.channel_vector(running_var, "running_var", channels,
                                          writeable=training)
-        if training and chk.overlaps(running_mean, running_var):
-            raise ValueError("running_mean and running_var share memory; pass two arrays")
     if training:
         momentum = chk.unit_momentum(momentum)
         if count <= 1:
@@ -176,11 +187,13 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
                          "running_mean and running_var")
     if out is not None:
         out = chk.output_array(out, "out", x.shape, x.dtype)
-        if training and chk.overlaps(out, x):
-            raise ValueError("out overlaps x; while training x is kept for backward, so out "
-                             "must be a separate array")
-        if not training and chk.overlaps(out, x) and not chk.same_view(out, x):
-            raise ValueError("out partly overlaps x; pass out=x itself or a separate array")
+    if training:  # x is also kept for backward, so even out=x is refused
+        chk.disjoint({"out": out, "running_mean": running_mean, "running_var": running_var},
+                     {"x": x, "gamma": gamma, "beta": beta})
+    else:
+        chk.disjoint({"out": out}, {"x": x, "gamma": gamma, "beta": beta,
+                                    "running_mean": running_mean, "running_var": running_var},
+                     in_place=(("out", "x"),))
 
     x3 = layout.view3(x)
     x3 = chk.readonly(x3)
@@ -202,9 +215,10 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
     layout.finish_output(y, y3)
 
     if training and tracking:
-        # in float64, rounded once into the running arrays' own dtype
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-        running_var[...] = (1.0 - momentum) * running_var + (momentum * count / (count - 1)) * var
+        with _after_write():  # in float64, rounded once into the running arrays' own dtype
+            running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+            running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
+                                + (momentum * count / (count - 1)) * var)
     cache = BatchNormCache(x, _frozen(mean), _frozen(invstd), _frozen(gamma64), axis, training,
                            layout, x3)
     return y, cache
@@ -255,11 +269,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
                          f"shape {x.shape}; pass the gradient of that call's output")
     if out is not None:
         out = chk.output_array(out, "out", x.shape, x.dtype)
-        if chk.overlaps(out, x):
-            raise ValueError("out overlaps the forward input x, which backward reads; "
-                             "pass a separate array (or out=dy)")
-        if chk.overlaps(out, dy) and not chk.same_view(out, dy):
-            raise ValueError("out partly overlaps dy; pass out=dy itself or a separate array")
+        chk.disjoint({"out": out}, {"dy": dy, "x": x}, in_place=(("out", "dy"),))
 
     channels = layout.channels
     dy3 = layout.view3(dy)
@@ -277,5 +287,5 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         run.grad_input(cache._x3, dy3, mean, chk.readonly(cache.gamma * invstd), zeros, zeros,
                        dx3)
     layout.finish_output(dx, dx3)
-    dgamma = sum_dy_xmu * invstd
-    return dx, dgamma.astype(x.dtype), sum_dy.astype(x.dtype)
+    with _after_write():
+        return dx, (sum_dy_xmu * invstd).astype(x.dtype), sum_dy.astype(x.dtype)

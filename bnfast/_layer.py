@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _checks as chk
-from ._core import BatchNormCache, backward, forward
+from ._core import BatchNormCache, _after_write, backward, forward
 
 
 class BatchNorm:
@@ -143,10 +143,14 @@ class BatchNorm:
             raise RuntimeError("backward() needs a forward() call first")
         if out is None:
             out = self._buffer("dx", self._cache.x, self._cache.x, dy)
+        if self.affine and isinstance(dy, np.ndarray):  # the layer also writes its gradients
+            chk.disjoint({"out": out, "dgamma": self.dgamma, "dbeta": self.dbeta},
+                         {"dy": dy, "x": self._cache.x}, in_place=(("out", "dy"),))
         dx, dgamma, dbeta = backward(dy, self._cache, out=out)
         if self.affine:
-            self.dgamma[...] = dgamma
-            self.dbeta[...] = dbeta
+            with _after_write():
+                self.dgamma[...] = dgamma
+                self.dbeta[...] = dbeta
         return dx
 
     def params(self) -> dict[str, np.ndarray]:

@@ -1,13 +1,17 @@
 """``python -m bnfast``: check bnfast against the NumPy reference on random data and time it
 beside the reference and PyTorch (when installed): one table per operation and thread count,
-with this machine's memory bandwidth measured first."""
+with this machine (CPU, caches) and its memory bandwidth measured first.
+
+``--grid`` times the shapes NumPy trainers use (``_compare.GRID``: MLP activations N x C,
+conv activations NCHW and NHWC, arrays beyond the last-level cache) and prints, per operation
+and thread count, the ratio PyTorch time / bnfast time with the issue-7 targets counted;
+``--plot`` then draws heat maps of those ratios.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 
@@ -15,13 +19,15 @@ import numba
 import numpy as np
 
 from . import _compare as cmp
-from . import _threading
+from . import _machine, _threading
 from .kernels import probe
 
 # Largest error (relative to the output's magnitude) tolerated against the float64 reference:
 # bnfast rounds once from float64, so float32 results sit within ~1e-7; 1e-5 leaves room for
 # the reference's own float64 summation order. PyTorch's float32 is checked at 1e-3.
 TOLERANCE = {"bnfast": 1e-5, "numpy": 1e-5, "pytorch": 1e-3}
+# Issue 7's targets: PyTorch time / bnfast time per operation (layer step: STEP_SHAPES only).
+TARGETS = {"forward": 1.5, "backward": 1.2, "inference": 1.1, "step": 4.0}
 
 
 def bandwidth(threads: int, nbytes: int = 256 * 2**20) -> dict:
@@ -42,9 +48,13 @@ def _set_threads(n: int, impls: dict) -> None:
 
 
 def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
-    """Time every (op, case, thread count, implementation); check outputs against NumPy."""
+    """Time every (op, case, thread count, implementation); check outputs against NumPy.
+
+    bnfast and PyTorch are timed in interleaved rounds (``_compare.interleaved_ms``); the
+    single-threaded NumPy reference once per (op, case), on its own.
+    """
     records, failures = [], []
-    numpy_ms = {}  # the reference is single-threaded: timed once per (op, case)
+    numpy_ms = {}
     total = len(ops) * len(cases) * len(threads)
     done = 0
     for n in threads:
@@ -56,20 +66,27 @@ def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
                 progress(f"[{done}/{total}] {op} {case.label} at {n} thread(s)")
                 inp = cmp.make_inputs(case)
                 want = cmp.IMPLEMENTATIONS["numpy"].prepare(op, inp)()
+                errors, fns = {}, {}
                 for name, impl in impls.items():
-                    err = cmp.max_error(impl.prepare(op, inp)(), want)
-                    if not err <= TOLERANCE[name]:
-                        failures.append(f"{op} {case.label} {name}: error {err:.2e}")
-                    if name == "numpy" and (op, case.label) in numpy_ms:
-                        ms = numpy_ms[(op, case.label)]
-                    else:
-                        ms = cmp.median_ms(impl.prepare(op, inp), budget_s=budget)
-                        if name == "numpy":
-                            numpy_ms[(op, case.label)] = ms
+                    fn = impl.prepare(op, inp)
+                    errors[name] = cmp.max_error(fn(), want)
+                    if not errors[name] <= TOLERANCE[name]:
+                        failures.append(f"{op} {case.label} {name}: error {errors[name]:.2e}")
+                    if name != "numpy":
+                        fns[name] = fn
+                times = cmp.interleaved_ms(fns, budget_s=budget)
+                if (op, case.label) not in numpy_ms:
+                    numpy_ms[(op, case.label)] = cmp.median_ms(
+                        impls["numpy"].prepare(op, inp), min_repeats=1, max_repeats=3,
+                        budget_s=budget)
+                times["numpy"] = numpy_ms[(op, case.label)]
+                for name in impls:
+                    ms = times[name]
                     gbs = cmp.TRAFFIC[op] * case.nbytes / ms / 1e6
                     records.append(dict(op=op, case=case.label, dtype=np.dtype(case.dtype).name,
                                         threads=n, impl=name, ms=ms, gbs=gbs,
-                                        fraction=gbs / bw["read"], err=err,
+                                        fraction=gbs / bw["read"], copy_fraction=gbs / bw["copy"],
+                                        err=errors[name], nbytes=case.nbytes,
                                         read_gbs=bw["read"], copy_gbs=bw["copy"]))
     return records, failures
 
@@ -78,95 +95,174 @@ def table(records: list, op: str, n: int, impls: dict) -> str:
     rows = {(r["case"], r["impl"]): r for r in records if r["op"] == op and r["threads"] == n}
     cases = list(dict.fromkeys(r["case"] for r in records if r["op"] == op))
     torch = "pytorch" in impls
-    head = f"{'case':<22}{'bnfast ms':>10}{'NumPy ms':>10}" + (f"{'PyTorch ms':>11}" if torch
+    head = f"{'case':<24}{'bnfast ms':>10}{'NumPy ms':>10}" + (f"{'PyTorch ms':>11}" if torch
                                                                  else "")
     head += f"{'vs NumPy':>9}" + (f"{'vs PyTorch':>11}" if torch else "")
-    head += f"{'GB/s':>7}{'of read bw':>11}{'err':>9}"
+    head += f"{'GB/s':>7}{'of read':>8}{'of copy':>8}{'err':>9}"
     lines = [head]
     for case in cases:
         b, np_ = rows[(case, "bnfast")], rows[(case, "numpy")]
-        line = f"{case:<22}{b['ms']:>10.3f}{np_['ms']:>10.3f}"
+        line = f"{case:<24}{b['ms']:>10.3f}{np_['ms']:>10.3f}"
         if torch:
             line += f"{rows[(case, 'pytorch')]['ms']:>11.3f}"
         line += f"{np_['ms'] / b['ms']:>8.1f}x"
         if torch:
             line += f"{rows[(case, 'pytorch')]['ms'] / b['ms']:>10.2f}x"
-        line += f"{b['gbs']:>7.1f}{b['fraction']:>11.2f}{b['err']:>9.1e}"
+        line += (f"{b['gbs']:>7.1f}{b['fraction']:>8.2f}{b['copy_fraction']:>8.2f}"
+                 f"{b['err']:>9.1e}")
         lines.append(line)
     return "\n".join(lines)
 
 
+def ratios(records: list) -> dict:
+    """``{(op, case, threads): PyTorch ms / bnfast ms}``."""
+    by = {(r["op"], r["case"], r["threads"], r["impl"]): r["ms"] for r in records}
+    return {(op, case, n): by[(op, case, n, "pytorch")] / ms
+            for (op, case, n, impl), ms in by.items()
+            if impl == "bnfast" and (op, case, n, "pytorch") in by}
+
+
+def target_summary(records: list) -> str:
+    """How many grid cells meet issue 7's ratio targets, per operation and thread count, and
+    the cells that fall short."""
+    r = ratios(records)
+    if not r:
+        return "(PyTorch not installed: no ratios)"
+    steps = {cmp._2d(*s).label for s in cmp.STEP_SHAPES}
+    lines = []
+    for op, goal in TARGETS.items():
+        for n in sorted({k[2] for k in r}):
+            cells = {c: v for (o, c, t), v in r.items() if o == op and t == n
+                     and (op != "step" or c in steps)}
+            if not cells:
+                continue
+            short = sorted((v, c) for c, v in cells.items() if v < goal)
+            lines.append(f"{op} at {n} thread(s): {len(cells) - len(short)}/{len(cells)} cells "
+                         f">= {goal}x" + ("; short: " + ", ".join(f"{c} {v:.2f}x"
+                                                                  for v, c in short)
+                                          if short else ""))
+    return "\n".join(lines)
+
+
 def plot(records: list, path: str) -> None:
+    """Heat maps of PyTorch/bnfast (or NumPy/bnfast without PyTorch): the 2-D N x C grid per
+    operation and thread count, and a strip with every other case."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("--plot needs matplotlib: pip install 'bnfast[plot]' (or matplotlib)")
+    rival = "pytorch" if any(r["impl"] == "pytorch" for r in records) else "numpy"
+    by = {(r["op"], r["case"], r["threads"], r["impl"]): r["ms"] for r in records}
     ops = list(dict.fromkeys(r["op"] for r in records))
     threads = sorted({r["threads"] for r in records})
-    rival = "pytorch" if any(r["impl"] == "pytorch" for r in records) else "numpy"
-    fig, axes = plt.subplots(len(ops), 1, figsize=(10, 3.2 * len(ops)), squeeze=False)
-    for ax, op in zip(axes[:, 0], ops):
-        cases = list(dict.fromkeys(r["case"] for r in records if r["op"] == op))
-        width = 0.8 / len(threads)
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    grid_n = sorted({int(c.split()[1].split("x")[0]) for c in cases if c.startswith("2-D")})
+    grid_c = sorted({int(c.split()[1].split("x")[1]) for c in cases if c.startswith("2-D")})
+    others = [c for c in cases if not c.startswith("2-D")]
+    panels = (["grid"] if grid_n else []) + (["others"] if others else [])
+    fig, axes = plt.subplots(len(ops), len(panels) * len(threads), squeeze=False,
+                             figsize=(5.5 * len(panels) * len(threads), 3.4 * len(ops)),
+                             gridspec_kw={"width_ratios": [1 if p == "grid" else 2
+                                                           for p in panels] * len(threads)})
+    norm = matplotlib.colors.TwoSlopeNorm(vmin=0.25, vcenter=1.0, vmax=4.0)
+    for i, op in enumerate(ops):
         for j, n in enumerate(threads):
-            by = {(r["case"], r["impl"]): r["ms"] for r in records
-                  if r["op"] == op and r["threads"] == n}
-            speedup = [by[(c, rival)] / by[(c, "bnfast")] for c in cases]
-            ax.bar(np.arange(len(cases)) + j * width, speedup, width, label=f"{n} thread(s)")
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2, cases, rotation=20, fontsize=7)
-        ax.set_ylabel(f"speed-up vs {rival}")
-        ax.set_title(f"bnfast {op}, float32")
-        ax.legend(fontsize=7)
+            def ratio(case):
+                b, o = by.get((op, case, n, "bnfast")), by.get((op, case, n, rival))
+                return np.nan if b is None or o is None else o / b
+            for k, panel in enumerate(panels):
+                ax = axes[i, len(panels) * j + k]
+                if panel == "grid":
+                    m = np.array([[ratio(f"2-D {nn}x{cc}") for cc in grid_c] for nn in grid_n])
+                    ax.imshow(m, cmap="RdYlGn", norm=norm, aspect="auto")
+                    for (a, b), v in np.ndenumerate(m):
+                        if np.isfinite(v):
+                            ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=7)
+                    ax.set_xticks(range(len(grid_c)), grid_c, fontsize=7)
+                    ax.set_yticks(range(len(grid_n)), grid_n, fontsize=7)
+                    ax.set_xlabel("C", fontsize=7)
+                    ax.set_ylabel("N", fontsize=7)
+                    ax.set_title(f"{op}, 2-D, {n} thread(s)", fontsize=8)
+                else:
+                    strip = np.array([[ratio(c) for c in others]])
+                    ax.imshow(strip, cmap="RdYlGn", norm=norm, aspect="auto")
+                    for b, v in enumerate(strip[0]):
+                        if np.isfinite(v):
+                            ax.text(b, 0, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                                    rotation=90)
+                    ax.set_xticks(range(len(others)), others, rotation=90, fontsize=6)
+                    ax.set_yticks([])
+                    ax.set_title(f"{op}, other cases, {n} thread(s)", fontsize=8)
+    fig.suptitle(f"{rival} time / bnfast time (green: bnfast faster); {_machine.cpu_model()}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bnfast", description=__doc__)
-    p.add_argument("--threads", default=str(numba.config.NUMBA_NUM_THREADS),
-                   help="comma-separated thread counts, e.g. 1,2 (default: all cores)")
+    p = argparse.ArgumentParser(prog="python -m bnfast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", default=None,
+                   help="comma-separated thread counts, e.g. 1,2 (default: all cores; with "
+                        "--grid: 1 and all cores)")
+    p.add_argument("--grid", action="store_true",
+                   help="time the benchmark grid (MLP and conv activations, beyond-cache sizes)")
+    p.add_argument("--ops", default=",".join(cmp.OPERATIONS),
+                   help=f"comma-separated operations (default: {','.join(cmp.OPERATIONS)})")
+    p.add_argument("--match", default="",
+                   help="only the cases whose label contains this text (e.g. '2-D 512x')")
     p.add_argument("--budget", type=float, default=0.2,
-                   help="seconds of timing per implementation and case (default 0.2)")
+                   help="seconds of interleaved timing per case (default 0.2)")
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON records")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of the ratios (needs matplotlib)")
     args = p.parse_args(argv)
+    most = numba.config.NUMBA_NUM_THREADS
+    default = f"1,{most}" if args.grid and most > 1 else str(most)
     try:
-        threads = [int(t) for t in args.threads.split(",")]
+        threads = [int(t) for t in (args.threads or default).split(",")]
     except ValueError:
         p.error(f"--threads takes comma-separated integers, got {args.threads!r}")
-    if not all(1 <= t <= numba.config.NUMBA_NUM_THREADS for t in threads):
-        p.error(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} "
-                "(NUMBA_NUM_THREADS)")
+    if not all(1 <= t <= most for t in threads):
+        p.error(f"--threads must be between 1 and {most} (NUMBA_NUM_THREADS)")
+    ops = [o for o in args.ops.split(",") if o]
+    if not set(ops) <= set(cmp.OPERATIONS):
+        p.error(f"--ops takes some of {','.join(cmp.OPERATIONS)}, got {args.ops!r}")
 
     impls = cmp.available()
     versions = [f"numpy {np.__version__}", f"numba {numba.__version__}"]
     if "pytorch" in impls:
         import torch
         versions.append(f"torch {torch.__version__}")
-    print(f"bnfast on {platform.machine()}, {os.cpu_count()} cores; {', '.join(versions)}; "
-          f"threading layer: {'tbb' if _threading.TBB_LOADED else 'numba default'}")
+    layer = "tbb" if _threading.TBB_LOADED else "numba default"
+    print(f"bnfast on {_machine.describe()}\n{', '.join(versions)}; threading layer: {layer}")
     start = time.perf_counter()
-    progress = (lambda msg: print(f"\r{msg:<70}", end="", file=sys.stderr, flush=True)) \
+    progress = (lambda msg: print(f"\r{msg:<78}", end="", file=sys.stderr, flush=True)) \
         if sys.stderr.isatty() else (lambda msg: None)
-    records, failures = measure(cmp.OPERATIONS, cmp.CASES, threads, impls, args.budget,
-                                progress)
+    cases = [c for c in (cmp.GRID if args.grid else cmp.CASES) if args.match in c.label]
+    if not cases:
+        p.error(f"no case label contains {args.match!r}")
+    records, failures = measure(ops, cases, threads, impls, args.budget, progress)
     progress("")
-    print("float32; ms = median wall time; GB/s = minimum traffic (forward 3x, backward 5x, "
-          "inference 2x the array's bytes) / time; of read bw = that GB/s / the measured read "
+    print("float32; ms = median wall time, bnfast and PyTorch in interleaved rounds; GB/s = "
+          "minimum traffic (forward 3x, backward 5x, inference 2x, layer step 8x the array's "
+          "bytes) / time; of read / of copy = that GB/s over the measured read / copy "
           "bandwidth; err = max |out - reference| / max |reference|")
     for n in threads:
         r = next(r for r in records if r["threads"] == n)
         print(f"\n### {n} thread(s): read {r['read_gbs']:.1f} GB/s, copy {r['copy_gbs']:.1f} "
               "GB/s (read + write)")
-        for op in cmp.OPERATIONS:
+        for op in ops:
             print(f"== {op}\n{table(records, op, n, impls)}")
+    if args.grid:
+        print("\nTargets (PyTorch time / bnfast time; layer step at "
+              f"{', '.join('x'.join(map(str, s)) for s in cmp.STEP_SHAPES)} only):")
+        print(target_summary(records))
     print(f"\ndone in {time.perf_counter() - start:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+            json.dump({"machine": _machine.describe(), "records": records}, f, indent=1)
     if args.plot:
         plot(records, args.plot)
     if failures:

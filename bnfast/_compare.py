@@ -19,10 +19,11 @@ import numpy as np
 
 from . import _core, reference
 
-OPERATIONS = ("forward", "backward", "inference")
+OPERATIONS = ("forward", "backward", "inference", "step")
 # Minimum memory traffic of an unfused-in-cache kernel, in multiples of x's bytes: forward reads
-# x twice and writes y; backward reads x and dy twice and writes dx; inference reads x, writes y.
-TRAFFIC = {"forward": 3, "backward": 5, "inference": 2}
+# x twice and writes y; backward reads x and dy twice and writes dx; inference reads x, writes y;
+# a layer step (forward + backward) both.
+TRAFFIC = {"forward": 3, "backward": 5, "inference": 2, "step": 8}
 EPS = 1e-5
 MOMENTUM = 0.1
 
@@ -45,21 +46,43 @@ class Case:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
 
+def _2d(n, c):
+    return Case(f"2-D {n}x{c}", (n, c))
+
+
+def _nchw(n, c, h, w):
+    return Case(f"NCHW {n}x{c}x{h}x{w}", (n, c, h, w))
+
+
 def _nhwc(n, c, h, w):
     return Case(f"NHWC {n}x{h}x{w}x{c}", (n, h, w, c), -1)
 
 
-CASES = (
-    Case("2-D 32x64", (32, 64)),
-    Case("2-D 8192x1024", (8192, 1024)),
-    Case("2-D 65536x64", (65536, 64)),
-    Case("NCHW 32x64x56x56", (32, 64, 56, 56)),
-    Case("NCHW 128x256x14x14", (128, 256, 14, 14)),
-    Case("NCHW 8x3x224x224", (8, 3, 224, 224)),
+CASES = (  # python -m bnfast: one case per kind of layout and size
+    _2d(32, 64),
+    _2d(8192, 1024),
+    _2d(65536, 64),
+    _nchw(32, 64, 56, 56),
+    _nchw(128, 256, 14, 14),
+    _nchw(8, 3, 224, 224),
     _nhwc(32, 64, 56, 56),
     _nhwc(128, 256, 14, 14),
     _nhwc(8, 3, 224, 224),
 )
+
+# python -m bnfast --grid, and bench/: the shapes NumPy trainers use. MLP activations (batch x
+# width), the shapes of issue 7's table, conv activations in both layouts (C 16-256, spatial
+# 7-112), and arrays beyond a 32 MiB last-level cache.
+_CONV = ((32, 16, 112, 112), (8, 64, 28, 28), (32, 32, 56, 56), (64, 32, 32, 32),
+         (32, 64, 56, 56), (32, 128, 28, 28), (64, 256, 14, 14), (128, 256, 7, 7))
+GRID = (
+    tuple(_2d(n, c) for n in (32, 128, 512, 2048, 8192) for c in (64, 256, 1024, 4096))
+    + (_2d(64, 256), _2d(128, 512), _2d(512, 2048), _2d(1024, 4096))
+    + tuple(_nchw(*s) for s in _CONV) + tuple(_nhwc(*s) for s in _CONV)
+    + (_nhwc(8, 3, 224, 224), _2d(16384, 4096), _nchw(32, 64, 112, 112),
+       _nhwc(32, 64, 112, 112))
+)
+STEP_SHAPES = ((32, 64), (64, 256))  # the layer-step targets of issue 7 (PyTorch BatchNorm1d)
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict:
@@ -101,7 +124,31 @@ class _FunctionalImpl:
             _, cache = f.forward(x, g, b, axis=axis, eps=EPS)
             dy = inp["dy"]
             return lambda: f.backward(dy, cache)
+        if op == "step":
+            return self._step(inp)
         raise ValueError(f"unknown operation {op!r}; expected one of {OPERATIONS}")
+
+    def _step(self, inp: dict) -> Callable[[], tuple]:
+        """A layer's forward and backward in training mode, as a trainer calls them."""
+        x, dy, case = inp["x"], inp["dy"], inp["case"]
+        if self.module is _core:
+            from ._layer import BatchNorm
+            bn = BatchNorm(case.channels, axis=case.axis, eps=EPS, momentum=MOMENTUM,
+                           dtype=x.dtype)
+            bn.gamma[...], bn.beta[...] = inp["gamma"], inp["beta"]
+
+            def run():
+                y = bn(x)
+                return y, bn.backward(dy), bn.dgamma, bn.dbeta
+            return run
+        f = self.module
+        rm, rv = np.zeros(case.channels), np.ones(case.channels)
+
+        def run_reference():
+            y, cache = f.forward(x, inp["gamma"], inp["beta"], axis=case.axis, running_mean=rm,
+                                 running_var=rv, momentum=MOMENTUM, eps=EPS)
+            return (y, *f.backward(dy, cache))
+        return run_reference
 
 
 class _TorchImpl:
@@ -146,6 +193,24 @@ class _TorchImpl:
                     dy, x, g, None, None, save_mean, save_invstd, True, EPS, [True, True, True])
                 return array(dx), dg.numpy(), db.numpy()
             return run
+        if op == "step":  # nn.BatchNorm1d/2d/3d with autograd, as a PyTorch trainer runs it
+            module = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+                      5: torch.nn.BatchNorm3d}[x.ndim](inp["case"].channels, eps=EPS,
+                                                       momentum=MOMENTUM)
+            module = module.to(x.dtype)
+            with torch.no_grad():
+                module.weight.copy_(g)
+                module.bias.copy_(b)
+            xg = x.detach().requires_grad_(True)
+
+            def run():
+                xg.grad = None
+                module.zero_grad(set_to_none=True)
+                y = module(xg)
+                y.backward(dy)
+                return (array(y), array(xg.grad), module.weight.grad.numpy(),
+                        module.bias.grad.numpy())
+            return run
         raise ValueError(f"unknown operation {op!r}; expected one of {OPERATIONS}")
 
 
@@ -184,3 +249,35 @@ def median_ms(fn: Callable, *, min_repeats: int = 3, max_repeats: int = 50,
         fn()
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
+
+
+def interleaved_ms(fns: dict, *, budget_s: float = 0.5, min_rounds: int = 3,
+                   max_rounds: int = 100, sample_s: float = 0.02) -> dict:
+    """Median ms per call of each callable, measured in interleaved rounds (one sample of each
+    per round), so that a slow spell of a shared machine hits every implementation alike.
+
+    A sample is one untimed call, then enough timed calls to last about ``sample_s``. The
+    untimed call absorbs the switch from another implementation: PyTorch's OpenMP workers spin
+    for a while after each of its calls, and with one call per sample that made bnfast's
+    2-thread forward on (512, 1024) 28% slower (356 against 278 us alone) while PyTorch's own
+    time barely moved (229 against 221 us).
+    """
+    repeats = {}
+    for name, fn in fns.items():
+        fn()
+        t = time.perf_counter()
+        fn()
+        repeats[name] = max(1, int(sample_s / max(time.perf_counter() - t, 1e-7)))
+    samples: dict = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            k = repeats[name]
+            fn()
+            t = time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[name].append((time.perf_counter() - t) / k)
+        rounds += 1
+    return {name: 1e3 * statistics.median(v) for name, v in samples.items()}

@@ -1,23 +1,27 @@
-"""The functional API: validate, map to the canonical (outer, C, inner) view, call a kernel.
+"""The functional API: validate, map to the canonical (outer, C, inner) view, call one kernel.
 
 The kernel behind each function, in the family ``_threading.kernels_for`` picks from the view's
 memory layout (``kernels.rows``, ``kernels.lanes`` or ``kernels.strided``): ``moments`` ->
 ``moments``; ``forward`` -> ``forward_train`` (training) or ``normalize`` (inference);
-``backward`` -> ``backward_train`` (training cache) or ``grad_sums`` + ``grad_input`` (inference
-cache). The math they implement is written out in ``bnfast.reference``.
+``backward`` -> ``backward_train`` (training cache) or ``backward_frozen`` (inference cache).
+Each kernel also does the per-channel arithmetic (``kernels/common.py``: statistics, running
+averages, gradient coefficients, dgamma and dbeta), so a call allocates its outputs and makes
+one kernel call. The math they implement is written out in ``bnfast.reference``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import _checks as chk
 from . import _threading
+from ._machine import TUNE
+from .kernels.common import GAMMA, INVSTD, MEAN, VAR
+
+_NO_RUNNING = {np.dtype(np.float32): np.empty(0, np.float32),
+               np.dtype(np.float64): np.empty(0, np.float64)}  # "no running arrays" to a kernel
 
 
-@dataclass(frozen=True, eq=False)
 class BatchNormCache:
     """What :func:`backward` needs from one :func:`forward` call. Immutable.
 
@@ -26,42 +30,60 @@ class BatchNormCache:
     x : ndarray
         The forward input (a reference, not a copy: do not modify it before backward).
     mean, invstd : ndarray
-        float64, shape ``(C,)``: the statistics that normalized ``x`` (the batch's when
-        ``training``, the running ones otherwise); ``invstd = 1/sqrt(var + eps)``.
+        float64, shape ``(C,)``, read-only: the statistics that normalized ``x`` (the batch's
+        when ``training``, the running ones otherwise); ``invstd = 1/sqrt(var + eps)``.
     gamma : ndarray
-        float64, shape ``(C,)``: the scale, rounded to x's dtype (ones when none was given).
+        float64, shape ``(C,)``, read-only: the scale, rounded to x's dtype (ones when none was
+        given).
     axis : int
         The channel axis, non-negative.
     training : bool
         True: batch statistics, full gradient. False: running statistics, frozen-BN gradient.
     """
 
-    x: np.ndarray
-    mean: np.ndarray
-    invstd: np.ndarray
-    gamma: np.ndarray
-    axis: int
-    training: bool
-    _layout: chk.Layout
-    _x3: np.ndarray
+    __slots__ = ("x", "axis", "training", "_stats", "_layout", "_x3")
+
+    def __init__(self, x, stats, axis, training, layout, x3) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "x", x)
+        setattr_(self, "axis", axis)
+        setattr_(self, "training", training)
+        setattr_(self, "_stats", stats)
+        setattr_(self, "_layout", layout)
+        setattr_(self, "_x3", x3)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"BatchNormCache is immutable; cannot set {name!r}")
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self._stats[MEAN]
+
+    @property
+    def invstd(self) -> np.ndarray:
+        return self._stats[INVSTD]
+
+    @property
+    def gamma(self) -> np.ndarray:
+        return self._stats[GAMMA]
+
+    def __repr__(self) -> str:
+        mode = "training" if self.training else "inference"
+        return (f"BatchNormCache({mode}, x shape {self.x.shape} {self.x.dtype}, "
+                f"axis={self.axis})")
 
 
 def _after_write():
     """Context for the O(C) NumPy math that runs after a kernel wrote y or dx: it must not raise.
 
-    An exception there would leave the caller's arrays half-updated (seen: under
-    ``np.errstate(all="raise")``, float16 running arrays and a batch variance above 65504 raised
-    "overflow encountered in cast" after ``out`` was written). Its only floating-point events are
-    overflow to inf (rounding into a narrower dtype, or a float64 variance near 1.8e308) and NaN
-    from a NaN channel: the IEEE results, as the kernels and PyTorch give them. So a call either
-    completes or raises before its first write.
+    Only the rare paths use it (running arrays of another dtype than x). An exception there
+    would leave the caller's arrays half-updated (seen: under ``np.errstate(all="raise")``,
+    float16 running arrays and a batch variance above 65504 raised "overflow encountered in
+    cast" after ``out`` was written). Its only floating-point events are overflow to inf
+    (rounding into a narrower dtype) and NaN from a NaN channel: the IEEE results, as the kernels
+    and PyTorch give them. So a call either completes or raises before its first write.
     """
     return np.errstate(all="ignore")
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a.flags.writeable = False
-    return a
 
 
 def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -93,11 +115,12 @@ def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
     if layout.count == 0:
         raise ValueError(f"x has shape {x.shape}: no values per channel along axis {axis}; "
                          "moments need at least one")
-    x3 = layout.view3(x)
-    mean = np.empty(layout.channels)
-    var = np.empty(layout.channels)
-    _threading.kernels_for(x3).moments(chk.readonly(x3), mean, var)
-    return mean.astype(x.dtype), var.astype(x.dtype)
+    mean = np.empty(layout.channels, x.dtype)
+    var = np.empty(layout.channels, x.dtype)
+    if layout.channels:
+        x3 = layout.view3(x)
+        _threading.kernels_for(x3).moments(x3, mean, var, TUNE)
+    return mean, var
 
 
 def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
@@ -121,12 +144,14 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
         True: normalize with the batch's mean and biased variance and, when running arrays are
         given, update them in place with PyTorch's rule ``new = (1 - momentum) * old +
         momentum * batch`` (running variance unbiased, ``var * m / (m - 1)``). Needs more than
-        one value per channel. False: normalize with the running arrays, which are required.
+        one value per channel, or none (an empty batch: empty y, running arrays untouched, as
+        PyTorch). False: normalize with the running arrays, which are required.
     running_mean, running_var : ndarray of shape (C,), optional
         Any float dtype; updated in their own dtype. Both or neither.
     momentum : float in [0, 1], default 0.1
         Weight of the new batch (PyTorch's convention; Keras' ``momentum=0.99`` is 0.01 here).
-    eps : float > 0, default 1e-5
+    eps : float, default 1e-5
+        > 0 while training, >= 0 in inference (PyTorch's rules).
     out : ndarray, optional
         Where to write y: x's shape and dtype, writeable. In training it must not overlap x
         (backward reads x); in inference ``out=x`` normalizes in place.
@@ -160,15 +185,11 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
     x = chk.data_array(x, "x")
     axis = chk.channel_axis(axis, x.ndim)
     layout = chk.Layout.of(x, axis)
-    channels, count = layout.channels, layout.count
-    eps = chk.positive_eps(eps)
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(f"training must be True or False, got {training!r}")
-    training = bool(training)
-    if gamma is not None:
-        gamma = chk.channel_vector(gamma, "gamma", channels)
-    if beta is not None:
-        beta = chk.channel_vector(beta, "beta", channels)
+    channels, count, dtype = layout.channels, layout.count, x.dtype
+    training = chk.flag(training, "training")
+    eps = chk.checked_eps(eps, training)
+    gamma = chk.parameter(gamma, "gamma", channels, dtype, 1.0)
+    beta = chk.parameter(beta, "beta", channels, dtype, 0.0)
     if (running_mean is None) != (running_var is None):
         raise ValueError("pass both running_mean and running_var, or neither")
     tracking = running_mean is not None
@@ -179,14 +200,14 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
                                          writeable=training)
     if training:
         momentum = chk.unit_momentum(momentum)
-        if count <= 1:
+        if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input "
                              f"of shape {x.shape} with channel axis {axis} ({count} per channel)")
     elif not tracking:
         raise ValueError("training=False normalizes with running statistics: pass "
                          "running_mean and running_var")
     if out is not None:
-        out = chk.output_array(out, "out", x.shape, x.dtype)
+        out = chk.output_array(out, "out", x.shape, dtype)
     if training:  # x is also kept for backward, so even out=x is refused
         chk.disjoint({"out": out, "running_mean": running_mean, "running_var": running_var},
                      {"x": x, "gamma": gamma, "beta": beta})
@@ -196,32 +217,29 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
                      in_place=(("out", "x"),))
 
     x3 = layout.view3(x)
-    x3 = chk.readonly(x3)
-    gamma64 = chk.in_precision(gamma, x.dtype, 1.0, channels)
-    beta64 = chk.in_precision(beta, x.dtype, 0.0, channels)
-    y, y3 = layout.output(out, x.dtype)
-    run = _threading.kernels_for(x3, y3)
-    if training:  # statistics and normalization in one kernel call
-        mean = np.empty(channels)
-        var = np.empty(channels)
-        invstd = np.empty(channels)
-        run.forward_train(x3, chk.readonly(gamma64), chk.readonly(beta64), eps, mean, var,
-                          invstd, y3)
+    y, y3 = layout.output(out, dtype)
+    stats = np.empty((4, channels))
+    if count == 0 or channels == 0:  # nothing to normalize; running arrays untouched
+        stats[...] = np.nan
+    elif training:
+        direct = tracking and running_mean.dtype == dtype and running_var.dtype == dtype
+        rm = running_mean if direct else _NO_RUNNING[dtype]
+        rv = running_var if direct else _NO_RUNNING[dtype]
+        _threading.kernels_for(x3, y3).forward_train(x3, gamma, beta, eps, momentum, rm, rv,
+                                                     stats, y3, TUNE)
+        if tracking and not direct:  # another dtype: float64 math, rounded once into it
+            with _after_write():
+                running_mean[...] = ((1.0 - momentum) * running_mean.astype(np.float64)
+                                     + momentum * stats[MEAN])
+                running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
+                                    + (momentum * count / (count - 1)) * stats[VAR])
     else:
-        mean = chk.in_precision(running_mean, x.dtype, 0.0, channels)
-        invstd = 1.0 / np.sqrt(chk.in_precision(running_var, x.dtype, 1.0, channels) + eps)
-        run.normalize(x3, chk.readonly(mean), chk.readonly(gamma64 * invstd),
-                      chk.readonly(beta64), y3)
+        rm = running_mean if running_mean.dtype == dtype else running_mean.astype(dtype)
+        rv = running_var if running_var.dtype == dtype else running_var.astype(dtype)
+        _threading.kernels_for(x3, y3).normalize(x3, rm, rv, gamma, beta, eps, stats, y3, TUNE)
     layout.finish_output(y, y3)
-
-    if training and tracking:
-        with _after_write():  # in float64, rounded once into the running arrays' own dtype
-            running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
-            running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
-                                + (momentum * count / (count - 1)) * var)
-    cache = BatchNormCache(x, _frozen(mean), _frozen(invstd), _frozen(gamma64), axis, training,
-                           layout, x3)
-    return y, cache
+    stats.flags.writeable = False
+    return y, BatchNormCache(x, stats, axis, training, layout, x3)
 
 
 def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -234,7 +252,8 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
     cache : BatchNormCache
         From the :func:`forward` call that produced y. A training cache gives the full
         batch-norm gradient (batch statistics depend on x); an inference cache the frozen-BN
-        gradient ``dx = dy * gamma * invstd``.
+        gradient ``dx = dy * gamma * invstd``, which does not read x (an inf in x does not
+        make dx NaN; dgamma reads it).
     out : ndarray, optional
         Where to write dx: x's shape and dtype, writeable, not overlapping x; ``out=dy``
         computes dx in place.
@@ -260,8 +279,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         raise TypeError(f"cache must be the BatchNormCache returned by bnfast.forward, got "
                         f"{type(cache).__name__}")
     x, layout = cache.x, cache._layout
-    if not isinstance(dy, np.ndarray):
-        dy = np.asarray(dy)
+    dy = chk.as_array(dy, "dy")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}; expected {x.dtype}, the forward input's dtype")
     if dy.shape != x.shape:
@@ -272,20 +290,18 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         chk.disjoint({"out": out}, {"dy": dy, "x": x}, in_place=(("out", "dy"),))
 
     channels = layout.channels
-    dy3 = layout.view3(dy)
-    dy3 = chk.readonly(dy3)
-    mean, invstd = cache.mean, cache.invstd
-    sum_dy = np.empty(channels)
-    sum_dy_xmu = np.empty(channels)
+    dgamma = np.empty(channels, x.dtype)
+    dbeta = np.empty(channels, x.dtype)
     dx, dx3 = layout.output(out, x.dtype)
-    run = _threading.kernels_for(cache._x3, dy3, dx3)
-    if cache.training:  # sums, coefficients and dx in one kernel call
-        run.backward_train(cache._x3, dy3, mean, invstd, cache.gamma, sum_dy, sum_dy_xmu, dx3)
-    else:  # frozen statistics: dx = gamma * invstd * dy
-        run.grad_sums(cache._x3, dy3, mean, sum_dy, sum_dy_xmu)
-        zeros = chk.readonly(np.zeros(channels))
-        run.grad_input(cache._x3, dy3, mean, chk.readonly(cache.gamma * invstd), zeros, zeros,
-                       dx3)
+    if layout.count == 0 or channels == 0:
+        dgamma[...] = 0.0
+        dbeta[...] = 0.0
+    else:
+        dy3 = layout.view3(dy)
+        run = _threading.kernels_for(cache._x3, dy3, dx3)
+        if cache.training:
+            run.backward_train(cache._x3, dy3, cache._stats, dgamma, dbeta, dx3, TUNE)
+        else:
+            run.backward_frozen(cache._x3, dy3, cache._stats, dgamma, dbeta, dx3, TUNE)
     layout.finish_output(dx, dx3)
-    with _after_write():
-        return dx, (sum_dy_xmu * invstd).astype(x.dtype), sum_dy.astype(x.dtype)
+    return dx, dgamma, dbeta

@@ -1,11 +1,27 @@
-"""``BatchNorm``: a stateful layer for NumPy trainers, with PyTorch's semantics and state keys."""
+"""``BatchNorm``: a stateful layer for NumPy trainers, with PyTorch's semantics and state keys.
+
+Repeated calls take a fast path: the layer keeps its six per-channel arrays as rows of one
+block, and after a checked call it keeps the layout of that call's input (a *plan*). A later
+call whose input has the same type, shape, strides and dtype, whose arrays are still the
+layer's own rows and whose input does not overlap the block goes straight to the kernel that
+the checked call chose, with the same arguments, so it gives the same bits. Anything else
+(``out=``, ``reuse_buffers``, another layout, replaced arrays, mixed dtypes) takes the checked
+path through :func:`bnfast.forward` / :func:`bnfast.backward`. Measured at (32, 64) float32:
+a training step (forward + backward) 28.8 us through the checked path, ... with the plan.
+"""
 
 from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
 from . import _checks as chk
+from . import _threading
 from ._core import BatchNormCache, _after_write, backward, forward
+from ._machine import TUNE
+from .kernels._jit import ROWS_MIN
 
 
 class BatchNorm:
@@ -57,34 +73,41 @@ class BatchNorm:
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, dtype=np.float32,
                  reuse_buffers: bool = False) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features,
+                                                                        numbers.Integral):
             raise TypeError(f"num_features must be an int, got {num_features!r}")
-        if num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        if not 1 <= num_features <= _MAX_FEATURES:
+            raise ValueError(f"num_features must be between 1 and {_MAX_FEATURES}, got "
+                             f"{num_features}")
         dtype = np.dtype(dtype)
         if dtype not in chk.DATA_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported; accepted: float32 or float64")
-        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an int, got {axis!r}")
         self.num_features = int(num_features)
         self.axis = int(axis)
-        self.eps = chk.positive_eps(eps)
+        self.eps = chk.checked_eps(eps, training=False)  # > 0 is checked when training
         self.momentum = None if momentum is None else chk.unit_momentum(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = chk.flag(affine, "affine")
+        self.track_running_stats = chk.flag(track_running_stats, "track_running_stats")
         self.dtype = dtype
         self.training = True
         c = self.num_features
-        self.gamma = np.ones(c, dtype) if affine else None
-        self.beta = np.zeros(c, dtype) if affine else None
-        self.dgamma = np.zeros(c, dtype) if affine else None
-        self.dbeta = np.zeros(c, dtype) if affine else None
-        self.running_mean = np.zeros(c, dtype) if track_running_stats else None
-        self.running_var = np.ones(c, dtype) if track_running_stats else None
+        # rows: gamma, beta, running_mean, running_var, dgamma, dbeta (see the module docstring)
+        self._block = np.zeros((6, c), dtype)
+        self._block[[0, 3]] = 1.0
+        self._rows = tuple(self._block)
+        self.gamma = self._rows[0] if affine else None
+        self.beta = self._rows[1] if affine else None
+        self.running_mean = self._rows[2] if track_running_stats else None
+        self.running_var = self._rows[3] if track_running_stats else None
+        self.dgamma = self._rows[4] if affine else None
+        self.dbeta = self._rows[5] if affine else None
         self.num_batches_tracked = 0
-        self.reuse_buffers = bool(reuse_buffers)
+        self.reuse_buffers = chk.flag(reuse_buffers, "reuse_buffers")
         self._buffers: dict[str, np.ndarray] = {}
         self._cache: BatchNormCache | None = None
+        self._plan: _Plan | None = None
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
@@ -92,8 +115,9 @@ class BatchNorm:
                 f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})")
 
     def train(self, mode: bool = True) -> "BatchNorm":
-        """Training mode (batch statistics, running averages updated); returns self."""
-        self.training = bool(mode)
+        """Training mode (batch statistics, running averages updated); returns self. ``mode``
+        must be a bool (a ``FlagError``, both ``TypeError`` and PyTorch's ``ValueError``)."""
+        self.training = chk.flag(mode, "mode")
         return self
 
     def eval(self) -> "BatchNorm":
@@ -116,41 +140,108 @@ class BatchNorm:
             buf = self._buffers[kind] = layout.output(None, like.dtype)[0]
         return buf
 
+    def _own_rows(self) -> bool:
+        """Are the layer's arrays still the rows of its block (none replaced by assignment)?"""
+        rows = self._rows
+        return ((self.gamma is rows[0] and self.beta is rows[1] and self.dgamma is rows[4]
+                 and self.dbeta is rows[5]) if self.affine else
+                (self.gamma is None and self.beta is None)) and (
+            (self.running_mean is rows[2] and self.running_var is rows[3])
+            if self.track_running_stats else self.running_mean is None)
+
+    def _mode(self) -> tuple:
+        """The attributes a plan depends on (public, so a trainer may change them: momentum
+        schedules do); the plan is used only while they are the very objects it saw."""
+        return (self.training, self.track_running_stats, self.eps, self.momentum)
+
+    def _momentum(self) -> float:
+        if self.momentum is None:  # PyTorch's cumulative average
+            return 1.0 / (self.num_batches_tracked + 1)
+        return self.momentum
+
     def forward(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Normalize ``x``; keeps what :meth:`backward` needs. See :func:`bnfast.forward`."""
+        p = self._plan
+        if (out is None and p is not None and type(x) is np.ndarray and x.shape == p.shape
+                and x.strides == p.strides and x.dtype is p.dtype and p.mode == self._mode()
+                and self._own_rows() and not np.may_share_memory(x, self._block)):
+            return self._forward_planned(x, p)
         if out is None:
             out = self._buffer("y", x, x)
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
-        momentum = self.momentum
-        if update and momentum is None:
-            momentum = 1.0 / (self.num_batches_tracked + 1)
         y, cache = forward(
             x, self.gamma, self.beta, axis=self.axis, training=use_batch_stats,
             running_mean=self.running_mean if update or not use_batch_stats else None,
             running_var=self.running_var if update or not use_batch_stats else None,
-            momentum=0.0 if momentum is None else momentum, eps=self.eps, out=out)
+            momentum=self._momentum() if update else 0.0, eps=self.eps, out=out)
         if update:
             self.num_batches_tracked += 1
         self._cache = cache
+        self._plan = _Plan.after(self, x, cache)
         return y
 
     __call__ = forward
 
+    def _forward_planned(self, x: np.ndarray, p: "_Plan") -> np.ndarray:
+        """The planned call: what :func:`bnfast.forward` does once its checks have passed."""
+        layout = p.layout
+        x3 = layout.view3(x)
+        y, y3 = layout.output(None, p.dtype)
+        stats = np.empty((4, self.num_features))
+        run = _threading.family(p.rows, p.nbytes) if p.contiguous else _threading._STRIDED
+        rows = self._rows
+        if p.batch_stats:
+            momentum = self._momentum()
+            rm, rv = (rows[2], rows[3]) if self.track_running_stats else (_NONE[p.dtype],) * 2
+            run.forward_train(x3, p.gamma, p.beta, self.eps, momentum, rm, rv, stats, y3, TUNE)
+            if self.track_running_stats:
+                self.num_batches_tracked += 1
+        else:
+            run.normalize(x3, rows[2], rows[3], p.gamma, p.beta, self.eps, stats, y3, TUNE)
+        stats.flags.writeable = False
+        self._cache = BatchNormCache(x, stats, layout.axis, p.batch_stats, layout, x3)
+        return y
+
     def backward(self, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Gradient with respect to the last forward's input; stores ``dgamma``/``dbeta``."""
-        if self._cache is None:
+        cache = self._cache
+        if cache is None:
             raise RuntimeError("backward() needs a forward() call first")
+        x = cache.x
+        if (out is None and not self.reuse_buffers and type(dy) is np.ndarray
+                and dy.shape == x.shape and dy.strides == x.strides and dy.dtype is x.dtype
+                and x.dtype is self.dtype and self._own_rows()
+                and not np.may_share_memory(dy, self._block)):
+            return self._backward_planned(dy, cache)
         if out is None:
-            out = self._buffer("dx", self._cache.x, self._cache.x, dy)
+            out = self._buffer("dx", x, x, dy)
         if self.affine and isinstance(dy, np.ndarray):  # the layer also writes its gradients
             chk.disjoint({"out": out, "dgamma": self.dgamma, "dbeta": self.dbeta},
-                         {"dy": dy, "x": self._cache.x}, in_place=(("out", "dy"),))
-        dx, dgamma, dbeta = backward(dy, self._cache, out=out)
+                         {"dy": dy, "x": x}, in_place=(("out", "dy"),))
+        dx, dgamma, dbeta = backward(dy, cache, out=out)
         if self.affine:
             with _after_write():
                 self.dgamma[...] = dgamma
                 self.dbeta[...] = dbeta
+        return dx
+
+    def _backward_planned(self, dy: np.ndarray, cache: BatchNormCache) -> np.ndarray:
+        """The planned call: what :func:`bnfast.backward` does once its checks have passed,
+        dgamma and dbeta written straight into the layer's rows."""
+        layout, x3 = cache._layout, cache._x3
+        dx, dx3 = layout.output(None, self.dtype)
+        if layout.count == 0 or layout.channels == 0:
+            self._rows[4][...] = 0.0
+            self._rows[5][...] = 0.0
+            return dx
+        dy3 = layout.view3(dy)
+        if x3.flags.c_contiguous and dy3.flags.c_contiguous:
+            run = _threading.family(x3.shape[2] >= ROWS_MIN, x3.nbytes)
+        else:
+            run = _threading._STRIDED
+        kernel = run.backward_train if cache.training else run.backward_frozen
+        kernel(x3, dy3, cache._stats, self._rows[4], self._rows[5], dx3, TUNE)
         return dx
 
     def params(self) -> dict[str, np.ndarray]:
@@ -175,20 +266,27 @@ class BatchNorm:
         return state
 
     def load_state_dict(self, state) -> None:
-        """Load a state (this layer's or a PyTorch BatchNorm's, tensors or arrays).
+        """Load a state (this layer's or a PyTorch BatchNorm's: arrays or tensors, tensors that
+        require grad included, e.g. ``module.state_dict(keep_vars=True)``: they are detached).
 
         Every key is checked (missing, unexpected, shape, dtype) before anything is copied.
         Values are converted to the layer's dtype.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict takes a mapping of names to arrays (a state_dict), "
+                            f"got {type(state).__name__}")
         expected = set(self.state_dict())
         missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected)
+        unexpected = sorted(set(state) - expected, key=str)
         if missing or unexpected:
             raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys "
                              f"{unexpected}; expected exactly {sorted(expected)}")
         arrays = {}
         for key in expected:
-            v = np.asarray(state[key])
+            v = state[key]
+            if hasattr(v, "detach") and hasattr(v, "numpy"):  # a torch tensor, Parameter too
+                v = v.detach().cpu().numpy()
+            v = chk.as_array(v, f"state[{key!r}]")
             if key == "num_batches_tracked":
                 if v.shape != () or v.dtype.kind not in "iu" or v < 0:
                     raise ValueError(f"load_state_dict: num_batches_tracked must be a "
@@ -203,3 +301,35 @@ class BatchNorm:
             self.running_mean[...] = arrays["running_mean"]
             self.running_var[...] = arrays["running_var"]
             self.num_batches_tracked = int(arrays["num_batches_tracked"])
+
+
+_MAX_FEATURES = 2**40  # 8 TiB of float64 per vector: any larger request is a mistake
+_NONE = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
+
+
+class _Plan:
+    """What a checked call established about its input, reused while inputs keep that type,
+    shape, strides and dtype (see the module docstring)."""
+
+    __slots__ = ("shape", "strides", "dtype", "mode", "batch_stats", "layout", "rows",
+                 "nbytes", "contiguous", "gamma", "beta")
+
+    @classmethod
+    def after(cls, bn: "BatchNorm", x, cache: BatchNormCache) -> "_Plan | None":
+        """The plan for inputs like ``x``, or None where only the checked path applies."""
+        if (type(x) is not np.ndarray or bn.reuse_buffers or x.dtype is not bn.dtype
+                or not bn._own_rows() or cache._layout.count < 2
+                or cache._layout.channels == 0):
+            return None
+        p = cls()
+        p.shape, p.strides, p.dtype = x.shape, x.strides, x.dtype
+        p.mode = bn._mode()
+        p.batch_stats = bn.training or not bn.track_running_stats
+        p.layout = cache._layout
+        x3 = cache._x3
+        p.rows, p.nbytes, p.contiguous = x3.shape[2] >= ROWS_MIN, x3.nbytes, \
+            x3.flags.c_contiguous
+        c = bn.num_features
+        p.gamma = bn._rows[0] if bn.affine else chk.constant(1.0, c, bn.dtype)
+        p.beta = bn._rows[1] if bn.affine else chk.constant(0.0, c, bn.dtype)
+        return p

@@ -3,9 +3,14 @@
 - Family: the ``rows``/``lanes`` kernels need every data array C-contiguous in the canonical
   view; anything else runs the serial ``strided`` kernels.
 - Parallel or serial: the serial twin of a parallel kernel is the same code, so both give
-  bitwise identical results; serial is used below ``SERIAL_BELOW`` elements (launching the
-  thread pool costs more than it saves there) and in a forked child whose parent had started
-  numba's GNU OpenMP pool (not fork-safe: numba aborts such a child).
+  bitwise identical results; serial is used below ``_machine.SERIAL_BELOW`` bytes of x
+  (launching the thread pool costs more than it saves there) and in a forked child whose parent
+  had started numba's GNU OpenMP pool (not fork-safe: numba aborts such a child).
+- Threads: numba's TBB and OpenMP layers are thread-safe; its ``workqueue`` layer (a host with
+  neither) is not: two Python threads launching parallel kernels at once abort the process. Until
+  a parallel call has shown a thread-safe layer, and for good under ``workqueue``, one thread
+  at a time runs a parallel kernel and a thread that finds it busy runs the serial twin (same
+  bits), so concurrent calls stay safe and none waits.
 - TBB: numba's TBB layer is thread- and fork-safe. When the ``tbb`` wheel is installed
   (``pip install bnfast[tbb]``) its ``libtbb.so.12`` lives in the environment's ``lib/``, where
   the dynamic loader does not look; ``bnfast._tbb`` loads it before any kernel is compiled
@@ -16,25 +21,22 @@
 from __future__ import annotations
 
 import os
+import threading
 from types import SimpleNamespace
 
 import numba
 import numpy as np
 
 from . import kernels
-from .kernels._jit import ROWS_MIN
+from ._machine import SERIAL_BELOW
 from ._tbb import TBB_LOADED  # noqa: F401  (re-exported for tests and the main job)
-
-# Below this many elements a call runs serially. Measured, lanes forward_train, float32, C = 64,
-# 2 threads (TBB): 1024 elements 16.0 us parallel / 3.9 us serial; 65536: 48 / 38 us;
-# 131072: 69 / 73 us; 262144: 110 / 151 us. The launch costs ~12 us; break-even near 2**17.
-SERIAL_BELOW = 2**17
-
+from .kernels._jit import ROWS_MIN, Launcher
 
 
 def _family(module, serial: bool) -> SimpleNamespace:
-    return SimpleNamespace(**{name: getattr(module, name).serial if serial
-                              else getattr(module, name) for name in kernels.KERNELS})
+    return SimpleNamespace(**{name: Launcher(getattr(module, name).serial if serial
+                                             else getattr(module, name))
+                              for name in kernels.KERNELS})
 
 
 _PARALLEL = {name: _family(kernels.FAMILIES[name], False) for name in ("rows", "lanes")}
@@ -43,6 +45,8 @@ _STRIDED = _family(kernels.strided, False)
 
 _serial_only = False  # set in a forked child whose parent had started GNU OpenMP
 _layer_at_fork = None
+_thread_safe_layer = False  # True once a parallel call ran under tbb or omp
+_launch = threading.Lock()  # held while a parallel kernel runs under an unsafe/unknown layer
 
 
 def _before_fork() -> None:
@@ -54,19 +58,51 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _serial_only
+    global _serial_only, _launch
     _serial_only = _serial_only or _layer_at_fork == "omp"
+    _launch = threading.Lock()  # a lock held by another thread at fork time stays held
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
-def kernels_for(*arrays: np.ndarray) -> SimpleNamespace:
-    """The family's six kernels for a call on these canonical (outer, C, inner) arrays."""
-    x = arrays[0]
-    if not all(a.flags.c_contiguous for a in arrays):
-        return _STRIDED
-    name = "rows" if x.shape[2] >= ROWS_MIN else "lanes"
-    if _serial_only or x.size < SERIAL_BELOW:
+class _Guarded:
+    """A family's kernels that run in parallel only while no other thread does (see above)."""
+
+    def __init__(self, name: str) -> None:
+        self._parallel = _PARALLEL[name]
+        self._serial = _SERIAL[name]
+
+    def __getattr__(self, kernel: str):
+        def run(*args):
+            global _thread_safe_layer
+            if not _launch.acquire(blocking=False):
+                return getattr(self._serial, kernel)(*args)
+            try:
+                getattr(self._parallel, kernel)(*args)
+            finally:
+                _launch.release()
+            _thread_safe_layer = numba.threading_layer() in ("tbb", "omp")
+        return run
+
+
+_GUARDED = {name: _Guarded(name) for name in ("rows", "lanes")}
+
+
+def family(rows: bool, nbytes: int):
+    """The kernels of a C-contiguous call: the rows or lanes family, serial or parallel."""
+    name = "rows" if rows else "lanes"
+    if _serial_only or nbytes < SERIAL_BELOW:
         return _SERIAL[name]
-    return _PARALLEL[name]
+    if _thread_safe_layer:
+        return _PARALLEL[name]
+    return _GUARDED[name]
+
+
+def kernels_for(*arrays: np.ndarray):
+    """The family's kernels for a call on these canonical (outer, C, inner) arrays."""
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            return _STRIDED
+    x = arrays[0]
+    return family(x.shape[2] >= ROWS_MIN, x.nbytes)

@@ -1,32 +1,48 @@
 """The one place where the JIT options of every kernel are chosen.
 
-``kernel("x", "x", "vec", "out")`` declares a kernel's signatures from its parameter kinds:
-data arrays in float32 and in float64, each in two memory layouts (all 'C' for the contiguous
-canonical view, all 'A' for strided, negative-stride and broadcast views). Parameter kinds:
+``kernel("x", "p", "stats_out", "out", "tune")`` declares a kernel's signatures from its
+parameter kinds: data arrays in float32 and in float64, each in two memory layouts (all 'C' for
+the contiguous canonical view, all 'A' for strided, negative-stride and broadcast views).
+Parameter kinds:
 
-- ``"x"``: a 3-D data array the kernel only reads. Typed read-only, so writeable, read-only and
-  broadcast arrays all match it (numba converts a writeable array to a read-only type safely).
+- ``"x"``: a 3-D data array the kernel only reads. Typed read-only: read-only and broadcast
+  arrays match it, and numba converts a writeable array to it safely (no new compilation). The
+  API passes writeable arrays as they are: a read-only view costs 0.4 us to make and numba's
+  dispatch of read-only arguments is slower (8 arrays: 0.84 us against 0.58 us here).
 - ``"out"``: a 3-D data array the kernel writes, same dtype and layout as the inputs.
-- ``"vec"``: a float64 per-channel vector the kernel reads; ``"vec_out"``: one it writes.
-- ``"scalar"``: a float64 number (eps).
+- ``"p"``: a per-channel vector in the data's dtype, read (gamma, beta, running statistics);
+  any 1-D layout. ``"p_out"``: one the kernel writes (running statistics, dgamma, dbeta).
+- ``"stats"``: the float64 ``(4, C)`` block a forward kernel writes (``"stats_out"``) and a
+  backward kernel reads (rows: ``common.MEAN``, ``INVSTD``, ``GAMMA``, ``VAR``).
+- ``"vec_out"``: a float64 per-channel vector the kernel writes.
+- ``"scalar"``: a float64 number (eps, momentum).
+- ``"tune"``: the machine's int64 tuning vector (``TUNE_*`` below), built once by ``bnfast``
+  from this CPU's cache sizes and passed at run time, so no machine constant is compiled in.
 
 Options, and why:
 
 - ``cache=True``: compiled code is written next to the module (or to ``NUMBA_CACHE_DIR``), so
   only the first process on a machine pays for compilation.
-- compiled on first use, not at import: ``bnfast`` passes exactly the declared types (inputs
-  as read-only views), so a call compiles (or, with a warm cache, loads) only the signatures it
-  needs. Eager compilation of every declared signature made ``import bnfast`` take 0.8-1.0 s
+- compiled on first use, not at import, and never for an undeclared type: every dispatcher is
+  locked (``disable_compile``), so numba matches a call to a declared signature by safe
+  conversion (a writeable array to a read-only parameter) instead of compiling a second
+  specialization, which it does whenever compilation is allowed. A :class:`Launcher` calls
+  the dispatcher and, the first time it meets a dtype, compiles (or, with a warm cache, loads)
+  that dtype's declared signatures. So a call costs one dispatch, and the first float32 call
+  loads only the float32 signatures it needs. Eager compilation of every declared signature made ``import bnfast`` take 0.8-1.0 s
   with a warm cache (loading 40 compiled kernels) and 64 s with a cold one; the first float32
   training step needs a handful. ``bnfast.kernels.compile_all()`` compiles every declared
   signature (tests check that they all compile; a deployment can warm its cache with it).
 - ``nogil=True``: kernels release the GIL, so Python threads can run them side by side.
 - ``error_model="numpy"``: a division by zero gives inf/nan as in NumPy instead of a Python
   exception, and costs no branch in the loops.
-- ``fastmath=False`` for kernels: every operation in the order written, NaN and inf as IEEE says.
-  The one exception is ``reduction``: the helpers that sum one contiguous row get
-  ``fastmath={"reassoc"}`` and nothing else (no ``nnan``/``ninf``: NaN and inf still propagate),
-  which lets LLVM split the sum into vector lanes. Measured on float32 (32, 64, 3136), serial:
+- ``fastmath={"contract"}`` for kernels: ``a * b + c`` may become one fused multiply-add (one
+  rounding instead of two, so never less accurate); no reassociation, no ``nnan``/``ninf``:
+  every sum in the order written, NaN and inf as IEEE says. Measured on the lanes family's
+  float64 loops (float32 data, one thread): the write pass ``(x - m) * s + b`` runs at 5.3 G
+  elements/s with separate multiply and add; contraction removes one of its five vector
+  operations. The one further exception is ``reduction``: the helpers that sum one contiguous
+  row also get ``"reassoc"``, which lets LLVM split the sum into vector lanes. Measured on float32 (32, 64, 3136), serial:
   2.5 ms for the shifted moments sums against 5.2 ms with 8 hand-unrolled accumulator pairs and
   6.8 ms with one pair, error unchanged (float64 accumulation around a shift; the lanes only
   change which values are added first). The order is fixed by the compiled code, so results do
@@ -41,6 +57,7 @@ Options, and why:
 
 from __future__ import annotations
 
+import threading
 import types as types_module
 
 import numba
@@ -49,18 +66,19 @@ from numba import types
 DATA_DTYPES = (types.float32, types.float64)
 LAYOUTS = ("C", "A")
 
-JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
+KERNEL_FASTMATH = {"contract"}
+JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=KERNEL_FASTMATH)
 
-# The fixed partition of the parallel families (depends on the shape only):
-BLOCK = 16384  # target elements per block: 64 KiB of float32 stays in L1/L2 while reduced
-MAX_BLOCKS = 64  # at most this many blocks per reduction (bounds the partials' memory)
-MIN_STRIPES = 16  # lanes family: at least 16 stripes per block, so partials <= 1/4 of x's bytes
-LANES_MIN = 64  # lanes family: at least 64 lanes per stripe, so SIMD lanes stay full
 ROWS_MIN = 64  # inner >= ROWS_MIN: the rows family (each (o, c) row contiguous and long)
-# rows family: a channel whose slice of x is at most FUSE_BYTES is reduced and then normalized
-# (or its dx written) by one task while the slice is still in this core's 1 MiB L2, so x (and
-# dy) are read from memory once instead of twice.
-FUSE_BYTES = 512 * 1024
+BLOCK_ROWS_MIN = 64  # lanes family: a row block has >= 64 rows, so its partials are <= x/16
+FUSE_LANES_MIN = 256  # lanes family: a fused strip is at least 256 lanes wide (see lanes.py)
+
+# The tuning vector's entries (values: ``bnfast._machine``, derived from this CPU's caches).
+TUNE_TILE = 0  # lanes family: lanes per tile (its float64 per-lane buffers stay in L1d)
+TUNE_BLOCK = 1  # bytes of x per task of a parallel partition
+TUNE_FUSE = 2  # rows family: a channel's slice this small is reduced, then written from L2
+TUNE_STRIP = 3  # lanes family: a strip of rows this small is reduced, then written from cache
+TUNE_SIZE = 4
 
 
 def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
@@ -68,12 +86,20 @@ def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
         return types.Array(dtype, 3, layout, readonly=True)
     if kind == "out":
         return types.Array(dtype, 3, layout)
-    if kind == "vec":
-        return types.Array(types.float64, 1, "C", readonly=True)
+    if kind == "p":
+        return types.Array(dtype, 1, "A", readonly=True)
+    if kind == "p_out":
+        return types.Array(dtype, 1, "A")
+    if kind == "stats":
+        return types.Array(types.float64, 2, "C", readonly=True)
+    if kind == "stats_out":
+        return types.Array(types.float64, 2, "C")
     if kind == "vec_out":
         return types.Array(types.float64, 1, "C")
     if kind == "scalar":
         return types.float64
+    if kind == "tune":
+        return types.Array(types.int64, 1, "C", readonly=True)
     raise ValueError(f"unknown kernel parameter kind {kind!r}")
 
 
@@ -86,12 +112,56 @@ def signatures(*kinds: str, layouts=LAYOUTS) -> list:
     ]
 
 
+def _declared(dispatcher, sigs: list):
+    dispatcher.declared = sigs
+    # What ``disable_compile()`` does, which numba refuses while no signature is compiled yet
+    # (an assertion, not a technical limit): calls then never compile (see ``Launcher``).
+    dispatcher._can_compile = False
+    return dispatcher
+
+
+_COMPILE = threading.Lock()
+
+
+def compile_declared(dispatcher, dtype=None) -> int:
+    """Compile (or load from the cache) the declared signatures of a locked dispatcher, those
+    whose data arrays have ``dtype`` (all when None); returns how many."""
+    count = 0
+    with _COMPILE:
+        for sig in dispatcher.declared:
+            if dtype is None or str(sig.args[0].dtype) == str(dtype):
+                dispatcher._can_compile = True
+                try:
+                    dispatcher.compile(sig)
+                finally:
+                    dispatcher._can_compile = False
+                count += 1
+    return count
+
+
+class Launcher:
+    """Calls a locked kernel dispatcher; compiles its declared signatures for the data's dtype
+    when a call finds none yet (numba's "No matching definition" ``TypeError``), then calls
+    again. A declared type never misses twice, so any second ``TypeError`` is a real one."""
+
+    __slots__ = ("dispatcher",)
+
+    def __init__(self, dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def __call__(self, *args):
+        try:
+            return self.dispatcher(*args)
+        except TypeError:
+            if not compile_declared(self.dispatcher, args[0].dtype):
+                raise
+            return self.dispatcher(*args)
+
+
 def kernel(*kinds: str):
     """Decorator: a serial kernel; its declared signatures are ``.declared``."""
     def wrap(func):
-        dispatcher = numba.njit(parallel=False, **JIT_OPTIONS)(func)
-        dispatcher.declared = signatures(*kinds)
-        return dispatcher
+        return _declared(numba.njit(parallel=False, **JIT_OPTIONS)(func), signatures(*kinds))
     return wrap
 
 
@@ -111,9 +181,10 @@ def parallel_kernel(*kinds: str):
     """Decorator: a parallel kernel for C-contiguous data (float32 and float64 declared), with a
     ``.serial`` twin of the same code."""
     def wrap(func):
-        dispatcher = numba.njit(parallel=True, **JIT_OPTIONS)(func)
-        dispatcher.serial = numba.njit(parallel=False, **JIT_OPTIONS)(_renamed(func, "_serial"))
-        dispatcher.declared = dispatcher.serial.declared = signatures(*kinds, layouts=("C",))
+        sigs = signatures(*kinds, layouts=("C",))
+        dispatcher = _declared(numba.njit(parallel=True, **JIT_OPTIONS)(func), sigs)
+        dispatcher.serial = _declared(
+            numba.njit(parallel=False, **JIT_OPTIONS)(_renamed(func, "_serial")), sigs)
         return dispatcher
     return wrap
 
@@ -125,7 +196,7 @@ def phase(func):
     return numba.njit(inline="always", **JIT_OPTIONS)(func)
 
 
-REDUCTION_FASTMATH = {"reassoc"}
+REDUCTION_FASTMATH = {"reassoc", "contract"}
 
 
 def reduction(func):

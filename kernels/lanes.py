@@ -1,13 +1,34 @@
 """The lanes family: C-contiguous (outer, C, inner) with inner < ROWS_MIN (2-D, NHWC, small L).
 
-The array is read as one flat sequence of ``outer`` periods of ``P = C * inner`` values; value j
-belongs to channel ``(j % P) // inner``. A stripe of ``LW = P * k`` lanes (k periods, LW >=
-LANES_MIN) is the SIMD-friendly unit: per-lane float64 accumulators (channels-last with C = 3 gets
-66 lanes instead of 3), each around its channel's shift. Blocks of ``SB`` stripes are the fixed
-partition: a reduction keeps one lane vector per block, combines blocks in order per lane, then
-lanes into channels in lane order, so results do not depend on the thread count. Each stripe is
-taken as a slice before its loop: with ``xf[base + lane]`` indexing LLVM did not vectorize
-(7.4 ms against 3.1 ms for a (32, 56, 56, 64) float32 normalize, one thread).
+Each outer index holds one contiguous row of ``P = C * inner`` lanes; lane l belongs to channel
+``l // inner``. Work is a fixed grid of tasks that depends on the shape and the machine's tuning
+vector only (never on the thread count): lane tiles of ``T`` lanes (a multiple of inner, so a
+tile holds whole channels; ``TUNE_TILE`` keeps a tile's float64 per-lane buffers in L1d) times
+row blocks of ``rb >= BLOCK_ROWS_MIN`` rows (``TUNE_BLOCK`` bytes of x per task).
+
+- Reductions run down a tile's rows eight at a time: per lane, the eight shifted values are
+  added in a fixed tree and the result added to the lane's float64 accumulator, so the loop is
+  vectorized across lanes without any reassociation and the accumulators are loaded and stored
+  once per eight rows. (Measured on float32 (1024, 4096), one thread: 2.5 ms for the former
+  design's per-lane accumulators over stripes of the whole row, 1.1 ms for tiles of 64 lanes
+  one row at a time, 0.78 ms for tiles of 1024 lanes eight rows at a time.)
+- Fused route, when a strip of at least ``FUSE_LANES_MIN`` lanes over every row fits
+  ``TUNE_STRIP`` bytes (MLP activations at small and medium batch): a task owns the channels of
+  its strip outright. It reduces the strip, finishes its channels and writes their output while
+  the strip is still in this core's cache, with O(T) buffers of its own and no partials: x is
+  read from memory once. (Measured, float32 forward, interleaved: strips of 256 lanes were
+  15-25% faster than the two-pass route at (2048, 1024), at 1 and 2 threads, and 20-30% at
+  (512, 2048); strips of 32-128 lanes were slower, up to 4x: a strip narrower than a quarter
+  page streams poorly from L3.)
+- Two-pass route otherwise (then ``outer > rb >= 64``): each task writes its block's per-lane sums
+  into partials (``nrb x P`` float64 pairs), combined per lane in block order, then lanes per
+  channel in lane order; then a second parallel pass writes.
+- Memory beyond the outputs: O(T) per task on the fused route; on the two-pass route the
+  partials (at most ``16 * P * ceil(outer / rb)`` bytes, <= x/8 for float32 since rb >= 64)
+  and two float64 values per channel (<= x/8): at most x/4 in all, x/8 for float64 x.
+- Shifts: each lane is accumulated around its channel's first value (see ``strided`` for the
+  accuracy argument). Per-lane copies of per-channel values are built per task, O(T), from the
+  (4, C) statistics block, so no write pass needs a per-channel scratch vector.
 """
 
 from __future__ import annotations
@@ -15,202 +36,449 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import BLOCK, LANES_MIN, MAX_BLOCKS, MIN_STRIPES, helper, parallel_kernel, phase
-from .common import grad_coefficients, inverse_std, moments_from_sums
+from ._jit import (BLOCK_ROWS_MIN, FUSE_LANES_MIN, TUNE_BLOCK, TUNE_STRIP, TUNE_TILE, helper,
+                   parallel_kernel, phase)
+from .common import (MEAN, backward_channel, forward_channel, frozen_channel, inference_channel,
+                     moments_from_sums, scale_of)
 
 
 @helper
-def stripes(x):
-    """``(LW, total, n_stripes, stripes_per_block, n_blocks)``: the shape's partition."""
+def geometry(x, tune):
+    """``(P, T, nt, rb, nrb)``: lanes per row, lanes per tile, tiles, rows per block, blocks.
+
+    Fused route (``nrb == 1``) when a strip of at least ``FUSE_LANES_MIN`` lanes over every row
+    fits ``TUNE_STRIP`` bytes: the tile is then the widest such strip (a multiple of inner, at
+    most ``TUNE_TILE``). Otherwise tiles of ``TUNE_TILE`` lanes and row blocks of
+    ``TUNE_BLOCK`` bytes (at least ``BLOCK_ROWS_MIN`` rows).
+    """
     outer, channels, inner = x.shape
-    period = channels * inner
-    lw = period * max(1, (LANES_MIN + period - 1) // period)
-    total = outer * period
-    ns = (total + lw - 1) // lw
-    sb = max(MIN_STRIPES, BLOCK // lw, (ns + MAX_BLOCKS - 1) // MAX_BLOCKS)
-    return lw, total, ns, sb, (ns + sb - 1) // sb
+    lanes = channels * inner
+    tile = min(lanes, max(1, tune[TUNE_TILE] // inner) * inner)
+    strip = tile
+    while strip > inner and outer * strip * x.itemsize > tune[TUNE_STRIP]:
+        strip = max(inner, strip // 2 // inner * inner)
+    if outer * strip * x.itemsize <= tune[TUNE_STRIP] and strip >= min(lanes, FUSE_LANES_MIN):
+        return lanes, strip, (lanes + strip - 1) // strip, max(1, outer), 1
+    rb = max(BLOCK_ROWS_MIN, tune[TUNE_BLOCK] // (tile * x.itemsize))
+    return lanes, tile, (lanes + tile - 1) // tile, rb, (outer + rb - 1) // rb
 
 
 @helper
-def lane_values(v, x, lw):
-    """Per-lane copy of a per-channel vector: lane l gets ``v[(l % P) // inner]``."""
-    channels, inner = x.shape[1], x.shape[2]
-    out = np.empty(lw)
-    for lane in range(lw):
-        out[lane] = v[(lane % (channels * inner)) // inner]
+def span(task, nt, tile, lanes, rb, outer):
+    """``(r0, r1, l0, l1)``: the rows and lanes of a task of the grid (tile-minor order)."""
+    b, l0 = task // nt, (task % nt) * tile
+    return b * rb, min(outer, (b + 1) * rb), l0, min(lanes, l0 + tile)
+
+
+# --- Loops over a tile (lanes l0:l1; per-lane vectors indexed from 0).
+
+@helper
+def moment_sums(x2, k, r0, r1, l0, l1, a1, a2):
+    """``a1[j], a2[j] = sum(x - k[j]), sum((x - k[j])**2)`` over rows r0:r1 of lane l0 + j."""
+    w = l1 - l0
+    for j in range(w):
+        a1[j] = 0.0
+        a2[j] = 0.0
+    r = r0
+    while r + 8 <= r1:
+        x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
+        x4, x5, x6, x7 = x2[r + 4, l0:l1], x2[r + 5, l0:l1], x2[r + 6, l0:l1], x2[r + 7, l0:l1]
+        for j in range(w):
+            kj = k[j]
+            d0, d1, d2, d3 = x0[j] - kj, x1[j] - kj, x2_[j] - kj, x3[j] - kj
+            d4, d5, d6, d7 = x4[j] - kj, x5[j] - kj, x6[j] - kj, x7[j] - kj
+            a1[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            a2[j] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                      + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+        r += 8
+    while r < r1:
+        xr = x2[r, l0:l1]
+        for j in range(w):
+            d = xr[j] - k[j]
+            a1[j] += d
+            a2[j] += d * d
+        r += 1
+
+
+@helper
+def gradient_sums(x2, g2, m, r0, r1, l0, l1, a1, a2):
+    """``a1[j], a2[j] = sum(dy), sum(dy * (x - m[j]))`` over rows r0:r1 of lane l0 + j."""
+    w = l1 - l0
+    for j in range(w):
+        a1[j] = 0.0
+        a2[j] = 0.0
+    r = r0
+    while r + 4 <= r1:
+        x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
+        g0, g1, g2_, g3 = g2[r, l0:l1], g2[r + 1, l0:l1], g2[r + 2, l0:l1], g2[r + 3, l0:l1]
+        for j in range(w):
+            mj = m[j]
+            e0, e1 = np.float64(g0[j]), np.float64(g1[j])
+            e2, e3 = np.float64(g2_[j]), np.float64(g3[j])
+            a1[j] += (e0 + e1) + (e2 + e3)
+            a2[j] += ((e0 * (x0[j] - mj) + e1 * (x1[j] - mj))
+                      + (e2 * (x2_[j] - mj) + e3 * (x3[j] - mj)))
+        r += 4
+    while r < r1:
+        xr, gr = x2[r, l0:l1], g2[r, l0:l1]
+        for j in range(w):
+            e = np.float64(gr[j])
+            a1[j] += e
+            a2[j] += e * (xr[j] - m[j])
+        r += 1
+
+
+@helper
+def affine_rows(x2, y2, m, s, b, r0, r1, l0, l1):
+    """``y = (x - m[j]) * s[j] + b[j]`` on rows r0:r1, lanes l0:l1, four rows per pass over the
+    per-lane values. (Those three float64 loads per element bound the loop: on float32
+    (2048, 1024), one thread, the write ran at 2.4-4.3 G elements/s one row at a time and
+    3.5-4.9 four rows at a time, in runs where a flat loop with scalar values made 5.7-6.3.)"""
+    w = l1 - l0
+    r = r0
+    while r + 4 <= r1:
+        x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
+        y0, y1, y2_, y3 = y2[r, l0:l1], y2[r + 1, l0:l1], y2[r + 2, l0:l1], y2[r + 3, l0:l1]
+        for j in range(w):
+            mj, sj, bj = m[j], s[j], b[j]
+            y0[j] = (x0[j] - mj) * sj + bj
+            y1[j] = (x1[j] - mj) * sj + bj
+            y2_[j] = (x2_[j] - mj) * sj + bj
+            y3[j] = (x3[j] - mj) * sj + bj
+        r += 4
+    while r < r1:
+        xr, yr = x2[r, l0:l1], y2[r, l0:l1]
+        for j in range(w):
+            yr[j] = (xr[j] - m[j]) * s[j] + b[j]
+        r += 1
+
+
+@helper
+def gradient_rows(x2, g2, d2, m, k, c1, c0, r0, r1, l0, l1):
+    """``dx = k[j]*dy - c1[j]*(x - m[j]) + c0[j]`` on rows r0:r1, lanes l0:l1, two rows per
+    pass over the per-lane values."""
+    w = l1 - l0
+    r = r0
+    while r + 2 <= r1:
+        x0, x1, g0, g1 = x2[r, l0:l1], x2[r + 1, l0:l1], g2[r, l0:l1], g2[r + 1, l0:l1]
+        d0, d1 = d2[r, l0:l1], d2[r + 1, l0:l1]
+        for j in range(w):
+            mj, kj, c1j, c0j = m[j], k[j], c1[j], c0[j]
+            d0[j] = kj * g0[j] - c1j * (x0[j] - mj) + c0j
+            d1[j] = kj * g1[j] - c1j * (x1[j] - mj) + c0j
+        r += 2
+    while r < r1:
+        xr, gr, dr = x2[r, l0:l1], g2[r, l0:l1], d2[r, l0:l1]
+        for j in range(w):
+            dr[j] = k[j] * gr[j] - c1[j] * (xr[j] - m[j]) + c0[j]
+        r += 1
+
+
+@helper
+def frozen_rows(x2, g2, d2, m, k, r0, r1, l0, l1, a1, a2):
+    """``dx = k[j] * dy`` (x is not read for it, so an inf or NaN in x cannot reach dx) and the
+    gradient sums for dgamma and dbeta, in one pass."""
+    w = l1 - l0
+    for j in range(w):
+        a1[j] = 0.0
+        a2[j] = 0.0
+    for r in range(r0, r1):
+        xr, gr, dr = x2[r, l0:l1], g2[r, l0:l1], d2[r, l0:l1]
+        for j in range(w):
+            e = np.float64(gr[j])
+            a1[j] += e
+            a2[j] += e * (xr[j] - m[j])
+            dr[j] = k[j] * e
+
+
+# --- Per-channel values of a tile's lanes, and lane sums per channel.
+
+@helper
+def lane_shifts(x2, inner, l0, l1):
+    """Each lane's shift: its channel's first value (lane ``c * inner`` of row 0)."""
+    k = np.empty(l1 - l0)
+    for j in range(l1 - l0):
+        k[j] = x2[0, (l0 + j) // inner * inner]
+    return k
+
+
+@helper
+def lane_coefficients(stats, inner, l0, l1):
+    """Per lane: its channel's mean and ``gamma * invstd`` (the write pass's multiplier)."""
+    m = np.empty(l1 - l0)
+    s = np.empty(l1 - l0)
+    for j in range(l1 - l0):
+        c = (l0 + j) // inner
+        m[j] = stats[MEAN, c]
+        s[j] = scale_of(stats, c)
+    return m, s
+
+
+@helper
+def lane_values(v, inner, l0, l1):
+    """Per lane: its channel's entry of the per-channel vector v, as float64."""
+    out = np.empty(l1 - l0)
+    for j in range(l1 - l0):
+        out[j] = v[(l0 + j) // inner]
     return out
 
 
 @helper
-def lanes_to_channels(part, x, out):
-    """``out[c] = sum over lanes of c (in lane order) of sum over blocks (in order)``."""
-    channels, inner = x.shape[1], x.shape[2]
-    nb, lw = part.shape
-    for c in range(channels):
-        out[c] = 0.0
-    for lane in range(lw):
-        t = 0.0
-        for b in range(nb):
-            t += part[b, lane]
-        out[(lane % (channels * inner)) // inner] += t
+def lane_sum(a, inner, j):
+    """Sum of the ``inner`` lanes of a channel starting at tile lane j, in lane order."""
+    t = 0.0
+    for i in range(j, j + inner):
+        t += a[i]
+    return t
 
 
 @helper
-def stripe(a, s, lw, total):
-    return a[s * lw:min(total, (s + 1) * lw)]
+def channel_partials(p1, p2, inner, c):
+    """A channel's two sums from the partials: per lane over blocks in block order, then over
+    its lanes in lane order."""
+    s1 = 0.0
+    s2 = 0.0
+    for lane in range(c * inner, (c + 1) * inner):
+        t1 = 0.0
+        t2 = 0.0
+        for b in range(p1.shape[0]):
+            t1 += p1[b, lane]
+            t2 += p2[b, lane]
+        s1 += t1
+        s2 += t2
+    return s1, s2
+
+
+# --- Task bodies: each allocates its own O(T) buffers (inside a called function, so that a
+# --- parallel loop never shares them).
+
+@helper
+def tile_sums(x2, inner, r0, r1, l0, l1):
+    """The shifts and per-lane shifted moment sums of a tile over rows r0:r1."""
+    k = lane_shifts(x2, inner, l0, l1)
+    a1 = np.empty(l1 - l0)
+    a2 = np.empty(l1 - l0)
+    moment_sums(x2, k, r0, r1, l0, l1, a1, a2)
+    return k, a1, a2
 
 
 @helper
-def block_moment_sums(xf, k, s0, s1, lw, a1, a2):
-    """Per-lane shifted sums over stripes ``s0:s1`` into ``a1``, ``a2``."""
-    for s in range(s0, s1):
-        xs = stripe(xf, s, lw, xf.shape[0])
-        for lane in range(xs.shape[0]):
-            d = xs[lane] - k[lane]
-            a1[lane] += d
-            a2[lane] += d * d
+def block_sums_task(x2, inner, r0, r1, l0, l1, p1, p2):
+    k, a1, a2 = tile_sums(x2, inner, r0, r1, l0, l1)
+    p1[l0:l1] = a1
+    p2[l0:l1] = a2
 
 
 @helper
-def block_grad_sums(xf, gf, m, s0, s1, lw, a1, a2):
-    """Per-lane ``sum(dy)``, ``sum(dy * (x - mean))`` over stripes ``s0:s1``."""
-    for s in range(s0, s1):
-        xs = stripe(xf, s, lw, xf.shape[0])
-        gs = stripe(gf, s, lw, xf.shape[0])
-        for lane in range(xs.shape[0]):
-            g = np.float64(gs[lane])
-            a1[lane] += g
-            a2[lane] += g * (xs[lane] - m[lane])
+def tile_moments(x2, inner, n, l0, l1, mean, var):
+    """Mean and variance of the channels of tile l0:l1 over every row (the fused route)."""
+    k, a1, a2 = tile_sums(x2, inner, 0, x2.shape[0], l0, l1)
+    for j in range(0, l1 - l0, inner):
+        c = (l0 + j) // inner
+        mean[c], var[c] = moments_from_sums(k[j], lane_sum(a1, inner, j), lane_sum(a2, inner, j),
+                                            n)
 
 
 @helper
-def block_normalize(xf, m, sc, sh, s0, s1, lw, yf):
-    for s in range(s0, s1):
-        xs = stripe(xf, s, lw, xf.shape[0])
-        ys = stripe(yf, s, lw, xf.shape[0])
-        for lane in range(xs.shape[0]):
-            ys[lane] = (xs[lane] - m[lane]) * sc[lane] + sh[lane]
+def write_task(x2, y2, inner, stats, beta, r0, r1, l0, l1):
+    m, s = lane_coefficients(stats, inner, l0, l1)
+    affine_rows(x2, y2, m, s, lane_values(beta, inner, l0, l1), r0, r1, l0, l1)
 
 
 @helper
-def block_grad_input(xf, gf, m, k, c1, c0, s0, s1, lw, df):
-    for s in range(s0, s1):
-        xs = stripe(xf, s, lw, xf.shape[0])
-        gs = stripe(gf, s, lw, xf.shape[0])
-        ds = stripe(df, s, lw, xf.shape[0])
-        for lane in range(xs.shape[0]):
-            ds[lane] = k[lane] * gs[lane] - c1[lane] * (xs[lane] - m[lane]) + c0[lane]
+def forward_tile(x2, y2, inner, n, l0, l1, eps, momentum, gamma, beta, running_mean,
+                 running_var, stats):
+    """The fused training forward of one tile: every row reduced, its channels finished, then
+    written while the tile is in cache."""
+    k, a1, a2 = tile_sums(x2, inner, 0, x2.shape[0], l0, l1)
+    for j in range(0, l1 - l0, inner):
+        mean, var = moments_from_sums(k[j], lane_sum(a1, inner, j), lane_sum(a2, inner, j), n)
+        forward_channel((l0 + j) // inner, mean, var, n, eps, momentum, gamma, running_mean,
+                        running_var, stats)
+    write_task(x2, y2, inner, stats, beta, 0, x2.shape[0], l0, l1)
 
 
 @helper
-def first_values(x):
-    shift = np.empty(x.shape[1])
+def gradient_sums_task(x2, g2, inner, stats, r0, r1, l0, l1, p1, p2):
+    gradient_sums(x2, g2, lane_values(stats[MEAN], inner, l0, l1), r0, r1, l0, l1, p1[l0:l1],
+                  p2[l0:l1])
+
+
+@helper
+def gradient_task(x2, g2, d2, inner, stats, coef, r0, r1, l0, l1):
+    """dx on a task's rows and lanes from the per-channel ``coef`` rows k, c1, c0."""
+    w = l1 - l0
+    k = np.empty(w)
+    c1 = np.empty(w)
+    c0 = np.empty(w)
+    for j in range(w):
+        c = (l0 + j) // inner
+        k[j], c1[j], c0[j] = coef[0, c], coef[1, c], coef[2, c]
+    gradient_rows(x2, g2, d2, lane_values(stats[MEAN], inner, l0, l1), k, c1, c0, r0, r1, l0, l1)
+
+
+@helper
+def backward_tile(x2, g2, d2, inner, n, l0, l1, stats, dgamma, dbeta):
+    """The fused training backward of one tile: its sums over every row, its channels'
+    coefficients, then dx while the tile is in cache."""
+    w = l1 - l0
+    m = lane_values(stats[MEAN], inner, l0, l1)
+    a1 = np.empty(w)
+    a2 = np.empty(w)
+    gradient_sums(x2, g2, m, 0, x2.shape[0], l0, l1, a1, a2)
+    k = np.empty(w)
+    c1 = np.empty(w)
+    c0 = np.empty(w)
+    for j in range(0, w, inner):
+        kc, c1c, c0c = backward_channel((l0 + j) // inner, lane_sum(a1, inner, j),
+                                        lane_sum(a2, inner, j), n, stats, dgamma, dbeta)
+        for i in range(j, j + inner):
+            k[i], c1[i], c0[i] = kc, c1c, c0c
+    gradient_rows(x2, g2, d2, m, k, c1, c0, 0, x2.shape[0], l0, l1)
+
+
+@helper
+def frozen_task(x2, g2, d2, inner, stats, r0, r1, l0, l1, a1, a2):
+    m, k = lane_coefficients(stats, inner, l0, l1)
+    frozen_rows(x2, g2, d2, m, k, r0, r1, l0, l1, a1, a2)
+
+
+@helper
+def frozen_tile(x2, g2, d2, inner, l0, l1, stats, dgamma, dbeta):
+    """The frozen backward of a tile over every row, its channels' dgamma and dbeta."""
+    a1 = np.empty(l1 - l0)
+    a2 = np.empty(l1 - l0)
+    frozen_task(x2, g2, d2, inner, stats, 0, x2.shape[0], l0, l1, a1, a2)
+    for j in range(0, l1 - l0, inner):
+        frozen_channel((l0 + j) // inner, lane_sum(a1, inner, j), lane_sum(a2, inner, j), stats,
+                       dgamma, dbeta)
+
+
+# --- Phases shared by the kernels (prange loops, inlined into each kernel).
+
+@phase
+def stats_phase(x, mean, var, tune):
+    """Per-channel mean and biased variance into ``mean``, ``var`` (rounded into their dtype)."""
+    outer, channels, inner = x.shape
+    lanes, tile, nt, rb, nrb = geometry(x, tune)
+    x2 = x.reshape(outer, lanes)
+    n = outer * inner
+    if nrb == 1:
+        for t in prange(nt):
+            tile_moments(x2, inner, n, t * tile, min(lanes, (t + 1) * tile), mean, var)
+    else:
+        p1 = np.empty((nrb, lanes))
+        p2 = np.empty((nrb, lanes))
+        for task in prange(nt * nrb):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
+            block_sums_task(x2, inner, r0, r1, l0, l1, p1[task // nt], p2[task // nt])
+        for c in prange(channels):
+            s1, s2 = channel_partials(p1, p2, inner, c)
+            mean[c], var[c] = moments_from_sums(np.float64(x2[0, c * inner]), s1, s2, n)
+
+
+@phase
+def write_phase(x, stats, beta, y, tune):
+    """``y = (x - mean) * gamma * invstd + beta`` per channel, over the task grid."""
+    outer, channels, inner = x.shape
+    lanes, tile, nt, rb, nrb = geometry(x, tune)
+    x2 = x.reshape(outer, lanes)
+    y2 = y.reshape(outer, lanes)
+    for task in prange(nt * nrb):
+        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
+        write_task(x2, y2, inner, stats, beta, r0, r1, l0, l1)
+
+
+# --- Kernels.
+
+@parallel_kernel("x", "p_out", "p_out", "tune")
+def moments(x, mean, var, tune):
+    """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
+    stats_phase(x, mean, var, tune)
+
+
+@parallel_kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
+def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
+    """Training forward: batch statistics, the per-channel epilogue (``forward_channel``: the
+    statistics block and the running averages), then ``y``; fused per tile when the rows fit
+    one block."""
+    outer, channels, inner = x.shape
+    lanes, tile, nt, rb, nrb = geometry(x, tune)
+    n = outer * inner
+    if nrb == 1:
+        x2 = x.reshape(outer, lanes)
+        y2 = y.reshape(outer, lanes)
+        for t in prange(nt):
+            forward_tile(x2, y2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, momentum,
+                         gamma, beta, running_mean, running_var, stats)
+    else:
+        var = np.empty(channels)
+        stats_phase(x, stats[MEAN], var, tune)
+        for c in range(channels):
+            forward_channel(c, stats[MEAN, c], var[c], n, eps, momentum, gamma, running_mean,
+                            running_var, stats)
+        write_phase(x, stats, beta, y, tune)
+
+
+@parallel_kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")
+def normalize(x, running_mean, running_var, gamma, beta, eps, stats, y, tune):
+    """Inference: ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
     for c in range(x.shape[1]):
-        shift[c] = x[0, c, 0]
-    return shift
+        inference_channel(c, running_mean, running_var, eps, gamma, stats)
+    write_phase(x, stats, beta, y, tune)
 
 
-@phase
-def stats(x, mean, var):
-    """Per-channel mean and biased variance: per-block lane sums in parallel, then combined."""
-    lw, total, ns, sb, nb = stripes(x)
-    xf = x.reshape(total)
-    shift = first_values(x)
-    k = lane_values(shift, x, lw)
-    p1 = np.zeros((nb, lw))
-    p2 = np.zeros((nb, lw))
-    for b in prange(nb):
-        block_moment_sums(xf, k, b * sb, min(ns, (b + 1) * sb), lw, p1[b], p2[b])
-    s1 = np.empty(x.shape[1])
-    s2 = np.empty(x.shape[1])
-    lanes_to_channels(p1, x, s1)
-    lanes_to_channels(p2, x, s2)
-    for c in range(x.shape[1]):
-        mean[c], var[c] = moments_from_sums(shift[c], s1[c], s2[c], total // x.shape[1])
+@parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
+def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
+    """Training backward: sums of dy and dy*(x - mean), the per-channel coefficients
+    (``backward_channel``), then dx; fused per tile when the rows fit one block."""
+    outer, channels, inner = x.shape
+    lanes, tile, nt, rb, nrb = geometry(x, tune)
+    n = outer * inner
+    x2 = x.reshape(outer, lanes)
+    g2 = dy.reshape(outer, lanes)
+    d2 = dx.reshape(outer, lanes)
+    if nrb == 1:
+        for t in prange(nt):
+            backward_tile(x2, g2, d2, inner, n, t * tile, min(lanes, (t + 1) * tile), stats,
+                          dgamma, dbeta)
+    else:
+        p1 = np.empty((nrb, lanes))
+        p2 = np.empty((nrb, lanes))
+        for task in prange(nt * nrb):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
+            gradient_sums_task(x2, g2, inner, stats, r0, r1, l0, l1, p1[task // nt],
+                               p2[task // nt])
+        coef = np.empty((3, channels))
+        for c in range(channels):
+            s1, s2 = channel_partials(p1, p2, inner, c)
+            coef[0, c], coef[1, c], coef[2, c] = backward_channel(c, s1, s2, n, stats, dgamma,
+                                                                  dbeta)
+        for task in prange(nt * nrb):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
+            gradient_task(x2, g2, d2, inner, stats, coef, r0, r1, l0, l1)
 
 
-@phase
-def write_normalized(x, mean, scale, shift, y):
-    lw, total, ns, sb, nb = stripes(x)
-    xf = x.reshape(total)
-    yf = y.reshape(total)
-    m = lane_values(mean, x, lw)
-    sc = lane_values(scale, x, lw)
-    sh = lane_values(shift, x, lw)
-    for b in prange(nb):
-        block_normalize(xf, m, sc, sh, b * sb, min(ns, (b + 1) * sb), lw, yf)
-
-
-@phase
-def gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu):
-    lw, total, ns, sb, nb = stripes(x)
-    xf = x.reshape(total)
-    gf = dy.reshape(total)
-    m = lane_values(mean, x, lw)
-    p1 = np.zeros((nb, lw))
-    p2 = np.zeros((nb, lw))
-    for b in prange(nb):
-        block_grad_sums(xf, gf, m, b * sb, min(ns, (b + 1) * sb), lw, p1[b], p2[b])
-    lanes_to_channels(p1, x, sum_dy)
-    lanes_to_channels(p2, x, sum_dy_xmu)
-
-
-@phase
-def write_grad_input(x, dy, mean, k, c1, c0, dx):
-    lw, total, ns, sb, nb = stripes(x)
-    xf = x.reshape(total)
-    gf = dy.reshape(total)
-    df = dx.reshape(total)
-    m = lane_values(mean, x, lw)
-    kl = lane_values(k, x, lw)
-    c1l = lane_values(c1, x, lw)
-    c0l = lane_values(c0, x, lw)
-    for b in prange(nb):
-        block_grad_input(xf, gf, m, kl, c1l, c0l, b * sb, min(ns, (b + 1) * sb), lw, df)
-
-
-@parallel_kernel("x", "vec_out", "vec_out")
-def moments(x, mean, var):
-    """Per-channel mean and biased variance; needs outer*inner >= 1."""
-    stats(x, mean, var)
-
-
-@parallel_kernel("x", "vec", "vec", "vec", "out")
-def normalize(x, mean, scale, shift, y):
-    """``y = (x - mean[c]) * scale[c] + shift[c]``, float64 arithmetic; y may be x itself."""
-    write_normalized(x, mean, scale, shift, y)
-
-
-@parallel_kernel("x", "x", "vec", "vec_out", "vec_out")
-def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-    gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu)
-
-
-@parallel_kernel("x", "x", "vec", "vec", "vec", "vec", "out")
-def grad_input(x, dy, mean, k, c1, c0, dx):
-    """``dx = k[c]*dy - c1[c]*(x - mean[c]) + c0[c]``; dx may be dy itself."""
-    write_grad_input(x, dy, mean, k, c1, c0, dx)
-
-
-@parallel_kernel("x", "vec", "vec", "scalar", "vec_out", "vec_out", "vec_out", "out")
-def forward_train(x, gamma, beta, eps, mean, var, invstd, y):
-    """Training forward: batch statistics, then ``y = gamma*(x - mean)*invstd + beta``."""
-    stats(x, mean, var)
-    for c in range(x.shape[1]):
-        invstd[c] = inverse_std(var[c], eps)
-    write_normalized(x, mean, gamma * invstd, beta, y)
-
-
-@parallel_kernel("x", "x", "vec", "vec", "vec", "vec_out", "vec_out", "out")
-def backward_train(x, dy, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx):
-    """Training backward: the two sums, the per-channel coefficients, then dx."""
-    channels = x.shape[1]
-    gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu)
-    k = np.empty(channels)
-    c1 = np.empty(channels)
-    c0 = np.empty(channels)
-    n = x.shape[0] * x.shape[2]
-    for c in range(channels):
-        grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, n, c, k, c1, c0)
-    write_grad_input(x, dy, mean, k, c1, c0, dx)
+@parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
+def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
+    """Frozen-statistics backward: ``dx = gamma * invstd * dy`` (never reads x) and the sums
+    for dgamma, dbeta, in one pass."""
+    outer, channels, inner = x.shape
+    lanes, tile, nt, rb, nrb = geometry(x, tune)
+    x2 = x.reshape(outer, lanes)
+    g2 = dy.reshape(outer, lanes)
+    d2 = dx.reshape(outer, lanes)
+    if nrb == 1:
+        for t in prange(nt):
+            frozen_tile(x2, g2, d2, inner, t * tile, min(lanes, (t + 1) * tile), stats, dgamma,
+                        dbeta)
+    else:
+        p1 = np.empty((nrb, lanes))
+        p2 = np.empty((nrb, lanes))
+        for task in prange(nt * nrb):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
+            b = task // nt
+            frozen_task(x2, g2, d2, inner, stats, r0, r1, l0, l1, p1[b, l0:l1], p2[b, l0:l1])
+        for c in prange(channels):
+            s1, s2 = channel_partials(p1, p2, inner, c)
+            frozen_channel(c, s1, s2, stats, dgamma, dbeta)

@@ -1,10 +1,16 @@
 """The rows family: C-contiguous (outer, C, inner) with inner >= ROWS_MIN (NCHW, NCL, 5-D).
 
-Each (o, c) row is contiguous and long. Work is cut into blocks of ``rb = max(1, BLOCK //
-inner)`` rows of one channel; a reduction computes one partial per block (in parallel) and
-combines a channel's partials in block order, so results do not depend on the thread count.
-A row is summed in float64 around the channel's shift (its first value) by a ``reduction``
-helper, which LLVM vectorizes (see ``_jit``; accuracy argument in ``strided``).
+Each (o, c) row is contiguous and long. Work is cut into blocks of ``rb = max(1, B // inner)``
+rows of one channel (B: ``TUNE_BLOCK`` bytes of x); a reduction computes one partial per block
+(in parallel) and combines a channel's partials in block order, so results do not depend on the
+thread count. A row is summed in float64 around the channel's shift (its first value) by a
+``reduction`` helper, which LLVM vectorizes (see ``_jit``; accuracy argument in ``strided``).
+
+Fused route: when a channel's slice of x is at most ``TUNE_FUSE`` bytes (half of this core's
+L2) and there are at least 4 channels, one task per channel reduces it and then writes its
+output (y, or dx) while the slice is still in L2, so x (and dy) are read from memory once
+instead of twice. Memory beyond the outputs: two float64 per block (x/4096 at most) and three
+per channel.
 """
 
 from __future__ import annotations
@@ -12,16 +18,24 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import BLOCK, FUSE_BYTES, helper, parallel_kernel, phase
-from .common import (grad_coefficients, inverse_std, moments_from_sums, row_grad_sums,
-                     row_moment_sums)
+from ._jit import TUNE_BLOCK, TUNE_FUSE, helper, parallel_kernel, phase
+from .common import (MEAN, backward_channel, forward_channel, frozen_channel, inference_channel,
+                     moments_from_sums, row_frozen, row_grad_sums, row_moment_sums, scale_of)
 
 
 @helper
-def blocks(outer, inner):
-    """``(rows per block, blocks per channel)``: a function of the shape only."""
-    rb = max(1, BLOCK // inner)
+def blocks(x, tune):
+    """``(rows per block, blocks per channel)``: a function of the shape (and machine) only."""
+    outer, inner = x.shape[0], x.shape[2]
+    rb = max(1, tune[TUNE_BLOCK] // (inner * x.itemsize))
     return rb, (outer + rb - 1) // rb
+
+
+@helper
+def fused(x, tune):
+    """One task per channel (reduce, then write while the slice is in L2)? Shape only."""
+    outer, channels, inner = x.shape
+    return outer * inner * x.itemsize <= tune[TUNE_FUSE] and channels >= 4
 
 
 @helper
@@ -43,6 +57,18 @@ def block_grad_sums(x, dy, c, r0, r1, m):
     s2 = 0.0
     for o in range(r0, r1):
         a, b = row_grad_sums(x[o, c], dy[o, c], m)
+        s1 += a
+        s2 += b
+    return s1, s2
+
+
+@helper
+def block_frozen(x, dy, dx, c, r0, r1, m, k):
+    """dx of rows ``r0:r1`` of channel c (frozen statistics) and their gradient sums."""
+    s1 = 0.0
+    s2 = 0.0
+    for o in range(r0, r1):
+        a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], m, k)
         s1 += a
         s2 += b
     return s1, s2
@@ -79,17 +105,26 @@ def channel_total(part, c, nb):
 
 
 @helper
-def fused(x):
-    """One task per channel (reduce, then write while the slice is in L2)? Shape only."""
-    outer, channels, inner = x.shape
-    return outer * inner * x.itemsize <= FUSE_BYTES and channels >= 4
+def channel_moment_sums(x, c, rb, nb):
+    """A channel's shifted sums over all its blocks, in block order (the fused route)."""
+    outer = x.shape[0]
+    k = np.float64(x[0, c, 0])
+    s1 = 0.0
+    s2 = 0.0
+    for b in range(nb):
+        a1, a2 = block_moment_sums(x, c, b * rb, min(outer, (b + 1) * rb), k)
+        s1 += a1
+        s2 += a2
+    return k, s1, s2
 
+
+# --- Phases shared by the kernels (prange loops, inlined into each kernel).
 
 @phase
-def stats(x, mean, var):
+def stats_phase(x, mean, var, tune):
     """Per-channel mean and biased variance: block sums in parallel, combined in block order."""
     outer, channels, inner = x.shape
-    rb, nb = blocks(outer, inner)
+    rb, nb = blocks(x, tune)
     part = np.empty((channels * nb, 2))
     for t in prange(channels * nb):
         c = t // nb
@@ -102,114 +137,107 @@ def stats(x, mean, var):
 
 
 @phase
-def write_normalized(x, mean, scale, shift, y):
+def write_phase(x, stats, beta, y, tune):
+    """``y = (x - mean) * gamma * invstd + beta`` per channel, over the block grid."""
     outer, channels, inner = x.shape
-    rb, nb = blocks(outer, inner)
+    rb, nb = blocks(x, tune)
     for t in prange(channels * nb):
         c = t // nb
         r0 = (t % nb) * rb
-        normalize_rows(x, c, r0, min(outer, r0 + rb), mean[c], scale[c], shift[c], y)
+        normalize_rows(x, c, r0, min(outer, r0 + rb), stats[MEAN, c], scale_of(stats, c),
+                       np.float64(beta[c]), y)
 
 
-@phase
-def gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu):
+# --- Kernels.
+
+@parallel_kernel("x", "p_out", "p_out", "tune")
+def moments(x, mean, var, tune):
+    """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
+    stats_phase(x, mean, var, tune)
+
+
+@parallel_kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
+def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
+    """Training forward: batch statistics, the per-channel epilogue (``forward_channel``), then
+    ``y``. With :func:`fused` shapes each channel is one task (sums over its blocks in order,
+    then its rows normalized from cache); otherwise the same block sums run in parallel and are
+    combined in the same order, so both routes give the same bits."""
     outer, channels, inner = x.shape
-    rb, nb = blocks(outer, inner)
+    n = outer * inner
+    if fused(x, tune):
+        rb, nb = blocks(x, tune)
+        for c in prange(channels):
+            k, s1, s2 = channel_moment_sums(x, c, rb, nb)
+            mean, var = moments_from_sums(k, s1, s2, n)
+            forward_channel(c, mean, var, n, eps, momentum, gamma, running_mean, running_var,
+                            stats)
+            normalize_rows(x, c, 0, outer, mean, scale_of(stats, c), np.float64(beta[c]), y)
+    else:
+        var = np.empty(channels)
+        stats_phase(x, stats[MEAN], var, tune)
+        for c in range(channels):
+            forward_channel(c, stats[MEAN, c], var[c], n, eps, momentum, gamma, running_mean,
+                            running_var, stats)
+        write_phase(x, stats, beta, y, tune)
+
+
+@parallel_kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")
+def normalize(x, running_mean, running_var, gamma, beta, eps, stats, y, tune):
+    """Inference: ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
+    for c in range(x.shape[1]):
+        inference_channel(c, running_mean, running_var, eps, gamma, stats)
+    write_phase(x, stats, beta, y, tune)
+
+
+@parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
+def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
+    """Training backward: the two sums, the per-channel coefficients (``backward_channel``),
+    then dx; per channel from cache when :func:`fused`."""
+    outer, channels, inner = x.shape
+    n = outer * inner
+    rb, nb = blocks(x, tune)
+    if fused(x, tune):
+        for c in prange(channels):
+            m = stats[MEAN, c]
+            s1 = 0.0
+            s2 = 0.0
+            for b in range(nb):
+                a1, a2 = block_grad_sums(x, dy, c, b * rb, min(outer, (b + 1) * rb), m)
+                s1 += a1
+                s2 += a2
+            kc, c1c, c0c = backward_channel(c, s1, s2, n, stats, dgamma, dbeta)
+            grad_input_rows(x, dy, c, 0, outer, m, kc, c1c, c0c, dx)
+    else:
+        part = np.empty((channels * nb, 2))
+        for t in prange(channels * nb):
+            c = t // nb
+            r0 = (t % nb) * rb
+            part[t, 0], part[t, 1] = block_grad_sums(x, dy, c, r0, min(outer, r0 + rb),
+                                                     stats[MEAN, c])
+        coef = np.empty((3, channels))
+        for c in range(channels):
+            s1, s2 = channel_total(part, c, nb)
+            coef[0, c], coef[1, c], coef[2, c] = backward_channel(c, s1, s2, n, stats, dgamma,
+                                                                  dbeta)
+        for t in prange(channels * nb):
+            c = t // nb
+            r0 = (t % nb) * rb
+            grad_input_rows(x, dy, c, r0, min(outer, r0 + rb), stats[MEAN, c], coef[0, c],
+                            coef[1, c], coef[2, c], dx)
+
+
+@parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
+def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
+    """Frozen-statistics backward: ``dx = gamma * invstd * dy`` (never reads x) and the sums
+    for dgamma, dbeta, in one pass over the block grid."""
+    outer, channels, inner = x.shape
+    rb, nb = blocks(x, tune)
     part = np.empty((channels * nb, 2))
     for t in prange(channels * nb):
         c = t // nb
         r0 = (t % nb) * rb
-        part[t, 0], part[t, 1] = block_grad_sums(x, dy, c, r0, min(outer, r0 + rb), mean[c])
+        part[t, 0], part[t, 1] = block_frozen(x, dy, dx, c, r0, min(outer, r0 + rb),
+                                              stats[MEAN, c], scale_of(stats, c))
     for c in range(channels):
-        sum_dy[c], sum_dy_xmu[c] = channel_total(part, c, nb)
-
-
-@phase
-def write_grad_input(x, dy, mean, k, c1, c0, dx):
-    outer, channels, inner = x.shape
-    rb, nb = blocks(outer, inner)
-    for t in prange(channels * nb):
-        c = t // nb
-        r0 = (t % nb) * rb
-        grad_input_rows(x, dy, c, r0, min(outer, r0 + rb), mean[c], k[c], c1[c], c0[c], dx)
-
-
-@parallel_kernel("x", "vec_out", "vec_out")
-def moments(x, mean, var):
-    """Per-channel mean and biased variance; needs outer*inner >= 1."""
-    stats(x, mean, var)
-
-
-@parallel_kernel("x", "vec", "vec", "vec", "out")
-def normalize(x, mean, scale, shift, y):
-    """``y = (x - mean[c]) * scale[c] + shift[c]``, float64 arithmetic; y may be x itself."""
-    write_normalized(x, mean, scale, shift, y)
-
-
-@parallel_kernel("x", "x", "vec", "vec_out", "vec_out")
-def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-    gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu)
-
-
-@parallel_kernel("x", "x", "vec", "vec", "vec", "vec", "out")
-def grad_input(x, dy, mean, k, c1, c0, dx):
-    """``dx = k[c]*dy - c1[c]*(x - mean[c]) + c0[c]``; dx may be dy itself."""
-    write_grad_input(x, dy, mean, k, c1, c0, dx)
-
-
-@parallel_kernel("x", "vec", "vec", "scalar", "vec_out", "vec_out", "vec_out", "out")
-def forward_train(x, gamma, beta, eps, mean, var, invstd, y):
-    """Training forward: batch statistics, then ``y = gamma*(x - mean)*invstd + beta``.
-
-    With :func:`fused` shapes each channel is one task (sums over its blocks in order, then its
-    rows normalized from cache); otherwise the same block sums run in parallel and are combined
-    in the same order, so both routes give the same bits.
-    """
-    outer, channels, inner = x.shape
-    if fused(x):
-        rb, nb = blocks(outer, inner)
-        for c in prange(channels):
-            k = np.float64(x[0, c, 0])
-            s1 = 0.0
-            s2 = 0.0
-            for b in range(nb):
-                a1, a2 = block_moment_sums(x, c, b * rb, min(outer, (b + 1) * rb), k)
-                s1 += a1
-                s2 += a2
-            mean[c], var[c] = moments_from_sums(k, s1, s2, outer * inner)
-            invstd[c] = inverse_std(var[c], eps)
-            normalize_rows(x, c, 0, outer, mean[c], gamma[c] * invstd[c], beta[c], y)
-    else:
-        stats(x, mean, var)
-        for c in range(channels):
-            invstd[c] = inverse_std(var[c], eps)
-        write_normalized(x, mean, gamma * invstd, beta, y)
-
-
-@parallel_kernel("x", "x", "vec", "vec", "vec", "vec_out", "vec_out", "out")
-def backward_train(x, dy, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx):
-    """Training backward: the two sums, then dx, per channel from cache when :func:`fused`."""
-    outer, channels, inner = x.shape
-    n = outer * inner
-    k = np.empty(channels)
-    c1 = np.empty(channels)
-    c0 = np.empty(channels)
-    if fused(x):
-        rb, nb = blocks(outer, inner)
-        for c in prange(channels):
-            s1 = 0.0
-            s2 = 0.0
-            for b in range(nb):
-                a1, a2 = block_grad_sums(x, dy, c, b * rb, min(outer, (b + 1) * rb), mean[c])
-                s1 += a1
-                s2 += a2
-            sum_dy[c] = s1
-            sum_dy_xmu[c] = s2
-            grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, n, c, k, c1, c0)
-            grad_input_rows(x, dy, c, 0, outer, mean[c], k[c], c1[c], c0[c], dx)
-    else:
-        gradient_sums(x, dy, mean, sum_dy, sum_dy_xmu)
-        for c in range(channels):
-            grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, n, c, k, c1, c0)
-        write_grad_input(x, dy, mean, k, c1, c0, dx)
+        s1, s2 = channel_total(part, c, nb)
+        frozen_channel(c, s1, s2, stats, dgamma, dbeta)

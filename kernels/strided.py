@@ -29,19 +29,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import kernel
-from .common import (finish_moments, grad_coefficients, inverse_std, row_grad_sums,
-                     row_moment_sums)
+from ._jit import helper, kernel
+from .common import (MEAN, backward_channel, forward_channel, frozen_channel, inference_channel, moments_from_sums, row_frozen, row_grad_sums,
+                     row_moment_sums, scale_of)
 
 
-@kernel("x", "vec_out", "vec_out")
-def moments(x, mean, var):
-    """Per-channel mean and biased variance of ``x`` (outer, C, inner); needs outer*inner >= 1.
-
-    A channel holding NaN or +-inf gets NaN statistics; the other channels are unaffected.
-    """
+@helper
+def moment_sums(x):
+    """Per channel: the shift (first value) and the shifted sums, in one read of x."""
     outer, channels, inner = x.shape
-    n = outer * inner
     shift = np.empty(channels)
     s1 = np.zeros(channels)
     s2 = np.zeros(channels)
@@ -59,87 +55,102 @@ def moments(x, mean, var):
                 a, b = row_moment_sums(x[o, c], shift[c])
                 s1[c] += a
                 s2[c] += b
-    finish_moments(shift, s1, s2, n, mean, var)
+    return shift, s1, s2
 
 
-# Normalization: one read of x, one write of y.
-@kernel("x", "vec", "vec", "vec", "out")
-def normalize(x, mean, scale, shift, y):
-    """Write ``y[o, c, i] = (x[o, c, i] - mean[c]) * scale[c] + shift[c]``; y may be x itself."""
+@helper
+def gradient_sums(x, dy, stats):
+    """Per channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
     outer, channels, inner = x.shape
-    if inner == 1:
-        for o in range(outer):
-            for c in range(channels):
-                y[o, c, 0] = (x[o, c, 0] - mean[c]) * scale[c] + shift[c]
-    else:
-        for o in range(outer):
-            for c in range(channels):
-                m = mean[c]
-                s = scale[c]
-                b = shift[c]
-                for i in range(inner):
-                    y[o, c, i] = (x[o, c, i] - m) * s + b
-
-
-# Backward: two reductions in one read of x and dy, then one pass for dx.
-@kernel("x", "x", "vec", "vec_out", "vec_out")
-def grad_sums(x, dy, mean, sum_dy, sum_dy_xmu):
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-    outer, channels, inner = x.shape
-    for c in range(channels):
-        sum_dy[c] = 0.0
-        sum_dy_xmu[c] = 0.0
+    s1 = np.zeros(channels)
+    s2 = np.zeros(channels)
     if inner == 1:
         for o in range(outer):
             for c in range(channels):
                 g = np.float64(dy[o, c, 0])
-                sum_dy[c] += g
-                sum_dy_xmu[c] += g * (x[o, c, 0] - mean[c])
+                s1[c] += g
+                s2[c] += g * (x[o, c, 0] - stats[MEAN, c])
     else:
         for o in range(outer):
             for c in range(channels):
-                a, b = row_grad_sums(x[o, c], dy[o, c], mean[c])
-                sum_dy[c] += a
-                sum_dy_xmu[c] += b
+                a, b = row_grad_sums(x[o, c], dy[o, c], stats[MEAN, c])
+                s1[c] += a
+                s2[c] += b
+    return s1, s2
 
 
-@kernel("x", "x", "vec", "vec", "vec", "vec", "out")
-def grad_input(x, dy, mean, k, c1, c0, dx):
-    """Write ``dx[o, c, i] = k[c]*dy[o, c, i] - c1[c]*(x[o, c, i] - mean[c]) + c0[c]``."""
+@helper
+def write(x, stats, beta, y):
+    """``y = (x - mean) * gamma * invstd + beta``: one read of x, one write of y."""
     outer, channels, inner = x.shape
-    if inner == 1:
-        for o in range(outer):
-            for c in range(channels):
-                dx[o, c, 0] = k[c] * dy[o, c, 0] - c1[c] * (x[o, c, 0] - mean[c]) + c0[c]
-    else:
-        for o in range(outer):
-            for c in range(channels):
-                kc = k[c]
-                c1c = c1[c]
-                c0c = c0[c]
-                m = mean[c]
-                for i in range(inner):
-                    dx[o, c, i] = kc * dy[o, c, i] - c1c * (x[o, c, i] - m) + c0c
+    for o in range(outer):
+        for c in range(channels):
+            m = stats[MEAN, c]
+            s = scale_of(stats, c)
+            b = np.float64(beta[c])
+            for i in range(inner):
+                y[o, c, i] = (x[o, c, i] - m) * s + b
 
 
-@kernel("x", "vec", "vec", "scalar", "vec_out", "vec_out", "vec_out", "out")
-def forward_train(x, gamma, beta, eps, mean, var, invstd, y):
-    """Training forward: :func:`moments`, then :func:`normalize` with ``gamma * invstd``."""
-    moments(x, mean, var)
+@kernel("x", "p_out", "p_out", "tune")
+def moments(x, mean, var, tune):
+    """Per-channel mean and biased variance of ``x`` (outer, C, inner); needs outer*inner >= 1.
+
+    A channel holding NaN or +-inf gets NaN statistics; the other channels are unaffected.
+    """
+    shift, s1, s2 = moment_sums(x)
+    n = x.shape[0] * x.shape[2]
     for c in range(x.shape[1]):
-        invstd[c] = inverse_std(var[c], eps)
-    normalize(x, mean, gamma * invstd, beta, y)
+        mean[c], var[c] = moments_from_sums(shift[c], s1[c], s2[c], n)
 
 
-@kernel("x", "x", "vec", "vec", "vec", "vec_out", "vec_out", "out")
-def backward_train(x, dy, mean, invstd, gamma, sum_dy, sum_dy_xmu, dx):
-    """Training backward: :func:`grad_sums`, the coefficients, then :func:`grad_input`."""
-    channels = x.shape[1]
-    grad_sums(x, dy, mean, sum_dy, sum_dy_xmu)
-    k = np.empty(channels)
-    c1 = np.empty(channels)
-    c0 = np.empty(channels)
+@kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
+def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
+    """Training forward: the shifted sums, the per-channel epilogue, then y."""
+    shift, s1, s2 = moment_sums(x)
+    n = x.shape[0] * x.shape[2]
+    for c in range(x.shape[1]):
+        mean, var = moments_from_sums(shift[c], s1[c], s2[c], n)
+        forward_channel(c, mean, var, n, eps, momentum, gamma, running_mean, running_var, stats)
+    write(x, stats, beta, y)
+
+
+@kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")
+def normalize(x, running_mean, running_var, gamma, beta, eps, stats, y, tune):
+    """Inference: ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
+    for c in range(x.shape[1]):
+        inference_channel(c, running_mean, running_var, eps, gamma, stats)
+    write(x, stats, beta, y)
+
+
+# Backward: two reductions in one read of x and dy, then one pass for dx.
+@kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
+def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
+    """Training backward: the sums, the per-channel coefficients, then dx."""
+    outer, channels, inner = x.shape
+    s1, s2 = gradient_sums(x, dy, stats)
+    coef = np.empty((3, channels))
     for c in range(channels):
-        grad_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, x.shape[0] * x.shape[2], c, k, c1,
-                          c0)
-    grad_input(x, dy, mean, k, c1, c0, dx)
+        coef[0, c], coef[1, c], coef[2, c] = backward_channel(c, s1[c], s2[c], outer * inner,
+                                                              stats, dgamma, dbeta)
+    for o in range(outer):
+        for c in range(channels):
+            kc, c1c, c0c, m = coef[0, c], coef[1, c], coef[2, c], stats[MEAN, c]
+            for i in range(inner):
+                dx[o, c, i] = kc * dy[o, c, i] - c1c * (x[o, c, i] - m) + c0c
+
+
+@kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
+def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
+    """Frozen-statistics backward in one pass: ``dx = gamma * invstd * dy`` (never reads x)
+    and the sums for dgamma, dbeta."""
+    outer, channels, inner = x.shape
+    s1 = np.zeros(channels)
+    s2 = np.zeros(channels)
+    for o in range(outer):
+        for c in range(channels):
+            a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], scale_of(stats, c))
+            s1[c] += a
+            s2[c] += b
+    for c in range(channels):
+        frozen_channel(c, s1[c], s2[c], stats, dgamma, dbeta)

@@ -257,6 +257,7 @@ class Layout:
     canon: tuple  # (outer, C, inner)
     inverse: tuple  # the transpose back
     ordered_shape: tuple  # the shape in ``order``
+    transposed: bool  # does ``order`` move any axis (2-D, NCHW and NHWC arrays: no)
 
     @classmethod
     def of(cls, x: np.ndarray, axis: int) -> "Layout":
@@ -283,7 +284,8 @@ class Layout:
         n_outer = math.prod(shape[a] for a in ones + outer)
         n_inner = math.prod(shape[a] for a in inner)
         return cls(shape, axis, order, (n_outer, shape[axis], n_inner),
-                   tuple(int(i) for i in np.argsort(order)), tuple(shape[a] for a in order))
+                   tuple(int(i) for i in np.argsort(order)), tuple(shape[a] for a in order),
+                   order != tuple(range(len(shape))))
 
     @property
     def channels(self) -> int:
@@ -297,7 +299,7 @@ class Layout:
     def view3(self, a: np.ndarray) -> np.ndarray:
         """``a`` (of this layout's shape) as (outer, C, inner): a view, or a copy where no view
         exists."""
-        v = a.transpose(self.order)
+        v = a.transpose(self.order) if self.transposed else a
         try:
             return v.reshape(self.canon, copy=False)
         except ValueError:
@@ -312,7 +314,7 @@ class Layout:
         if out is not None:
             return out, self.view3(out)
         t = np.empty(self.ordered_shape, dtype)
-        return t.transpose(self.inverse), t.reshape(self.canon)
+        return (t.transpose(self.inverse) if self.transposed else t), t.reshape(self.canon)
 
     def finish_output(self, a: np.ndarray, a3: np.ndarray) -> None:
         """Copy the kernel's result into ``a`` when ``a3`` was a temporary, not a view of it."""

@@ -11,6 +11,8 @@ one kernel call. The math they implement is written out in ``bnfast.reference``.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from . import _checks as chk
@@ -22,8 +24,9 @@ _NO_RUNNING = {np.dtype(np.float32): np.empty(0, np.float32),
                np.dtype(np.float64): np.empty(0, np.float64)}  # "no running arrays" to a kernel
 
 
-class BatchNormCache:
-    """What :func:`backward` needs from one :func:`forward` call. Immutable.
+class BatchNormCache(tuple):
+    """What :func:`backward` needs from one :func:`forward` call. Immutable (a tuple: building
+    one costs 0.2 us, against 0.6 us for a frozen class with six attributes).
 
     Attributes
     ----------
@@ -41,19 +44,17 @@ class BatchNormCache:
         True: batch statistics, full gradient. False: running statistics, frozen-BN gradient.
     """
 
-    __slots__ = ("x", "axis", "training", "_stats", "_layout", "_x3")
+    __slots__ = ()
 
-    def __init__(self, x, stats, axis, training, layout, x3) -> None:
-        setattr_ = object.__setattr__
-        setattr_(self, "x", x)
-        setattr_(self, "axis", axis)
-        setattr_(self, "training", training)
-        setattr_(self, "_stats", stats)
-        setattr_(self, "_layout", layout)
-        setattr_(self, "_x3", x3)
+    def __new__(cls, x, stats, axis, training, layout, x3):
+        return tuple.__new__(cls, (x, stats, axis, training, layout, x3))
 
-    def __setattr__(self, name, value):
-        raise AttributeError(f"BatchNormCache is immutable; cannot set {name!r}")
+    x = property(operator.itemgetter(0))
+    _stats = property(operator.itemgetter(1))
+    axis = property(operator.itemgetter(2))
+    training = property(operator.itemgetter(3))
+    _layout = property(operator.itemgetter(4))
+    _x3 = property(operator.itemgetter(5))
 
     @property
     def mean(self) -> np.ndarray:

@@ -186,8 +186,13 @@ class BatchNorm:
     def _forward_planned(self, x: np.ndarray, p: "_Plan") -> np.ndarray:
         """The planned call: what :func:`bnfast.forward` does once its checks have passed."""
         layout = p.layout
-        x3 = layout.view3(x)
-        y, y3 = layout.output(None, p.dtype)
+        if layout.transposed:
+            x3 = layout.view3(x)
+            y, y3 = layout.output(None, p.dtype)
+        else:  # a view (the plan saw these strides give one) and a fresh output, no transposes
+            x3 = x.reshape(layout.canon)
+            y = np.empty(p.shape, p.dtype)
+            y3 = y.reshape(layout.canon)
         stats = np.empty((4, self.num_features))
         run = _threading.family(p.rows, p.nbytes) if p.contiguous else _threading._STRIDED
         rows = self._rows
@@ -230,12 +235,17 @@ class BatchNorm:
         """The planned call: what :func:`bnfast.backward` does once its checks have passed,
         dgamma and dbeta written straight into the layer's rows."""
         layout, x3 = cache._layout, cache._x3
-        dx, dx3 = layout.output(None, self.dtype)
         if layout.count == 0 or layout.channels == 0:
             self._rows[4][...] = 0.0
             self._rows[5][...] = 0.0
-            return dx
-        dy3 = layout.view3(dy)
+            return layout.output(None, self.dtype)[0]
+        if layout.transposed or not x3.flags.c_contiguous:
+            dx, dx3 = layout.output(None, self.dtype)
+            dy3 = layout.view3(dy)
+        else:  # dy has x's strides: a view too
+            dx = np.empty(dy.shape, self.dtype)
+            dx3 = dx.reshape(layout.canon)
+            dy3 = dy.reshape(layout.canon)
         if x3.flags.c_contiguous and dy3.flags.c_contiguous:
             run = _threading.family(x3.shape[2] >= ROWS_MIN, x3.nbytes)
         else:

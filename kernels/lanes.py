@@ -38,8 +38,8 @@ from numba import prange
 
 from ._jit import (BLOCK_ROWS_MIN, FUSE_LANES_MIN, TUNE_BLOCK, TUNE_STRIP, TUNE_TILE, helper,
                    parallel_kernel, phase)
-from .common import (MEAN, backward_channel, forward_channel, frozen_channel, inference_channel,
-                     moments_from_sums, scale_of)
+from .common import (MEAN, backward_channels, forward_channels, frozen_channels,
+                     inference_channels, moments_channels, scale_of)
 
 
 @helper
@@ -193,59 +193,80 @@ def frozen_rows(x2, g2, d2, m, k, r0, r1, l0, l1, a1, a2):
 
 # --- Per-channel values of a tile's lanes, and lane sums per channel.
 
-@helper
-def lane_shifts(x2, inner, l0, l1):
-    """Each lane's shift: its channel's first value (lane ``c * inner`` of row 0)."""
-    k = np.empty(l1 - l0)
-    for j in range(l1 - l0):
-        k[j] = x2[0, (l0 + j) // inner * inner]
-    return k
-
+# --- Per-lane copies of per-channel values, and per-channel sums of per-lane ones. A tile
+# starts on a channel boundary (l0 and T are multiples of inner), so these loops run
+# channel-major, without an integer division per lane (~30 cycles each, three per lane).
 
 @helper
-def lane_coefficients(stats, inner, l0, l1):
-    """Per lane: its channel's mean and ``gamma * invstd`` (the write pass's multiplier)."""
-    m = np.empty(l1 - l0)
-    s = np.empty(l1 - l0)
-    for j in range(l1 - l0):
-        c = (l0 + j) // inner
-        m[j] = stats[MEAN, c]
-        s[j] = scale_of(stats, c)
-    return m, s
-
-
-@helper
-def lane_values(v, inner, l0, l1):
-    """Per lane: its channel's entry of the per-channel vector v, as float64."""
-    out = np.empty(l1 - l0)
-    for j in range(l1 - l0):
-        out[j] = v[(l0 + j) // inner]
+def expand(v, inner, c0, w):
+    """Per lane of a w-lane tile starting at channel c0: its channel's entry of the
+    per-channel vector v (indexed by channel), as float64."""
+    out = np.empty(w)
+    if inner == 1:
+        for j in range(w):
+            out[j] = v[c0 + j]
+        return out
+    for j in range(0, w, inner):
+        e = np.float64(v[c0 + j // inner])
+        for i in range(j, j + inner):
+            out[i] = e
     return out
 
 
 @helper
-def lane_sum(a, inner, j):
-    """Sum of the ``inner`` lanes of a channel starting at tile lane j, in lane order."""
-    t = 0.0
-    for i in range(j, j + inner):
-        t += a[i]
-    return t
+def expand_local(v, inner, w):
+    """Per lane: the entry of ``v`` (indexed by channel from the tile's first) of its channel."""
+    return v if inner == 1 else expand(v, inner, 0, w)
 
 
 @helper
-def channel_partials(p1, p2, inner, c):
-    """A channel's two sums from the partials: per lane over blocks in block order, then over
-    its lanes in lane order."""
-    s1 = 0.0
-    s2 = 0.0
-    for lane in range(c * inner, (c + 1) * inner):
-        t1 = 0.0
-        t2 = 0.0
-        for b in range(p1.shape[0]):
-            t1 += p1[b, lane]
-            t2 += p2[b, lane]
-        s1 += t1
-        s2 += t2
+def fold(a, inner):
+    """Per channel: the sum of its ``inner`` lanes, in lane order (a itself when inner is 1)."""
+    if inner == 1:
+        return a
+    out = np.empty(a.shape[0] // inner)
+    for c in range(out.shape[0]):
+        t = 0.0
+        for i in range(c * inner, (c + 1) * inner):
+            t += a[i]
+        out[c] = t
+    return out
+
+
+@helper
+def shifts(x2, inner, l0, l1):
+    """Per channel of the tile: its shift, the channel's first value (lane c*inner of row 0)."""
+    k = np.empty((l1 - l0) // inner)
+    for c in range(k.shape[0]):
+        k[c] = x2[0, l0 + c * inner]
+    return k
+
+
+@helper
+def write_coefficients(stats, beta, inner, c0, w):
+    """Per lane: mean, ``gamma * invstd`` and beta of its channel (the write pass's values)."""
+    s = np.empty(w // inner)
+    for c in range(s.shape[0]):
+        s[c] = scale_of(stats, c0 + c)
+    return (expand(stats[MEAN], inner, c0, w), expand_local(s, inner, w),
+            expand(beta, inner, c0, w))
+
+
+@helper
+def partials_per_channel(p1, p2, inner, c0, c1):
+    """Channels c0:c1's two sums from the partials: per lane over blocks in block order, then
+    over its lanes in lane order."""
+    s1 = np.zeros(c1 - c0)
+    s2 = np.zeros(c1 - c0)
+    for c in range(c0, c1):
+        for lane in range(c * inner, (c + 1) * inner):
+            t1 = 0.0
+            t2 = 0.0
+            for b in range(p1.shape[0]):
+                t1 += p1[b, lane]
+                t2 += p2[b, lane]
+            s1[c - c0] += t1
+            s2[c - c0] += t2
     return s1, s2
 
 
@@ -254,11 +275,11 @@ def channel_partials(p1, p2, inner, c):
 
 @helper
 def tile_sums(x2, inner, r0, r1, l0, l1):
-    """The shifts and per-lane shifted moment sums of a tile over rows r0:r1."""
-    k = lane_shifts(x2, inner, l0, l1)
+    """The tile's per-channel shifts and per-lane shifted moment sums over rows r0:r1."""
+    k = shifts(x2, inner, l0, l1)
     a1 = np.empty(l1 - l0)
     a2 = np.empty(l1 - l0)
-    moment_sums(x2, k, r0, r1, l0, l1, a1, a2)
+    moment_sums(x2, expand_local(k, inner, l1 - l0), r0, r1, l0, l1, a1, a2)
     return k, a1, a2
 
 
@@ -273,16 +294,14 @@ def block_sums_task(x2, inner, r0, r1, l0, l1, p1, p2):
 def tile_moments(x2, inner, n, l0, l1, mean, var):
     """Mean and variance of the channels of tile l0:l1 over every row (the fused route)."""
     k, a1, a2 = tile_sums(x2, inner, 0, x2.shape[0], l0, l1)
-    for j in range(0, l1 - l0, inner):
-        c = (l0 + j) // inner
-        mean[c], var[c] = moments_from_sums(k[j], lane_sum(a1, inner, j), lane_sum(a2, inner, j),
-                                            n)
+    c0, c1 = l0 // inner, l1 // inner
+    moments_channels(k, fold(a1, inner), fold(a2, inner), n, mean[c0:c1], var[c0:c1])
 
 
 @helper
 def write_task(x2, y2, inner, stats, beta, r0, r1, l0, l1):
-    m, s = lane_coefficients(stats, inner, l0, l1)
-    affine_rows(x2, y2, m, s, lane_values(beta, inner, l0, l1), r0, r1, l0, l1)
+    m, s, b = write_coefficients(stats, beta, inner, l0 // inner, l1 - l0)
+    affine_rows(x2, y2, m, s, b, r0, r1, l0, l1)
 
 
 @helper
@@ -291,55 +310,48 @@ def forward_tile(x2, y2, inner, n, l0, l1, eps, momentum, gamma, beta, running_m
     """The fused training forward of one tile: every row reduced, its channels finished, then
     written while the tile is in cache."""
     k, a1, a2 = tile_sums(x2, inner, 0, x2.shape[0], l0, l1)
-    for j in range(0, l1 - l0, inner):
-        mean, var = moments_from_sums(k[j], lane_sum(a1, inner, j), lane_sum(a2, inner, j), n)
-        forward_channel((l0 + j) // inner, mean, var, n, eps, momentum, gamma, running_mean,
-                        running_var, stats)
+    c0, c1 = l0 // inner, l1 // inner
+    forward_channels(k, fold(a1, inner), fold(a2, inner), n, eps, momentum, gamma[c0:c1],
+                     running_mean[c0:c1], running_var[c0:c1], stats[:, c0:c1])
     write_task(x2, y2, inner, stats, beta, 0, x2.shape[0], l0, l1)
 
 
 @helper
 def gradient_sums_task(x2, g2, inner, stats, r0, r1, l0, l1, p1, p2):
-    gradient_sums(x2, g2, lane_values(stats[MEAN], inner, l0, l1), r0, r1, l0, l1, p1[l0:l1],
-                  p2[l0:l1])
+    gradient_sums(x2, g2, expand(stats[MEAN], inner, l0 // inner, l1 - l0), r0, r1, l0, l1,
+                  p1[l0:l1], p2[l0:l1])
 
 
 @helper
 def gradient_task(x2, g2, d2, inner, stats, coef, r0, r1, l0, l1):
     """dx on a task's rows and lanes from the per-channel ``coef`` rows k, c1, c0."""
-    w = l1 - l0
-    k = np.empty(w)
-    c1 = np.empty(w)
-    c0 = np.empty(w)
-    for j in range(w):
-        c = (l0 + j) // inner
-        k[j], c1[j], c0[j] = coef[0, c], coef[1, c], coef[2, c]
-    gradient_rows(x2, g2, d2, lane_values(stats[MEAN], inner, l0, l1), k, c1, c0, r0, r1, l0, l1)
+    c0, w = l0 // inner, l1 - l0
+    gradient_rows(x2, g2, d2, expand(stats[MEAN], inner, c0, w), expand(coef[0], inner, c0, w),
+                  expand(coef[1], inner, c0, w), expand(coef[2], inner, c0, w), r0, r1, l0, l1)
 
 
 @helper
 def backward_tile(x2, g2, d2, inner, n, l0, l1, stats, dgamma, dbeta):
     """The fused training backward of one tile: its sums over every row, its channels'
     coefficients, then dx while the tile is in cache."""
-    w = l1 - l0
-    m = lane_values(stats[MEAN], inner, l0, l1)
+    w, c0 = l1 - l0, l0 // inner
+    m = expand(stats[MEAN], inner, c0, w)
     a1 = np.empty(w)
     a2 = np.empty(w)
     gradient_sums(x2, g2, m, 0, x2.shape[0], l0, l1, a1, a2)
-    k = np.empty(w)
-    c1 = np.empty(w)
-    c0 = np.empty(w)
-    for j in range(0, w, inner):
-        kc, c1c, c0c = backward_channel((l0 + j) // inner, lane_sum(a1, inner, j),
-                                        lane_sum(a2, inner, j), n, stats, dgamma, dbeta)
-        for i in range(j, j + inner):
-            k[i], c1[i], c0[i] = kc, c1c, c0c
-    gradient_rows(x2, g2, d2, m, k, c1, c0, 0, x2.shape[0], l0, l1)
+    k = np.empty(w // inner)
+    c1 = np.empty(w // inner)
+    c0_ = np.empty(w // inner)
+    c1_ = l1 // inner
+    backward_channels(fold(a1, inner), fold(a2, inner), n, stats[:, c0:c1_], dgamma[c0:c1_],
+                      dbeta[c0:c1_], k, c1, c0_)
+    gradient_rows(x2, g2, d2, m, expand_local(k, inner, w), expand_local(c1, inner, w),
+                  expand_local(c0_, inner, w), 0, x2.shape[0], l0, l1)
 
 
 @helper
 def frozen_task(x2, g2, d2, inner, stats, r0, r1, l0, l1, a1, a2):
-    m, k = lane_coefficients(stats, inner, l0, l1)
+    m, k, b = write_coefficients(stats, stats[MEAN], inner, l0 // inner, l1 - l0)
     frozen_rows(x2, g2, d2, m, k, r0, r1, l0, l1, a1, a2)
 
 
@@ -349,32 +361,35 @@ def frozen_tile(x2, g2, d2, inner, l0, l1, stats, dgamma, dbeta):
     a1 = np.empty(l1 - l0)
     a2 = np.empty(l1 - l0)
     frozen_task(x2, g2, d2, inner, stats, 0, x2.shape[0], l0, l1, a1, a2)
-    for j in range(0, l1 - l0, inner):
-        frozen_channel((l0 + j) // inner, lane_sum(a1, inner, j), lane_sum(a2, inner, j), stats,
-                       dgamma, dbeta)
+    c0, c1 = l0 // inner, l1 // inner
+    frozen_channels(fold(a1, inner), fold(a2, inner), stats[:, c0:c1], dgamma[c0:c1],
+                    dbeta[c0:c1])
+
+
+@helper
+def channel_shifts(x2, inner, channels):
+    k = np.empty(channels)
+    for c in range(channels):
+        k[c] = x2[0, c * inner]
+    return k
 
 
 # --- Phases shared by the kernels (prange loops, inlined into each kernel).
 
 @phase
-def stats_phase(x, mean, var, tune):
-    """Per-channel mean and biased variance into ``mean``, ``var`` (rounded into their dtype)."""
+def sums_phase(x, tune):
+    """The two-pass route's reduction: per-channel shifts and shifted sums of the whole array,
+    from per-block, per-lane partials combined in a fixed order."""
     outer, channels, inner = x.shape
     lanes, tile, nt, rb, nrb = geometry(x, tune)
     x2 = x.reshape(outer, lanes)
-    n = outer * inner
-    if nrb == 1:
-        for t in prange(nt):
-            tile_moments(x2, inner, n, t * tile, min(lanes, (t + 1) * tile), mean, var)
-    else:
-        p1 = np.empty((nrb, lanes))
-        p2 = np.empty((nrb, lanes))
-        for task in prange(nt * nrb):
-            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
-            block_sums_task(x2, inner, r0, r1, l0, l1, p1[task // nt], p2[task // nt])
-        for c in prange(channels):
-            s1, s2 = channel_partials(p1, p2, inner, c)
-            mean[c], var[c] = moments_from_sums(np.float64(x2[0, c * inner]), s1, s2, n)
+    p1 = np.empty((nrb, lanes))
+    p2 = np.empty((nrb, lanes))
+    for task in prange(nt * nrb):
+        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
+        block_sums_task(x2, inner, r0, r1, l0, l1, p1[task // nt], p2[task // nt])
+    s1, s2 = partials_per_channel(p1, p2, inner, 0, channels)
+    return channel_shifts(x2, inner, channels), s1, s2
 
 
 @phase
@@ -394,14 +409,23 @@ def write_phase(x, stats, beta, y, tune):
 @parallel_kernel("x", "p_out", "p_out", "tune")
 def moments(x, mean, var, tune):
     """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
-    stats_phase(x, mean, var, tune)
+    outer, channels, inner = x.shape
+    lanes, tile, nt, rb, nrb = geometry(x, tune)
+    if nrb == 1:
+        x2 = x.reshape(outer, lanes)
+        for t in prange(nt):
+            tile_moments(x2, inner, outer * inner, t * tile, min(lanes, (t + 1) * tile), mean,
+                         var)
+    else:
+        k, s1, s2 = sums_phase(x, tune)
+        moments_channels(k, s1, s2, outer * inner, mean, var)
 
 
 @parallel_kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
 def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
-    """Training forward: batch statistics, the per-channel epilogue (``forward_channel``: the
-    statistics block and the running averages), then ``y``; fused per tile when the rows fit
-    one block."""
+    """Training forward: batch statistics, the per-channel epilogue (``forward_channels``: the
+    statistics block and the running averages), then ``y``; fused per tile when a strip of
+    every row fits ``TUNE_STRIP``."""
     outer, channels, inner = x.shape
     lanes, tile, nt, rb, nrb = geometry(x, tune)
     n = outer * inner
@@ -412,26 +436,22 @@ def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stat
             forward_tile(x2, y2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, momentum,
                          gamma, beta, running_mean, running_var, stats)
     else:
-        var = np.empty(channels)
-        stats_phase(x, stats[MEAN], var, tune)
-        for c in range(channels):
-            forward_channel(c, stats[MEAN, c], var[c], n, eps, momentum, gamma, running_mean,
-                            running_var, stats)
+        k, s1, s2 = sums_phase(x, tune)
+        forward_channels(k, s1, s2, n, eps, momentum, gamma, running_mean, running_var, stats)
         write_phase(x, stats, beta, y, tune)
 
 
 @parallel_kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")
 def normalize(x, running_mean, running_var, gamma, beta, eps, stats, y, tune):
     """Inference: ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
-    for c in range(x.shape[1]):
-        inference_channel(c, running_mean, running_var, eps, gamma, stats)
+    inference_channels(running_mean, running_var, eps, gamma, stats)
     write_phase(x, stats, beta, y, tune)
 
 
 @parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
 def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
     """Training backward: sums of dy and dy*(x - mean), the per-channel coefficients
-    (``backward_channel``), then dx; fused per tile when the rows fit one block."""
+    (``backward_channels``), then dx; fused per tile when a strip of every row fits."""
     outer, channels, inner = x.shape
     lanes, tile, nt, rb, nrb = geometry(x, tune)
     n = outer * inner
@@ -449,11 +469,9 @@ def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
             gradient_sums_task(x2, g2, inner, stats, r0, r1, l0, l1, p1[task // nt],
                                p2[task // nt])
+        s1, s2 = partials_per_channel(p1, p2, inner, 0, channels)
         coef = np.empty((3, channels))
-        for c in range(channels):
-            s1, s2 = channel_partials(p1, p2, inner, c)
-            coef[0, c], coef[1, c], coef[2, c] = backward_channel(c, s1, s2, n, stats, dgamma,
-                                                                  dbeta)
+        backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
         for task in prange(nt * nrb):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
             gradient_task(x2, g2, d2, inner, stats, coef, r0, r1, l0, l1)
@@ -479,6 +497,5 @@ def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
             b = task // nt
             frozen_task(x2, g2, d2, inner, stats, r0, r1, l0, l1, p1[b, l0:l1], p2[b, l0:l1])
-        for c in prange(channels):
-            s1, s2 = channel_partials(p1, p2, inner, c)
-            frozen_channel(c, s1, s2, stats, dgamma, dbeta)
+        s1, s2 = partials_per_channel(p1, p2, inner, 0, channels)
+        frozen_channels(s1, s2, stats, dgamma, dbeta)

@@ -9,8 +9,8 @@ thread count. A row is summed in float64 around the channel's shift (its first v
 Fused route: when a channel's slice of x is at most ``TUNE_FUSE`` bytes (half of this core's
 L2) and there are at least 4 channels, one task per channel reduces it and then writes its
 output (y, or dx) while the slice is still in L2, so x (and dy) are read from memory once
-instead of twice. Memory beyond the outputs: two float64 per block (x/4096 at most) and three
-per channel.
+instead of twice. Memory beyond the outputs: two float64 per block (x/4096 at most) and six
+per channel (at most x/10 of float32 x, since inner >= 64).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 from numba import prange
 
 from ._jit import TUNE_BLOCK, TUNE_FUSE, helper, parallel_kernel, phase
-from .common import (MEAN, backward_channel, forward_channel, frozen_channel, inference_channel,
-                     moments_from_sums, row_frozen, row_grad_sums, row_moment_sums, scale_of)
+from .common import (MEAN, backward_channels, forward_channels, frozen_channels,
+                     inference_channels, moments_channels, row_frozen, row_grad_sums,
+                     row_moment_sums, scale_of)
 
 
 @helper
@@ -121,8 +122,8 @@ def channel_moment_sums(x, c, rb, nb):
 # --- Phases shared by the kernels (prange loops, inlined into each kernel).
 
 @phase
-def stats_phase(x, mean, var, tune):
-    """Per-channel mean and biased variance: block sums in parallel, combined in block order."""
+def sums_phase(x, tune):
+    """Per-channel shifts and shifted sums: block sums in parallel, combined in block order."""
     outer, channels, inner = x.shape
     rb, nb = blocks(x, tune)
     part = np.empty((channels * nb, 2))
@@ -131,9 +132,13 @@ def stats_phase(x, mean, var, tune):
         r0 = (t % nb) * rb
         part[t, 0], part[t, 1] = block_moment_sums(x, c, r0, min(outer, r0 + rb),
                                                    np.float64(x[0, c, 0]))
+    k = np.empty(channels)
+    s1 = np.empty(channels)
+    s2 = np.empty(channels)
     for c in range(channels):
-        s1, s2 = channel_total(part, c, nb)
-        mean[c], var[c] = moments_from_sums(np.float64(x[0, c, 0]), s1, s2, outer * inner)
+        k[c] = x[0, c, 0]
+        s1[c], s2[c] = channel_total(part, c, nb)
+    return k, s1, s2
 
 
 @phase
@@ -153,12 +158,13 @@ def write_phase(x, stats, beta, y, tune):
 @parallel_kernel("x", "p_out", "p_out", "tune")
 def moments(x, mean, var, tune):
     """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
-    stats_phase(x, mean, var, tune)
+    k, s1, s2 = sums_phase(x, tune)
+    moments_channels(k, s1, s2, x.shape[0] * x.shape[2], mean, var)
 
 
 @parallel_kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
 def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
-    """Training forward: batch statistics, the per-channel epilogue (``forward_channel``), then
+    """Training forward: batch statistics, the per-channel epilogue (``forward_channels``), then
     ``y``. With :func:`fused` shapes each channel is one task (sums over its blocks in order,
     then its rows normalized from cache); otherwise the same block sums run in parallel and are
     combined in the same order, so both routes give the same bits."""
@@ -166,47 +172,53 @@ def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stat
     n = outer * inner
     if fused(x, tune):
         rb, nb = blocks(x, tune)
+        k = np.empty(channels)
+        s1 = np.empty(channels)
+        s2 = np.empty(channels)
         for c in prange(channels):
-            k, s1, s2 = channel_moment_sums(x, c, rb, nb)
-            mean, var = moments_from_sums(k, s1, s2, n)
-            forward_channel(c, mean, var, n, eps, momentum, gamma, running_mean, running_var,
-                            stats)
-            normalize_rows(x, c, 0, outer, mean, scale_of(stats, c), np.float64(beta[c]), y)
+            k[c], s1[c], s2[c] = channel_moment_sums(x, c, rb, nb)
+            forward_channels(k[c:c + 1], s1[c:c + 1], s2[c:c + 1], n, eps, momentum,
+                             gamma[c:c + 1], running_mean[c:c + 1], running_var[c:c + 1],
+                             stats[:, c:c + 1])
+            normalize_rows(x, c, 0, outer, stats[MEAN, c], scale_of(stats, c),
+                           np.float64(beta[c]), y)
     else:
-        var = np.empty(channels)
-        stats_phase(x, stats[MEAN], var, tune)
-        for c in range(channels):
-            forward_channel(c, stats[MEAN, c], var[c], n, eps, momentum, gamma, running_mean,
-                            running_var, stats)
+        k, s1, s2 = sums_phase(x, tune)
+        forward_channels(k, s1, s2, n, eps, momentum, gamma, running_mean, running_var, stats)
         write_phase(x, stats, beta, y, tune)
 
 
 @parallel_kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")
 def normalize(x, running_mean, running_var, gamma, beta, eps, stats, y, tune):
     """Inference: ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
-    for c in range(x.shape[1]):
-        inference_channel(c, running_mean, running_var, eps, gamma, stats)
+    inference_channels(running_mean, running_var, eps, gamma, stats)
     write_phase(x, stats, beta, y, tune)
 
 
 @parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
 def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
-    """Training backward: the two sums, the per-channel coefficients (``backward_channel``),
+    """Training backward: the two sums, the per-channel coefficients (``backward_channels``),
     then dx; per channel from cache when :func:`fused`."""
     outer, channels, inner = x.shape
     n = outer * inner
     rb, nb = blocks(x, tune)
+    s1 = np.empty(channels)
+    s2 = np.empty(channels)
+    coef = np.empty((3, channels))
     if fused(x, tune):
         for c in prange(channels):
             m = stats[MEAN, c]
-            s1 = 0.0
-            s2 = 0.0
+            t1 = 0.0
+            t2 = 0.0
             for b in range(nb):
                 a1, a2 = block_grad_sums(x, dy, c, b * rb, min(outer, (b + 1) * rb), m)
-                s1 += a1
-                s2 += a2
-            kc, c1c, c0c = backward_channel(c, s1, s2, n, stats, dgamma, dbeta)
-            grad_input_rows(x, dy, c, 0, outer, m, kc, c1c, c0c, dx)
+                t1 += a1
+                t2 += a2
+            s1[c], s2[c] = t1, t2
+            backward_channels(s1[c:c + 1], s2[c:c + 1], n, stats[:, c:c + 1], dgamma[c:c + 1],
+                              dbeta[c:c + 1], coef[0, c:c + 1], coef[1, c:c + 1],
+                              coef[2, c:c + 1])
+            grad_input_rows(x, dy, c, 0, outer, m, coef[0, c], coef[1, c], coef[2, c], dx)
     else:
         part = np.empty((channels * nb, 2))
         for t in prange(channels * nb):
@@ -214,11 +226,9 @@ def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
             r0 = (t % nb) * rb
             part[t, 0], part[t, 1] = block_grad_sums(x, dy, c, r0, min(outer, r0 + rb),
                                                      stats[MEAN, c])
-        coef = np.empty((3, channels))
         for c in range(channels):
-            s1, s2 = channel_total(part, c, nb)
-            coef[0, c], coef[1, c], coef[2, c] = backward_channel(c, s1, s2, n, stats, dgamma,
-                                                                  dbeta)
+            s1[c], s2[c] = channel_total(part, c, nb)
+        backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
         for t in prange(channels * nb):
             c = t // nb
             r0 = (t % nb) * rb
@@ -238,6 +248,8 @@ def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
         r0 = (t % nb) * rb
         part[t, 0], part[t, 1] = block_frozen(x, dy, dx, c, r0, min(outer, r0 + rb),
                                               stats[MEAN, c], scale_of(stats, c))
+    s1 = np.empty(channels)
+    s2 = np.empty(channels)
     for c in range(channels):
-        s1, s2 = channel_total(part, c, nb)
-        frozen_channel(c, s1, s2, stats, dgamma, dbeta)
+        s1[c], s2[c] = channel_total(part, c, nb)
+    frozen_channels(s1, s2, stats, dgamma, dbeta)

@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import helper, kernel
-from .common import (MEAN, backward_channel, forward_channel, frozen_channel, inference_channel, moments_from_sums, row_frozen, row_grad_sums,
+from .common import (MEAN, backward_channels, forward_channels, frozen_channels,
+                     inference_channels, moments_channels, row_frozen, row_grad_sums,
                      row_moment_sums, scale_of)
 
 
@@ -99,27 +100,22 @@ def moments(x, mean, var, tune):
     A channel holding NaN or +-inf gets NaN statistics; the other channels are unaffected.
     """
     shift, s1, s2 = moment_sums(x)
-    n = x.shape[0] * x.shape[2]
-    for c in range(x.shape[1]):
-        mean[c], var[c] = moments_from_sums(shift[c], s1[c], s2[c], n)
+    moments_channels(shift, s1, s2, x.shape[0] * x.shape[2], mean, var)
 
 
 @kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
 def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
     """Training forward: the shifted sums, the per-channel epilogue, then y."""
     shift, s1, s2 = moment_sums(x)
-    n = x.shape[0] * x.shape[2]
-    for c in range(x.shape[1]):
-        mean, var = moments_from_sums(shift[c], s1[c], s2[c], n)
-        forward_channel(c, mean, var, n, eps, momentum, gamma, running_mean, running_var, stats)
+    forward_channels(shift, s1, s2, x.shape[0] * x.shape[2], eps, momentum, gamma, running_mean,
+                     running_var, stats)
     write(x, stats, beta, y)
 
 
 @kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")
 def normalize(x, running_mean, running_var, gamma, beta, eps, stats, y, tune):
     """Inference: ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
-    for c in range(x.shape[1]):
-        inference_channel(c, running_mean, running_var, eps, gamma, stats)
+    inference_channels(running_mean, running_var, eps, gamma, stats)
     write(x, stats, beta, y)
 
 
@@ -130,9 +126,7 @@ def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
     outer, channels, inner = x.shape
     s1, s2 = gradient_sums(x, dy, stats)
     coef = np.empty((3, channels))
-    for c in range(channels):
-        coef[0, c], coef[1, c], coef[2, c] = backward_channel(c, s1[c], s2[c], outer * inner,
-                                                              stats, dgamma, dbeta)
+    backward_channels(s1, s2, outer * inner, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
     for o in range(outer):
         for c in range(channels):
             kc, c1c, c0c, m = coef[0, c], coef[1, c], coef[2, c], stats[MEAN, c]
@@ -152,5 +146,4 @@ def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
             a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], scale_of(stats, c))
             s1[c] += a
             s2[c] += b
-    for c in range(channels):
-        frozen_channel(c, s1[c], s2[c], stats, dgamma, dbeta)
+    frozen_channels(s1, s2, stats, dgamma, dbeta)

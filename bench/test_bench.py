@@ -1,11 +1,15 @@
-"""pytest-benchmark cases: forward, backward and inference on the bench shapes, float32 and
-float64, at 1 and 2 threads, each grouped with the NumPy reference and PyTorch (when importable)
-from the shared registry; plus start-up and compile time, each in a fresh subprocess.
+"""pytest-benchmark cases from the shared registry (``bnfast._compare``): the benchmark grid
+(``GRID``: MLP activations N x C, issue 7's shapes, conv activations NCHW and NHWC, arrays beyond
+the last-level cache) in float32 and the main job's cases (``CASES``) in float64; forward,
+backward, inference and the layer step; at 1 and all threads; bnfast beside the NumPy
+reference and PyTorch (when importable) in one group per (operation, shape, dtype, threads);
+plus start-up and compile time, each in a fresh subprocess.
 
-``pytest bench --benchmark-enable --benchmark-only`` times them side by side; the default test
-run executes each once (``--benchmark-disable``) so they cannot rot. Benchmarks never assert a
-time. Each case is called once before timing, so compilation is never timed (except where it
-is the subject).
+``pytest --benchmark`` times them side by side; the default test run executes each once
+(``--benchmark-disable``) so they cannot rot, except the NumPy reference on arrays beyond the
+last-level cache (seconds and gigabytes of temporaries each; timed runs include it).
+Benchmarks never assert a time. Each case is called once before timing, so compilation is
+never timed (except where it is the subject).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import numpy as np
 import pytest
 
 from bnfast import _compare as cmp
+from bnfast import _machine
 
 THREADS = sorted({1, numba.config.NUMBA_NUM_THREADS})
-CASES = [dataclasses.replace(c, dtype=dt) for dt in (np.float32, np.float64) for c in cmp.CASES]
+CASES = list(cmp.GRID) + [dataclasses.replace(c, dtype=np.float64) for c in cmp.CASES]
+LLC = _machine.CACHES["L3"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -41,6 +47,8 @@ def test_bench(benchmark, op, case, threads, impl):
     implementation = cmp.IMPLEMENTATIONS[impl]
     if not implementation.available():
         pytest.skip(f"{impl} is not installed")
+    if impl == "numpy" and benchmark.disabled and case.nbytes > LLC:
+        pytest.skip("the NumPy reference beyond the last-level cache runs in timed runs only")
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     if impl == "pytorch":

@@ -78,7 +78,8 @@ def _real(v, name: str, accepted: str) -> float:
     try:
         return float(v)
     except OverflowError:  # a Python int beyond float's range, e.g. 10**400
-        raise ValueError(f"{name}={v} is too large; accepted: {accepted}") from None
+        raise ValueError(f"{name} is too large (an int of {len(str(abs(v)))} digits); "
+                         f"accepted: {accepted}") from None
 
 
 def checked_eps(eps, training: bool) -> float:

@@ -10,6 +10,8 @@ to NumPy after the kernel has written (it could raise under ``np.errstate``, aft
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._jit import helper, reduction
@@ -49,24 +51,31 @@ def moments_channels(k, s1, s2, n, mean, var):
 
 
 @helper
-def forward_channels(k, s1, s2, n, eps, momentum, gamma, running_mean, running_var, stats):
+def forward_channels(k, s1, s2, n, eps, gamma, stats):
     """Channels of a training forward, from their shifted sums over n values: the statistics
-    block and, when running arrays are given (else they have length 0), the running averages
-    (PyTorch's rule, unbiased variance), rounded once into their dtype."""
+    block (the running averages are updated by :func:`update_running`, after :func:`rescue`)."""
     means, invstds, gammas, variances = stats[MEAN], stats[INVSTD], stats[GAMMA], stats[VAR]
     moments_channels(k, s1, s2, n, means, variances)
     for j in range(s1.shape[0]):
         invstds[j] = 1.0 / np.sqrt(variances[j] + eps)
     for j in range(s1.shape[0]):
         gammas[j] = gamma[j]
-    if running_mean.shape[0] > 0:
-        unbias = n / (n - 1.0)
-        for j in range(s1.shape[0]):
-            running_mean[j] = ((1.0 - momentum) * np.float64(running_mean[j])
-                               + momentum * means[j])
-        for j in range(s1.shape[0]):
-            running_var[j] = ((1.0 - momentum) * np.float64(running_var[j])
-                              + momentum * (variances[j] * unbias))
+
+
+@helper
+def update_running(stats, n, momentum, running_mean, running_var):
+    """The running averages from the batch statistics (PyTorch's rule: weight ``momentum`` for
+    the batch, unbiased variance), in float64, rounded once into their dtype; nothing when the
+    running arrays have length 0."""
+    if running_mean.shape[0] == 0:
+        return
+    means, variances = stats[MEAN], stats[VAR]
+    unbias = n / (n - 1.0)
+    for c in range(means.shape[0]):
+        running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * means[c]
+    for c in range(means.shape[0]):
+        running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
+                          + momentum * (variances[c] * unbias))
 
 
 @helper
@@ -116,6 +125,103 @@ def frozen_channels(s1, s2, stats, dgamma, dbeta):
         dgamma[j] = s2[j] * invstds[j]
     for j in range(s1.shape[0]):
         dbeta[j] = s1[j]
+
+
+# --- The rescue of a channel whose shifted sums overflowed (float64 data beyond ~1e154: the
+# squares overflow; beyond ~9e307 the differences do). Cold path: a forward or moments kernel
+# tests each channel's mean and variance once (a vectorized O(C) loop, the whole cost on normal
+# data) and recomputes only a non-finite one, from values scaled by a power of two (exact).
+
+@helper
+def channel_extent(x, c):
+    """Largest |x| in channel c of an (outer, C, inner) view; NaN if the channel holds NaN."""
+    top = 0.0
+    for o in range(x.shape[0]):
+        for i in range(x.shape[2]):
+            a = abs(np.float64(x[o, c, i]))
+            if not a <= top:  # larger, or NaN
+                top = a
+    return top
+
+
+@helper
+def rescue_scale(x, c):
+    """A power of two that brings channel c's values to at most 2**500 (so that differences,
+    squares and their sums stay finite), or 0.0 when the channel holds inf or NaN."""
+    top = channel_extent(x, c)
+    if not np.isfinite(top):
+        return 0.0
+    e = math.frexp(top)[1]
+    return math.ldexp(1.0, 500 - e) if e > 500 else 1.0
+
+
+@helper
+def rescaled_moments(x, c, f):
+    """``(mean, var)`` of channel c from its values times f (a power of two: exact), shifted
+    sums in float64, scaled back; var overflows to inf only if the true variance does."""
+    k = np.float64(x[0, c, 0]) * f
+    s1 = 0.0
+    s2 = 0.0
+    for o in range(x.shape[0]):
+        for i in range(x.shape[2]):
+            d = np.float64(x[o, c, i]) * f - k
+            s1 += d
+            s2 += d * d
+    mean, var = moments_from_sums(k, s1, s2, x.shape[0] * x.shape[2])
+    return mean / f, var / f / f
+
+
+@helper
+def rescued_moments(x, c):
+    """Channel c's ``(scale, mean, var)`` recomputed from rescaled values; ``(0.0, NaN, NaN)``
+    when it holds inf or NaN."""
+    f = rescue_scale(x, c)
+    if f == 0.0:
+        return 0.0, np.nan, np.nan
+    mean, var = rescaled_moments(x, c, f)
+    return f, mean, var
+
+
+@helper
+def needs_rescue(means, variances):
+    """How many channels have a non-finite mean or variance (a vectorized pass)."""
+    bad = 0
+    for c in range(means.shape[0]):
+        bad += not (np.isfinite(means[c]) and np.isfinite(variances[c]))
+    return bad
+
+
+@helper
+def rescue(x, stats, eps, beta, y):
+    """Channels whose statistics are not finite: recomputed from rescaled values when the
+    channel's values are finite (then their y rewritten with rescaled arithmetic), NaN
+    statistics and an all-NaN y when the channel holds inf or NaN (as the README says)."""
+    means, variances = stats[MEAN], stats[VAR]
+    if needs_rescue(means, variances) == 0:
+        return
+    for c in range(means.shape[0]):
+        if np.isfinite(means[c]) and np.isfinite(variances[c]):
+            continue
+        f, mean, var = rescued_moments(x, c)
+        means[c] = mean
+        variances[c] = var
+        stats[INVSTD, c] = 1.0 / np.sqrt(var + eps)
+        s = scale_of(stats, c)
+        b = np.float64(beta[c])
+        g = 1.0 if f == 0.0 else f
+        for o in range(x.shape[0]):
+            for i in range(x.shape[2]):
+                y[o, c, i] = (np.float64(x[o, c, i]) * g - mean * g) * (s / g) + b
+
+
+@helper
+def rescue_moments(x, mean, var):
+    """:func:`rescue` for the moments kernel (statistics in the data's dtype, no output)."""
+    if needs_rescue(mean, var) == 0:
+        return
+    for c in range(mean.shape[0]):
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+            f, mean[c], var[c] = rescued_moments(x, c)
 
 
 @reduction

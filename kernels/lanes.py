@@ -39,7 +39,8 @@ from numba import prange
 from ._jit import (BLOCK_ROWS_MIN, FUSE_LANES_MIN, TUNE_BLOCK, TUNE_STRIP, TUNE_TILE, helper,
                    parallel_kernel, phase)
 from .common import (MEAN, backward_channels, forward_channels, frozen_channels,
-                     inference_channels, moments_channels, scale_of)
+                     inference_channels, moments_channels, rescue, rescue_moments, scale_of,
+                     update_running)
 
 
 @helper
@@ -130,13 +131,15 @@ def gradient_sums(x2, g2, m, r0, r1, l0, l1, a1, a2):
 
 @helper
 def affine_rows(x2, y2, m, s, b, r0, r1, l0, l1):
-    """``y = (x - m[j]) * s[j] + b[j]`` on rows r0:r1, lanes l0:l1, four rows per pass over the
-    per-lane values. (Those three float64 loads per element bound the loop: on float32
-    (2048, 1024), one thread, the write ran at 2.4-4.3 G elements/s one row at a time and
-    3.5-4.9 four rows at a time, in runs where a flat loop with scalar values made 5.7-6.3.)"""
+    """``y = (x - m[j]) * s[j] + b[j]`` on rows r0:r1, lanes l0:l1; on wide tiles four rows per
+    pass over the per-lane values. (Those three float64 loads per element bound the loop on
+    wide tiles: float32 (2048, 1024), one thread, 431 us four rows at a time against 552 us one
+    row at a time. On tiles narrower than 512 lanes the four-row loop's per-group set-up
+    (runtime alias checks of eight rows) costs more than it saves: (12544, 256), 2038 against
+    974 us.)"""
     w = l1 - l0
     r = r0
-    while r + 4 <= r1:
+    while w >= 512 and r + 4 <= r1:
         x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
         y0, y1, y2_, y3 = y2[r, l0:l1], y2[r + 1, l0:l1], y2[r + 2, l0:l1], y2[r + 3, l0:l1]
         for j in range(w):
@@ -155,23 +158,13 @@ def affine_rows(x2, y2, m, s, b, r0, r1, l0, l1):
 
 @helper
 def gradient_rows(x2, g2, d2, m, k, c1, c0, r0, r1, l0, l1):
-    """``dx = k[j]*dy - c1[j]*(x - m[j]) + c0[j]`` on rows r0:r1, lanes l0:l1, two rows per
-    pass over the per-lane values."""
-    w = l1 - l0
-    r = r0
-    while r + 2 <= r1:
-        x0, x1, g0, g1 = x2[r, l0:l1], x2[r + 1, l0:l1], g2[r, l0:l1], g2[r + 1, l0:l1]
-        d0, d1 = d2[r, l0:l1], d2[r + 1, l0:l1]
-        for j in range(w):
-            mj, kj, c1j, c0j = m[j], k[j], c1[j], c0[j]
-            d0[j] = kj * g0[j] - c1j * (x0[j] - mj) + c0j
-            d1[j] = kj * g1[j] - c1j * (x1[j] - mj) + c0j
-        r += 2
-    while r < r1:
+    """``dx = k[j]*dy - c1[j]*(x - m[j]) + c0[j]`` on rows r0:r1, lanes l0:l1, one row at a
+    time (two rows per pass were slower at every width measured: (12544, 256) 1861 against
+    1117 us, (2048, 1024) 762 against 676 us)."""
+    for r in range(r0, r1):
         xr, gr, dr = x2[r, l0:l1], g2[r, l0:l1], d2[r, l0:l1]
-        for j in range(w):
+        for j in range(l1 - l0):
             dr[j] = k[j] * gr[j] - c1[j] * (xr[j] - m[j]) + c0[j]
-        r += 1
 
 
 @helper
@@ -305,14 +298,13 @@ def write_task(x2, y2, inner, stats, beta, r0, r1, l0, l1):
 
 
 @helper
-def forward_tile(x2, y2, inner, n, l0, l1, eps, momentum, gamma, beta, running_mean,
-                 running_var, stats):
+def forward_tile(x2, y2, inner, n, l0, l1, eps, gamma, beta, stats):
     """The fused training forward of one tile: every row reduced, its channels finished, then
     written while the tile is in cache."""
     k, a1, a2 = tile_sums(x2, inner, 0, x2.shape[0], l0, l1)
     c0, c1 = l0 // inner, l1 // inner
-    forward_channels(k, fold(a1, inner), fold(a2, inner), n, eps, momentum, gamma[c0:c1],
-                     running_mean[c0:c1], running_var[c0:c1], stats[:, c0:c1])
+    forward_channels(k, fold(a1, inner), fold(a2, inner), n, eps, gamma[c0:c1],
+                     stats[:, c0:c1])
     write_task(x2, y2, inner, stats, beta, 0, x2.shape[0], l0, l1)
 
 
@@ -419,6 +411,7 @@ def moments(x, mean, var, tune):
     else:
         k, s1, s2 = sums_phase(x, tune)
         moments_channels(k, s1, s2, outer * inner, mean, var)
+    rescue_moments(x, mean, var)
 
 
 @parallel_kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
@@ -433,12 +426,14 @@ def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stat
         x2 = x.reshape(outer, lanes)
         y2 = y.reshape(outer, lanes)
         for t in prange(nt):
-            forward_tile(x2, y2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, momentum,
-                         gamma, beta, running_mean, running_var, stats)
+            forward_tile(x2, y2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, gamma,
+                         beta, stats)
     else:
         k, s1, s2 = sums_phase(x, tune)
-        forward_channels(k, s1, s2, n, eps, momentum, gamma, running_mean, running_var, stats)
+        forward_channels(k, s1, s2, n, eps, gamma, stats)
         write_phase(x, stats, beta, y, tune)
+    rescue(x, stats, eps, beta, y)
+    update_running(stats, n, momentum, running_mean, running_var)
 
 
 @parallel_kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")

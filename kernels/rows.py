@@ -1,16 +1,23 @@
 """The rows family: C-contiguous (outer, C, inner) with inner >= ROWS_MIN (NCHW, NCL, 5-D).
 
-Each (o, c) row is contiguous and long. Work is cut into blocks of ``rb = max(1, B // inner)``
-rows of one channel (B: ``TUNE_BLOCK`` bytes of x); a reduction computes one partial per block
-(in parallel) and combines a channel's partials in block order, so results do not depend on the
-thread count. A row is summed in float64 around the channel's shift (its first value) by a
-``reduction`` helper, which LLVM vectorizes (see ``_jit``; accuracy argument in ``strided``).
+Each (o, c) row is contiguous and long. A row is summed in float64 around the channel's shift
+(its first value) by a ``reduction`` helper, which LLVM vectorizes (see ``_jit``; accuracy
+argument in ``strided``). Two partitions, both functions of the shape and the machine's tuning
+vector only, so results do not depend on the thread count:
 
-Fused route: when a channel's slice of x is at most ``TUNE_FUSE`` bytes (half of this core's
-L2) and there are at least 4 channels, one task per channel reduces it and then writes its
-output (y, or dx) while the slice is still in L2, so x (and dy) are read from memory once
-instead of twice. Memory beyond the outputs: two float64 per block (x/4096 at most) and six
-per channel (at most x/10 of float32 x, since inner >= 64).
+- Memory order (every pass but the fused route): tasks are blocks of ``rb`` outer indices
+  (``TUNE_BLOCK`` bytes) times groups of channels (split only when there are fewer than
+  ``MIN_TASKS`` blocks), each running through its rows in memory order; a reduction keeps one
+  partial per (block, channel), combined per channel in block order. (Channel-major order,
+  all of one channel's rows across the array, made inference 3x slower: float32 (64, 256, 196),
+  one thread, 1.9 ms against 0.61 ms in memory order, the speed of a flat loop.)
+- Fused route, when a channel's slice of x is at most ``TUNE_FUSE`` bytes (half of this core's
+  L2) and there are at least 4 channels: one task per channel reduces its slice and then writes
+  its output (y, or dx) while the slice is still in L2, so x (and dy) are read from memory once
+  instead of twice.
+
+Memory beyond the outputs: two float64 per (block, channel) (at most x/16 of float32 x, since
+a block holds at least one outer index of inner >= 64 values per channel) and four per channel.
 """
 
 from __future__ import annotations
@@ -18,18 +25,28 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import TUNE_BLOCK, TUNE_FUSE, helper, parallel_kernel, phase
+from ._jit import MIN_TASKS, TUNE_BLOCK, TUNE_FUSE, helper, parallel_kernel, phase
 from .common import (MEAN, backward_channels, forward_channels, frozen_channels,
-                     inference_channels, moments_channels, row_frozen, row_grad_sums,
-                     row_moment_sums, scale_of)
+                     inference_channels, moments_channels, rescue, rescue_moments, row_frozen,
+                     row_grad_sums, row_moment_sums, scale_of, update_running)
 
 
 @helper
-def blocks(x, tune):
-    """``(rows per block, blocks per channel)``: a function of the shape (and machine) only."""
-    outer, inner = x.shape[0], x.shape[2]
-    rb = max(1, tune[TUNE_BLOCK] // (inner * x.itemsize))
-    return rb, (outer + rb - 1) // rb
+def grid(x, tune):
+    """``(rb, nb, cg, ng)``: outer indices per block, blocks, channels per group, groups."""
+    outer, channels, inner = x.shape
+    rb = max(1, tune[TUNE_BLOCK] // (channels * inner * x.itemsize))
+    nb = (outer + rb - 1) // rb
+    ng = min(channels, max(1, MIN_TASKS // nb))
+    cg = (channels + ng - 1) // ng
+    return rb, nb, cg, (channels + cg - 1) // cg
+
+
+@helper
+def task_span(t, x, rb, cg, ng):
+    """``(block, o0, o1, c0, c1)`` of task t of the memory-order grid."""
+    b, g = t // ng, t % ng
+    return b, b * rb, min(x.shape[0], (b + 1) * rb), g * cg, min(x.shape[1], (g + 1) * cg)
 
 
 @helper
@@ -40,11 +57,99 @@ def fused(x, tune):
 
 
 @helper
-def block_moment_sums(x, c, r0, r1, k):
-    """Shifted sums over rows ``r0:r1`` of channel c, rows added in order."""
+def combine(part, s1, s2):
+    """Per channel, the partials of every block added in block order (from 0.0)."""
+    for c in range(part.shape[1]):
+        t1 = 0.0
+        t2 = 0.0
+        for b in range(part.shape[0]):
+            t1 += part[b, c, 0]
+            t2 += part[b, c, 1]
+        s1[c] = t1
+        s2[c] = t2
+
+
+@helper
+def shifts(x):
+    k = np.empty(x.shape[1])
+    for c in range(x.shape[1]):
+        k[c] = x[0, c, 0]
+    return k
+
+
+@helper
+def moment_task(x, k, o0, o1, c0, c1, part):
+    """Shifted sums of rows o0:o1, channels c0:c1, in memory order, into ``part[c]``."""
+    for c in range(c0, c1):
+        part[c, 0] = 0.0
+        part[c, 1] = 0.0
+    for o in range(o0, o1):
+        for c in range(c0, c1):
+            a, b = row_moment_sums(x[o, c], k[c])
+            part[c, 0] += a
+            part[c, 1] += b
+
+
+@helper
+def gradient_task(x, dy, stats, o0, o1, c0, c1, part):
+    """``sum(dy)``, ``sum(dy * (x - mean))`` of rows o0:o1, channels c0:c1, into ``part[c]``."""
+    for c in range(c0, c1):
+        part[c, 0] = 0.0
+        part[c, 1] = 0.0
+    for o in range(o0, o1):
+        for c in range(c0, c1):
+            a, b = row_grad_sums(x[o, c], dy[o, c], stats[MEAN, c])
+            part[c, 0] += a
+            part[c, 1] += b
+
+
+@helper
+def frozen_task(x, dy, dx, stats, o0, o1, c0, c1, part):
+    """The frozen backward of rows o0:o1, channels c0:c1: dx and the gradient sums."""
+    for c in range(c0, c1):
+        part[c, 0] = 0.0
+        part[c, 1] = 0.0
+    for o in range(o0, o1):
+        for c in range(c0, c1):
+            a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], scale_of(stats, c))
+            part[c, 0] += a
+            part[c, 1] += b
+
+
+@helper
+def normalize_row(xr, yr, m, s, b):
+    for i in range(xr.shape[0]):
+        yr[i] = (xr[i] - m) * s + b
+
+
+@helper
+def write_task(x, stats, beta, o0, o1, c0, c1, y):
+    for o in range(o0, o1):
+        for c in range(c0, c1):
+            normalize_row(x[o, c], y[o, c], stats[MEAN, c], scale_of(stats, c),
+                          np.float64(beta[c]))
+
+
+@helper
+def grad_input_row(xr, gr, dr, m, kc, c1c, c0c):
+    for i in range(xr.shape[0]):
+        dr[i] = kc * gr[i] - c1c * (xr[i] - m) + c0c
+
+
+@helper
+def grad_input_task(x, dy, stats, coef, o0, o1, c0, c1, dx):
+    for o in range(o0, o1):
+        for c in range(c0, c1):
+            grad_input_row(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], coef[0, c], coef[1, c],
+                           coef[2, c])
+
+
+@helper
+def channel_sums(x, c, k):
+    """A channel's shifted sums over its rows in order (the fused route)."""
     s1 = 0.0
     s2 = 0.0
-    for o in range(r0, r1):
+    for o in range(x.shape[0]):
         a, b = row_moment_sums(x[o, c], k)
         s1 += a
         s2 += b
@@ -52,105 +157,41 @@ def block_moment_sums(x, c, r0, r1, k):
 
 
 @helper
-def block_grad_sums(x, dy, c, r0, r1, m):
-    """Gradient sums over rows ``r0:r1`` of channel c, rows added in order."""
+def channel_gradient_sums(x, dy, c, m):
     s1 = 0.0
     s2 = 0.0
-    for o in range(r0, r1):
+    for o in range(x.shape[0]):
         a, b = row_grad_sums(x[o, c], dy[o, c], m)
         s1 += a
         s2 += b
     return s1, s2
 
 
-@helper
-def block_frozen(x, dy, dx, c, r0, r1, m, k):
-    """dx of rows ``r0:r1`` of channel c (frozen statistics) and their gradient sums."""
-    s1 = 0.0
-    s2 = 0.0
-    for o in range(r0, r1):
-        a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], m, k)
-        s1 += a
-        s2 += b
-    return s1, s2
-
-
-@helper
-def normalize_rows(x, c, r0, r1, m, s, b, y):
-    for o in range(r0, r1):
-        xr = x[o, c]
-        yr = y[o, c]
-        for i in range(xr.shape[0]):
-            yr[i] = (xr[i] - m) * s + b
-
-
-@helper
-def grad_input_rows(x, dy, c, r0, r1, m, kc, c1c, c0c, dx):
-    for o in range(r0, r1):
-        xr = x[o, c]
-        gr = dy[o, c]
-        dr = dx[o, c]
-        for i in range(xr.shape[0]):
-            dr[i] = kc * gr[i] - c1c * (xr[i] - m) + c0c
-
-
-@helper
-def channel_total(part, c, nb):
-    """A channel's two sums: its block partials added in block order (from 0.0)."""
-    s1 = 0.0
-    s2 = 0.0
-    for b in range(nb):
-        s1 += part[c * nb + b, 0]
-        s2 += part[c * nb + b, 1]
-    return s1, s2
-
-
-@helper
-def channel_moment_sums(x, c, rb, nb):
-    """A channel's shifted sums over all its blocks, in block order (the fused route)."""
-    outer = x.shape[0]
-    k = np.float64(x[0, c, 0])
-    s1 = 0.0
-    s2 = 0.0
-    for b in range(nb):
-        a1, a2 = block_moment_sums(x, c, b * rb, min(outer, (b + 1) * rb), k)
-        s1 += a1
-        s2 += a2
-    return k, s1, s2
-
-
 # --- Phases shared by the kernels (prange loops, inlined into each kernel).
 
 @phase
 def sums_phase(x, tune):
-    """Per-channel shifts and shifted sums: block sums in parallel, combined in block order."""
-    outer, channels, inner = x.shape
-    rb, nb = blocks(x, tune)
-    part = np.empty((channels * nb, 2))
-    for t in prange(channels * nb):
-        c = t // nb
-        r0 = (t % nb) * rb
-        part[t, 0], part[t, 1] = block_moment_sums(x, c, r0, min(outer, r0 + rb),
-                                                   np.float64(x[0, c, 0]))
-    k = np.empty(channels)
+    """Per-channel shifts and shifted sums over the memory-order grid."""
+    channels = x.shape[1]
+    rb, nb, cg, ng = grid(x, tune)
+    k = shifts(x)
+    part = np.empty((nb, channels, 2))
+    for t in prange(nb * ng):
+        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+        moment_task(x, k, o0, o1, c0, c1, part[b])
     s1 = np.empty(channels)
     s2 = np.empty(channels)
-    for c in range(channels):
-        k[c] = x[0, c, 0]
-        s1[c], s2[c] = channel_total(part, c, nb)
+    combine(part, s1, s2)
     return k, s1, s2
 
 
 @phase
 def write_phase(x, stats, beta, y, tune):
-    """``y = (x - mean) * gamma * invstd + beta`` per channel, over the block grid."""
-    outer, channels, inner = x.shape
-    rb, nb = blocks(x, tune)
-    for t in prange(channels * nb):
-        c = t // nb
-        r0 = (t % nb) * rb
-        normalize_rows(x, c, r0, min(outer, r0 + rb), stats[MEAN, c], scale_of(stats, c),
-                       np.float64(beta[c]), y)
+    """``y = (x - mean) * gamma * invstd + beta`` per channel, in memory order."""
+    rb, nb, cg, ng = grid(x, tune)
+    for t in prange(nb * ng):
+        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+        write_task(x, stats, beta, o0, o1, c0, c1, y)
 
 
 # --- Kernels.
@@ -160,32 +201,31 @@ def moments(x, mean, var, tune):
     """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
     k, s1, s2 = sums_phase(x, tune)
     moments_channels(k, s1, s2, x.shape[0] * x.shape[2], mean, var)
+    rescue_moments(x, mean, var)
 
 
 @parallel_kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
 def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
     """Training forward: batch statistics, the per-channel epilogue (``forward_channels``), then
-    ``y``. With :func:`fused` shapes each channel is one task (sums over its blocks in order,
-    then its rows normalized from cache); otherwise the same block sums run in parallel and are
-    combined in the same order, so both routes give the same bits."""
+    ``y``; with :func:`fused` shapes each channel is one task (its rows summed in order, then
+    normalized from cache)."""
     outer, channels, inner = x.shape
     n = outer * inner
     if fused(x, tune):
-        rb, nb = blocks(x, tune)
-        k = np.empty(channels)
+        k = shifts(x)
         s1 = np.empty(channels)
         s2 = np.empty(channels)
         for c in prange(channels):
-            k[c], s1[c], s2[c] = channel_moment_sums(x, c, rb, nb)
-            forward_channels(k[c:c + 1], s1[c:c + 1], s2[c:c + 1], n, eps, momentum,
-                             gamma[c:c + 1], running_mean[c:c + 1], running_var[c:c + 1],
+            s1[c], s2[c] = channel_sums(x, c, k[c])
+            forward_channels(k[c:c + 1], s1[c:c + 1], s2[c:c + 1], n, eps, gamma[c:c + 1],
                              stats[:, c:c + 1])
-            normalize_rows(x, c, 0, outer, stats[MEAN, c], scale_of(stats, c),
-                           np.float64(beta[c]), y)
+            write_task(x, stats, beta, 0, outer, c, c + 1, y)
     else:
         k, s1, s2 = sums_phase(x, tune)
-        forward_channels(k, s1, s2, n, eps, momentum, gamma, running_mean, running_var, stats)
+        forward_channels(k, s1, s2, n, eps, gamma, stats)
         write_phase(x, stats, beta, y, tune)
+    rescue(x, stats, eps, beta, y)
+    update_running(stats, n, momentum, running_mean, running_var)
 
 
 @parallel_kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")
@@ -201,55 +241,40 @@ def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
     then dx; per channel from cache when :func:`fused`."""
     outer, channels, inner = x.shape
     n = outer * inner
-    rb, nb = blocks(x, tune)
     s1 = np.empty(channels)
     s2 = np.empty(channels)
     coef = np.empty((3, channels))
     if fused(x, tune):
         for c in prange(channels):
-            m = stats[MEAN, c]
-            t1 = 0.0
-            t2 = 0.0
-            for b in range(nb):
-                a1, a2 = block_grad_sums(x, dy, c, b * rb, min(outer, (b + 1) * rb), m)
-                t1 += a1
-                t2 += a2
-            s1[c], s2[c] = t1, t2
+            s1[c], s2[c] = channel_gradient_sums(x, dy, c, stats[MEAN, c])
             backward_channels(s1[c:c + 1], s2[c:c + 1], n, stats[:, c:c + 1], dgamma[c:c + 1],
                               dbeta[c:c + 1], coef[0, c:c + 1], coef[1, c:c + 1],
                               coef[2, c:c + 1])
-            grad_input_rows(x, dy, c, 0, outer, m, coef[0, c], coef[1, c], coef[2, c], dx)
+            grad_input_task(x, dy, stats, coef, 0, outer, c, c + 1, dx)
     else:
-        part = np.empty((channels * nb, 2))
-        for t in prange(channels * nb):
-            c = t // nb
-            r0 = (t % nb) * rb
-            part[t, 0], part[t, 1] = block_grad_sums(x, dy, c, r0, min(outer, r0 + rb),
-                                                     stats[MEAN, c])
-        for c in range(channels):
-            s1[c], s2[c] = channel_total(part, c, nb)
+        rb, nb, cg, ng = grid(x, tune)
+        part = np.empty((nb, channels, 2))
+        for t in prange(nb * ng):
+            b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+            gradient_task(x, dy, stats, o0, o1, c0, c1, part[b])
+        combine(part, s1, s2)
         backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-        for t in prange(channels * nb):
-            c = t // nb
-            r0 = (t % nb) * rb
-            grad_input_rows(x, dy, c, r0, min(outer, r0 + rb), stats[MEAN, c], coef[0, c],
-                            coef[1, c], coef[2, c], dx)
+        for t in prange(nb * ng):
+            b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+            grad_input_task(x, dy, stats, coef, o0, o1, c0, c1, dx)
 
 
 @parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
 def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
     """Frozen-statistics backward: ``dx = gamma * invstd * dy`` (never reads x) and the sums
-    for dgamma, dbeta, in one pass over the block grid."""
-    outer, channels, inner = x.shape
-    rb, nb = blocks(x, tune)
-    part = np.empty((channels * nb, 2))
-    for t in prange(channels * nb):
-        c = t // nb
-        r0 = (t % nb) * rb
-        part[t, 0], part[t, 1] = block_frozen(x, dy, dx, c, r0, min(outer, r0 + rb),
-                                              stats[MEAN, c], scale_of(stats, c))
+    for dgamma, dbeta, in one pass in memory order."""
+    channels = x.shape[1]
+    rb, nb, cg, ng = grid(x, tune)
+    part = np.empty((nb, channels, 2))
+    for t in prange(nb * ng):
+        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+        frozen_task(x, dy, dx, stats, o0, o1, c0, c1, part[b])
     s1 = np.empty(channels)
     s2 = np.empty(channels)
-    for c in range(channels):
-        s1[c], s2[c] = channel_total(part, c, nb)
+    combine(part, s1, s2)
     frozen_channels(s1, s2, stats, dgamma, dbeta)

@@ -31,8 +31,8 @@ import numpy as np
 
 from ._jit import helper, kernel
 from .common import (MEAN, backward_channels, forward_channels, frozen_channels,
-                     inference_channels, moments_channels, row_frozen, row_grad_sums,
-                     row_moment_sums, scale_of)
+                     inference_channels, moments_channels, rescue, rescue_moments, row_frozen,
+                     row_grad_sums, row_moment_sums, scale_of, update_running)
 
 
 @helper
@@ -101,15 +101,18 @@ def moments(x, mean, var, tune):
     """
     shift, s1, s2 = moment_sums(x)
     moments_channels(shift, s1, s2, x.shape[0] * x.shape[2], mean, var)
+    rescue_moments(x, mean, var)
 
 
 @kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
 def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
     """Training forward: the shifted sums, the per-channel epilogue, then y."""
     shift, s1, s2 = moment_sums(x)
-    forward_channels(shift, s1, s2, x.shape[0] * x.shape[2], eps, momentum, gamma, running_mean,
-                     running_var, stats)
+    n = x.shape[0] * x.shape[2]
+    forward_channels(shift, s1, s2, n, eps, gamma, stats)
     write(x, stats, beta, y)
+    rescue(x, stats, eps, beta, y)
+    update_running(stats, n, momentum, running_mean, running_var)
 
 
 @kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")

@@ -170,3 +170,42 @@ def test_forked_child_can_call_bnfast(layer, tmp_path):
     assert child_status == "0", f"child failed under {used}: {r.stderr}"
     if layer != "default":
         assert used == layer
+
+
+WORKQUEUE_SCRIPT = textwrap.dedent("""
+    import threading, numba, numpy as np, bnfast
+    from bnfast import _threading
+    x = np.random.default_rng(0).normal(size=%r).astype(np.float32)
+    dy = np.ones_like(x)
+    _threading._serial_only = True
+    y0, c0 = bnfast.forward(x)
+    want = (y0, *bnfast.backward(dy, c0))
+    _threading._serial_only = False
+    errors = []
+    def work():
+        try:
+            for _ in range(20):
+                y, cache = bnfast.forward(x)
+                got = (y, *bnfast.backward(dy, cache))
+                if not all(np.array_equal(g, w) for g, w in zip(got, want)):
+                    errors.append("results differ")
+        except Exception as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    print(numba.threading_layer(), len(errors), errors[:1])
+""")
+
+
+def test_four_threads_under_the_workqueue_layer(tmp_path):
+    """numba's workqueue layer aborts the process when two threads launch parallel kernels at
+    once (issue 8 item 11): bnfast lets one thread at a time run in parallel and the others
+    run the serial twins; all four threads get the serial results."""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    shape = _parallel_size((256, 64), 1)
+    r = subprocess.run([sys.executable, "-c", WORKQUEUE_SCRIPT % (shape,)], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    layer, n_errors, first = r.stdout.split(maxsplit=2)
+    assert layer == "workqueue" and n_errors == "0", r.stdout

@@ -4,6 +4,8 @@ before the fix (accepted the call, or raised after writing)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import as_strided
@@ -228,3 +230,274 @@ def test_self_overlap_detection_against_brute_force(shape, strides):
     starts = [sum(i * s for i, s in zip(idx, strides)) for idx in np.ndindex(shape)]
     truth = any(abs(p - q) < a.itemsize for k, p in enumerate(starts) for q in starts[k + 1:])
     assert _checks.self_overlapping(a) == truth, (shape, strides)
+
+
+# Item 4: the frozen (inference) backward must not read x for dx.
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("shape,axis,layout", [((6, 3), 1, "C"), ((2, 3, 70), 1, "C"),
+                                               ((2, 4, 4, 3), -1, "C"), ((6, 3), 1, "F")])
+def test_frozen_backward_dx_ignores_nonfinite_x(bad, shape, axis, layout):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=shape)
+    x[(0,) * len(shape)] = bad
+    x = np.asfortranarray(x) if layout == "F" else x
+    c = shape[axis]
+    g, rm, rv = rng.uniform(0.5, 2, c), rng.normal(size=c), rng.uniform(1, 2, c)
+    dy = rng.normal(size=shape)
+    _, cache = bnfast.forward(x, g, training=False, running_mean=rm, running_var=rv, axis=axis)
+    dx, dgamma, dbeta = bnfast.backward(dy, cache)
+    k = np.moveaxis(np.broadcast_to(g / np.sqrt(rv + 1e-5), shape[:axis % len(shape)]
+                                    + shape[axis % len(shape) + 1:] + (c,)), -1, axis)
+    np.testing.assert_allclose(dx, dy * k, rtol=1e-14)  # finite everywhere, inf entry included
+    np.testing.assert_allclose(dbeta, ref.moments(dy, axis=axis)[0] * dy.size / c, rtol=1e-12)
+    assert not np.isfinite(dgamma[0])  # dgamma does read x: sum(dy * xhat) over an inf
+
+
+# Item 5: extreme float64 values: statistics right wherever the true ones are finite.
+
+@pytest.mark.parametrize("scale", [1e150, 1e153, 1e154])
+@pytest.mark.parametrize("shape,axis", [((64, 3), 1), ((4, 3, 80), 1), ((9, 5, 3), -1)])
+def test_huge_float64_data_normalizes_as_its_scaled_copy(scale, shape, axis):
+    """Batch norm is scale-invariant: y(x; eps) = y(x / s; eps / s**2). From s = 1e154 the
+    shifted squares used to overflow (y was beta everywhere, and NaN from 1e155); here the
+    variance (at most s**2 / 3) is still a float64."""
+    rng = np.random.default_rng(6)
+    z = rng.uniform(-1, 1, shape) + 0.5
+    x = z * scale
+    for layout in ("C", "F"):
+        xl = np.asfortranarray(x) if layout == "F" else x
+        rm, rv = np.zeros(shape[axis]), np.ones(shape[axis])
+        y, cache = bnfast.forward(xl, axis=axis, running_mean=rm, running_var=rv)
+        y_ref = ref.forward(z, axis=axis, eps=1e-5 / scale / scale)[0]
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12, err_msg=layout)
+        mean, var = bnfast.moments(xl, axis=axis)
+        mean_z, var_z = ref.moments(z, axis=axis)
+        np.testing.assert_allclose(mean / scale, mean_z, rtol=1e-12)
+        np.testing.assert_allclose(var / scale / scale, var_z, rtol=1e-12)
+        np.testing.assert_allclose(rm / scale, 0.1 * mean_z, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e155, 1e200, 1e307])
+def test_float64_data_whose_variance_overflows(scale):
+    """The true variance exceeds float64 (inf), the mean does not: mean exact, invstd 0, so
+    every output is beta (it was NaN from 1e155; the mean was wrong)."""
+    z = np.random.default_rng(13).uniform(-1, 1, (40, 2))
+    x = z * scale
+    mean, var = bnfast.moments(x)
+    np.testing.assert_allclose(mean / scale, z.mean(axis=0), rtol=1e-12)
+    assert np.all(var == np.inf)
+    y, cache = bnfast.forward(x, beta=np.array([0.5, -2.0]))
+    np.testing.assert_array_equal(y, np.broadcast_to([0.5, -2.0], x.shape))
+
+
+def test_float64_values_whose_difference_overflows():
+    """[1e308, -1e308, 5e307]: the first value as shift overflowed the differences (mean was
+    -inf). The mean is finite (1.67e307); the variance truly exceeds float64 (6.9e615): inf."""
+    x = np.array([[1e308], [-1e308], [5e307]])
+    mean, var = bnfast.moments(x)
+    want = np.mean(x / 2.0**1000) * 2.0**1000
+    np.testing.assert_allclose(mean, [want], rtol=1e-15)
+    assert var[0] == np.inf
+    y, cache = bnfast.forward(x, beta=np.array([0.25]))
+    np.testing.assert_allclose(cache.mean, [want], rtol=1e-15)
+    np.testing.assert_array_equal(y, 0.25)  # invstd is 0: every output is beta
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("where", [0, 3])
+def test_nonfinite_channel_gets_nan_statistics(dtype, bad, where):
+    """The README's rule, first value or not: NaN mean and variance (an inf at a later
+    position used to give mean inf), an all-NaN output, the other channels unaffected."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(6, 3)).astype(dtype)
+    x[where, 1] = bad
+    mean, var = bnfast.moments(x)
+    assert np.isnan(mean[1]) and np.isnan(var[1]) and np.all(np.isfinite(mean[[0, 2]]))
+    y, cache = bnfast.forward(x)
+    assert np.isnan(cache.mean[1]) and np.isnan(cache.invstd[1])
+    assert np.all(np.isnan(y[:, 1])) and np.all(np.isfinite(y[:, [0, 2]]))
+
+
+# Item 6: foreign array types.
+
+def test_masked_arrays_are_refused_and_subclasses_normalized():
+    x = np.random.default_rng(8).normal(size=(6, 3))
+    masked = np.ma.masked_array(x, mask=np.zeros_like(x, bool))
+    with pytest.raises(TypeError, match="x is a numpy.ma.MaskedArray"):
+        bnfast.forward(masked)
+    with pytest.raises(TypeError, match="MaskedArray"):
+        bnfast.moments(masked)
+    _, cache = bnfast.forward(x)
+    with pytest.raises(TypeError, match="dy is a numpy.ma.MaskedArray"):
+        bnfast.backward(masked, cache)
+    out = np.ma.masked_array(np.zeros_like(x))
+    with pytest.raises(TypeError, match="out must be a NumPy array"):
+        bnfast.forward(x, out=out)
+    with pytest.raises(TypeError, match="out must be a NumPy array"):
+        bnfast.backward(x, cache, out=out)
+    with pytest.raises(TypeError, match="gamma is a numpy.ma.MaskedArray"):
+        bnfast.forward(x, np.ma.masked_array(np.ones(3)))
+    assert np.all(out == 0)
+    with warnings.catch_warnings():  # NumPy discourages np.matrix; users still have them
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        matrix = np.asmatrix(x)
+    y_plain = bnfast.forward(x)[0]
+    y_matrix = bnfast.forward(matrix)[0]
+    assert type(y_matrix) is np.ndarray
+    np.testing.assert_array_equal(y_matrix, y_plain)
+    dx_matrix = bnfast.backward(matrix, cache)[0]
+    np.testing.assert_array_equal(dx_matrix, bnfast.backward(x, cache)[0])
+
+
+# Item 7: tensors that require grad.
+
+def test_torch_parameters(torch):
+    x = np.random.default_rng(9).normal(size=(6, 3)).astype(np.float32)
+    module = torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        module.weight.mul_(2.0)
+        module.running_mean.add_(0.5)
+    with pytest.raises(TypeError, match=r"gamma is a tensor that requires grad.*detach"):
+        bnfast.forward(x, module.weight)
+    bn = bnfast.BatchNorm(3)
+    bn.load_state_dict(module.state_dict(keep_vars=True))  # Parameters, detached
+    np.testing.assert_array_equal(bn.gamma, np.full(3, 2.0, np.float32))
+    np.testing.assert_array_equal(bn.running_mean, np.full(3, 0.5, np.float32))
+
+
+# Item 8: numbers and containers that used to give unnamed or wrong errors.
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(eps=10**400), ValueError, "eps is too large"),
+    (dict(momentum=10**400), ValueError, "momentum is too large"),
+    (dict(x=[[1.0, 2.0], [3.0]]), ValueError, "x cannot be converted"),
+])
+def test_huge_ints_and_ragged_input_name_the_argument(kwargs, exc, words):
+    args = {"x": np.random.default_rng(10).normal(size=(4, 2)), **kwargs}
+    with pytest.raises(exc, match=words):
+        bnfast.forward(**args)
+
+
+def test_layer_construction_and_state_errors_name_the_problem():
+    with pytest.raises(ValueError, match="num_features must be between 1 and"):
+        bnfast.BatchNorm(2**70)
+    bn = bnfast.BatchNorm(3)
+    for bad in (None, ["weight", "bias"]):
+        with pytest.raises(TypeError, match="load_state_dict takes a mapping"):
+            bn.load_state_dict(bad)
+    for bad in ("False", 0, None):
+        with pytest.raises(TypeError, match="mode must be True or False"):
+            bn.train(bad)
+        with pytest.raises(ValueError):  # PyTorch's exception type, too
+            bn.train(bad)
+    assert bn.training is True
+
+
+# Item 9: zero-size batches follow PyTorch.
+
+@pytest.mark.parametrize("shape,axis", [((0, 5, 9), 1), ((0, 5), 1), ((3, 0, 4, 5), -1)])
+def test_zero_size_training_batch(shape, axis):
+    c = shape[axis]
+    rm, rv = np.full(c, 0.5), np.full(c, 2.0)
+    x = np.empty(shape)
+    y, cache = bnfast.forward(x, axis=axis, running_mean=rm, running_var=rv)
+    assert y.shape == shape and y.dtype == x.dtype
+    np.testing.assert_array_equal(rm, 0.5)
+    np.testing.assert_array_equal(rv, 2.0)
+    dx, dgamma, dbeta = bnfast.backward(np.empty(shape), cache)
+    assert dx.shape == shape
+    np.testing.assert_array_equal(dgamma, np.zeros(c))
+    np.testing.assert_array_equal(dbeta, np.zeros(c))
+    bn = bnfast.BatchNorm(c, axis=axis, dtype=np.float64)
+    bn(x)
+    bn.backward(np.empty(shape))
+    assert bn.num_batches_tracked == 1  # PyTorch counts the batch
+    np.testing.assert_array_equal(bn.running_mean, 0.0)
+
+
+def test_zero_size_batch_matches_pytorch(torch):
+    module = torch.nn.BatchNorm1d(5)
+    xt = torch.empty(0, 5, 9, requires_grad=True)
+    yt = module(xt)
+    yt.sum().backward()
+    bn = bnfast.BatchNorm(5)
+    y = bn(np.empty((0, 5, 9), np.float32))
+    bn.backward(np.empty((0, 5, 9), np.float32))
+    assert y.shape == tuple(yt.shape) and bn.num_batches_tracked == int(module.num_batches_tracked)
+    np.testing.assert_array_equal(bn.dgamma, module.weight.grad.numpy())
+    np.testing.assert_array_equal(bn.running_var, module.running_var.numpy())
+
+
+# Item 10: eps=0 is PyTorch's rule: accepted in eval, refused while training.
+
+def test_eps_zero_in_eval_mode():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(6, 3))
+    rm, rv = rng.normal(size=3), rng.uniform(1, 2, 3)
+    y, _ = bnfast.forward(x, training=False, running_mean=rm, running_var=rv, eps=0.0)
+    np.testing.assert_allclose(y, (x - rm) / np.sqrt(rv), rtol=1e-14)
+    with pytest.raises(ValueError, match="eps must be finite and > 0 while training"):
+        bnfast.forward(x, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        bnfast.forward(x, training=False, running_mean=rm, running_var=rv, eps=-1e-5)
+    bn = bnfast.BatchNorm(3, eps=0.0, dtype=np.float64).eval()
+    bn.load_state_dict({"weight": np.ones(3), "bias": np.zeros(3), "running_mean": rm,
+                        "running_var": rv, "num_batches_tracked": np.array(3)})
+    np.testing.assert_allclose(bn(x), (x - rm) / np.sqrt(rv), rtol=1e-14)
+    with pytest.raises(ValueError, match="eps"):
+        bn.train()(x)
+
+
+# Item 12: every kernel's extra memory is a small fraction of x.
+
+def _held(cache) -> int:
+    """Bytes of statistics a cache keeps alive (its float64 block, or its separate vectors)."""
+    block = getattr(cache, "_stats", None)
+    if block is not None:
+        return block.nbytes
+    return sum(getattr(cache, k).nbytes for k in ("mean", "invstd", "gamma"))
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 2_000_000), 1), ((2_000_000, 2), 1),
+                                        ((4096, 1024), 1), ((2, 3, 700_000), 1),
+                                        ((64, 28, 28, 96), -1)])
+def test_extra_memory_of_every_operation_is_bounded(shape, axis):
+    """Traced peak during a call, minus what it returns (y or dx, the (4, C) float64 block, C
+    values of dgamma and dbeta): at most x/4 + 1 MiB (the lanes family's two-pass partials and
+    per-channel scratch are at most x/4 for float32; the README states the bound). (2, 2e6)
+    used to take +168 MB in forward and +107 MB in backward: per-lane partials."""
+    import tracemalloc
+
+    x = np.random.default_rng(12).normal(size=shape).astype(np.float32)
+    dy = np.ones_like(x)
+    c = shape[axis]
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    bound = x.nbytes // 4 + 2**20
+    calls = {
+        "forward": lambda: bnfast.forward(x, axis=axis, running_mean=rm, running_var=rv),
+        "inference": lambda: bnfast.forward(x, axis=axis, training=False, running_mean=rm,
+                                            running_var=rv),
+    }
+    _, train_cache = bnfast.forward(x, axis=axis)
+    _, eval_cache = calls["inference"]()
+    calls["backward"] = lambda: bnfast.backward(dy, train_cache)
+    calls["frozen backward"] = lambda: bnfast.backward(dy, eval_cache)
+    calls["moments"] = lambda: bnfast.moments(x, axis=axis)
+    for name, call in calls.items():
+        call()  # warm
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            result = call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        arrays = [a for a in (result if isinstance(result, tuple) else (result,))
+                  if isinstance(a, np.ndarray)]
+        kept = sum(a.nbytes for a in arrays)
+        kept += sum(_held(r) for r in result if isinstance(r, bnfast.BatchNormCache))
+        extra = peak - before - kept
+        assert extra <= bound, (f"{name} {shape}: {extra / 1e6:.1f} MB beyond its outputs, "
+                                f"bound {bound / 1e6:.1f} MB (x is {x.nbytes / 1e6:.1f} MB)")

@@ -13,8 +13,12 @@ import pytest
 
 
 def pytest_addoption(parser):
-    parser.addoption("--benchmark", action="store_true", default=False,
-                     help="run the timed benchmarks only (bench/), grouped side by side")
+    parser.addoption(
+        "--benchmark",
+        action="store_true",
+        default=False,
+        help="run the timed benchmarks only (bench/), grouped side by side",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -26,6 +30,7 @@ def pytest_configure(config):
         option.benchmark_disable = False
         if "--benchmark-max-time" not in " ".join(config.invocation_params.args):
             option.benchmark_max_time = 0.25
-    elif not (config.getoption("benchmark_only", False)
-              or config.getoption("benchmark_enable", False)):
+    elif not (
+        config.getoption("benchmark_only", False) or config.getoption("benchmark_enable", False)
+    ):
         option.benchmark_disable = True

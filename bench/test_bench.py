@@ -40,8 +40,7 @@ def _inputs(case):
 
 @pytest.mark.parametrize("impl", list(cmp.IMPLEMENTATIONS))
 @pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("case", CASES,
-                         ids=[f"{c.label}-{np.dtype(c.dtype).name}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.label}-{np.dtype(c.dtype).name}" for c in CASES])
 @pytest.mark.parametrize("op", cmp.OPERATIONS)
 def test_bench(benchmark, op, case, threads, impl):
     implementation = cmp.IMPLEMENTATIONS[impl]
@@ -53,6 +52,7 @@ def test_bench(benchmark, op, case, threads, impl):
     numba.set_num_threads(threads)
     if impl == "pytorch":
         import torch
+
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
     try:
@@ -84,8 +84,9 @@ STEP = textwrap.dedent("""
 
 def _step_seconds(cache_dir) -> float:
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
-    r = subprocess.run([sys.executable, "-c", STEP], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", STEP], env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     return float(r.stdout.split()[-1])
 
@@ -95,8 +96,9 @@ def test_bench_cold_compile_first_training_step(benchmark, tmp_path):
     an inference call, compiling what they need. Seconds, one round."""
     benchmark.group = "start-up"
     counter = iter(range(10**6))
-    inner = benchmark.pedantic(lambda: _step_seconds(tmp_path / f"cold{next(counter)}"),
-                               rounds=1, iterations=1)
+    inner = benchmark.pedantic(
+        lambda: _step_seconds(tmp_path / f"cold{next(counter)}"), rounds=1, iterations=1
+    )
     benchmark.extra_info["seconds from import numba"] = inner
 
 

@@ -44,6 +44,7 @@ def _set_threads(n: int, impls: dict) -> None:
     numba.set_num_threads(n)
     if "pytorch" in impls:
         import torch
+
         torch.set_num_threads(n)
 
 
@@ -77,17 +78,32 @@ def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
                 times = cmp.interleaved_ms(fns, budget_s=budget)
                 if (op, case.label) not in numpy_ms:
                     numpy_ms[(op, case.label)] = cmp.median_ms(
-                        impls["numpy"].prepare(op, inp), min_repeats=1, max_repeats=3,
-                        budget_s=budget)
+                        impls["numpy"].prepare(op, inp),
+                        min_repeats=1,
+                        max_repeats=3,
+                        budget_s=budget,
+                    )
                 times["numpy"] = numpy_ms[(op, case.label)]
                 for name in impls:
                     ms = times[name]
                     gbs = cmp.TRAFFIC[op] * case.nbytes / ms / 1e6
-                    records.append(dict(op=op, case=case.label, dtype=np.dtype(case.dtype).name,
-                                        threads=n, impl=name, ms=ms, gbs=gbs,
-                                        fraction=gbs / bw["read"], copy_fraction=gbs / bw["copy"],
-                                        err=errors[name], nbytes=case.nbytes,
-                                        read_gbs=bw["read"], copy_gbs=bw["copy"]))
+                    records.append(
+                        dict(
+                            op=op,
+                            case=case.label,
+                            dtype=np.dtype(case.dtype).name,
+                            threads=n,
+                            impl=name,
+                            ms=ms,
+                            gbs=gbs,
+                            fraction=gbs / bw["read"],
+                            copy_fraction=gbs / bw["copy"],
+                            err=errors[name],
+                            nbytes=case.nbytes,
+                            read_gbs=bw["read"],
+                            copy_gbs=bw["copy"],
+                        )
+                    )
     return records, failures
 
 
@@ -95,8 +111,9 @@ def table(records: list, op: str, n: int, impls: dict) -> str:
     rows = {(r["case"], r["impl"]): r for r in records if r["op"] == op and r["threads"] == n}
     cases = list(dict.fromkeys(r["case"] for r in records if r["op"] == op))
     torch = "pytorch" in impls
-    head = f"{'case':<24}{'bnfast ms':>10}{'NumPy ms':>10}" + (f"{'PyTorch ms':>11}" if torch
-                                                                 else "")
+    head = f"{'case':<24}{'bnfast ms':>10}{'NumPy ms':>10}" + (
+        f"{'PyTorch ms':>11}" if torch else ""
+    )
     head += f"{'vs NumPy':>9}" + (f"{'vs PyTorch':>11}" if torch else "")
     head += f"{'GB/s':>7}{'of read':>8}{'of copy':>8}{'err':>9}"
     lines = [head]
@@ -108,8 +125,7 @@ def table(records: list, op: str, n: int, impls: dict) -> str:
         line += f"{np_['ms'] / b['ms']:>8.1f}x"
         if torch:
             line += f"{rows[(case, 'pytorch')]['ms'] / b['ms']:>10.2f}x"
-        line += (f"{b['gbs']:>7.1f}{b['fraction']:>8.2f}{b['copy_fraction']:>8.2f}"
-                 f"{b['err']:>9.1e}")
+        line += f"{b['gbs']:>7.1f}{b['fraction']:>8.2f}{b['copy_fraction']:>8.2f}{b['err']:>9.1e}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -117,9 +133,11 @@ def table(records: list, op: str, n: int, impls: dict) -> str:
 def ratios(records: list) -> dict:
     """``{(op, case, threads): PyTorch ms / bnfast ms}``."""
     by = {(r["op"], r["case"], r["threads"], r["impl"]): r["ms"] for r in records}
-    return {(op, case, n): by[(op, case, n, "pytorch")] / ms
-            for (op, case, n, impl), ms in by.items()
-            if impl == "bnfast" and (op, case, n, "pytorch") in by}
+    return {
+        (op, case, n): by[(op, case, n, "pytorch")] / ms
+        for (op, case, n, impl), ms in by.items()
+        if impl == "bnfast" and (op, case, n, "pytorch") in by
+    }
 
 
 def target_summary(records: list) -> str:
@@ -132,15 +150,19 @@ def target_summary(records: list) -> str:
     lines = []
     for op, goal in TARGETS.items():
         for n in sorted({k[2] for k in r}):
-            cells = {c: v for (o, c, t), v in r.items() if o == op and t == n
-                     and (op != "step" or c in steps)}
+            cells = {
+                c: v
+                for (o, c, t), v in r.items()
+                if o == op and t == n and (op != "step" or c in steps)
+            }
             if not cells:
                 continue
             short = sorted((v, c) for c, v in cells.items() if v < goal)
-            lines.append(f"{op} at {n} thread(s): {len(cells) - len(short)}/{len(cells)} cells "
-                         f">= {goal}x" + ("; short: " + ", ".join(f"{c} {v:.2f}x"
-                                                                  for v, c in short)
-                                          if short else ""))
+            lines.append(
+                f"{op} at {n} thread(s): {len(cells) - len(short)}/{len(cells)} cells "
+                f">= {goal}x"
+                + ("; short: " + ", ".join(f"{c} {v:.2f}x" for v, c in short) if short else "")
+            )
     return "\n".join(lines)
 
 
@@ -149,6 +171,7 @@ def plot(records: list, path: str) -> None:
     operation and thread count, and a strip with every other case."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -162,16 +185,21 @@ def plot(records: list, path: str) -> None:
     grid_c = sorted({int(c.split()[1].split("x")[1]) for c in cases if c.startswith("2-D")})
     others = [c for c in cases if not c.startswith("2-D")]
     panels = (["grid"] if grid_n else []) + (["others"] if others else [])
-    fig, axes = plt.subplots(len(ops), len(panels) * len(threads), squeeze=False,
-                             figsize=(5.5 * len(panels) * len(threads), 3.4 * len(ops)),
-                             gridspec_kw={"width_ratios": [1 if p == "grid" else 2
-                                                           for p in panels] * len(threads)})
+    fig, axes = plt.subplots(
+        len(ops),
+        len(panels) * len(threads),
+        squeeze=False,
+        figsize=(5.5 * len(panels) * len(threads), 3.4 * len(ops)),
+        gridspec_kw={"width_ratios": [1 if p == "grid" else 2 for p in panels] * len(threads)},
+    )
     norm = matplotlib.colors.TwoSlopeNorm(vmin=0.25, vcenter=1.0, vmax=4.0)
     for i, op in enumerate(ops):
         for j, n in enumerate(threads):
-            def ratio(case):
+
+            def ratio(case, op=op, n=n):
                 b, o = by.get((op, case, n, "bnfast")), by.get((op, case, n, rival))
                 return np.nan if b is None or o is None else o / b
+
             for k, panel in enumerate(panels):
                 ax = axes[i, len(panels) * j + k]
                 if panel == "grid":
@@ -190,31 +218,52 @@ def plot(records: list, path: str) -> None:
                     ax.imshow(strip, cmap="RdYlGn", norm=norm, aspect="auto")
                     for b, v in enumerate(strip[0]):
                         if np.isfinite(v):
-                            ax.text(b, 0, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                                    rotation=90)
+                            ax.text(
+                                b, 0, f"{v:.2f}", ha="center", va="center", fontsize=6, rotation=90
+                            )
                     ax.set_xticks(range(len(others)), others, rotation=90, fontsize=6)
                     ax.set_yticks([])
                     ax.set_title(f"{op}, other cases, {n} thread(s)", fontsize=8)
-    fig.suptitle(f"{rival} time / bnfast time (green: bnfast faster); {_machine.cpu_model()}",
-                 fontsize=9)
+    fig.suptitle(
+        f"{rival} time / bnfast time (green: bnfast faster); {_machine.cpu_model()}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bnfast", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", default=None,
-                   help="comma-separated thread counts, e.g. 1,2 (default: all cores; with "
-                        "--grid: 1 and all cores)")
-    p.add_argument("--grid", action="store_true",
-                   help="time the benchmark grid (MLP and conv activations, beyond-cache sizes)")
-    p.add_argument("--ops", default=",".join(cmp.OPERATIONS),
-                   help=f"comma-separated operations (default: {','.join(cmp.OPERATIONS)})")
-    p.add_argument("--match", default="",
-                   help="only the cases whose label contains this text (e.g. '2-D 512x')")
-    p.add_argument("--budget", type=float, default=0.2,
-                   help="seconds of interleaved timing per case (default 0.2)")
+    p = argparse.ArgumentParser(
+        prog="python -m bnfast",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--threads",
+        default=None,
+        help="comma-separated thread counts, e.g. 1,2 (default: all cores; with "
+        "--grid: 1 and all cores)",
+    )
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="time the benchmark grid (MLP and conv activations, beyond-cache sizes)",
+    )
+    p.add_argument(
+        "--ops",
+        default=",".join(cmp.OPERATIONS),
+        help=f"comma-separated operations (default: {','.join(cmp.OPERATIONS)})",
+    )
+    p.add_argument(
+        "--match",
+        default="",
+        help="only the cases whose label contains this text (e.g. '2-D 512x')",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.2,
+        help="seconds of interleaved timing per case (default 0.2)",
+    )
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON records")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the ratios (needs matplotlib)")
     args = p.parse_args(argv)
@@ -234,30 +283,40 @@ def main(argv=None) -> int:
     versions = [f"numpy {np.__version__}", f"numba {numba.__version__}"]
     if "pytorch" in impls:
         import torch
+
         versions.append(f"torch {torch.__version__}")
     layer = "tbb" if _threading.TBB_LOADED else "numba default"
     print(f"bnfast on {_machine.describe()}\n{', '.join(versions)}; threading layer: {layer}")
     start = time.perf_counter()
-    progress = (lambda msg: print(f"\r{msg:<78}", end="", file=sys.stderr, flush=True)) \
-        if sys.stderr.isatty() else (lambda msg: None)
+    progress = (
+        (lambda msg: print(f"\r{msg:<78}", end="", file=sys.stderr, flush=True))
+        if sys.stderr.isatty()
+        else (lambda msg: None)
+    )
     cases = [c for c in (cmp.GRID if args.grid else cmp.CASES) if args.match in c.label]
     if not cases:
         p.error(f"no case label contains {args.match!r}")
     records, failures = measure(ops, cases, threads, impls, args.budget, progress)
     progress("")
-    print("float32; ms = median wall time, bnfast and PyTorch in interleaved rounds; GB/s = "
-          "minimum traffic (forward 3x, backward 5x, inference 2x, layer step 8x the array's "
-          "bytes) / time; of read / of copy = that GB/s over the measured read / copy "
-          "bandwidth; err = max |out - reference| / max |reference|")
+    print(
+        "float32; ms = median wall time, bnfast and PyTorch in interleaved rounds; GB/s = "
+        "minimum traffic (forward 3x, backward 5x, inference 2x, layer step 8x the array's "
+        "bytes) / time; of read / of copy = that GB/s over the measured read / copy "
+        "bandwidth; err = max |out - reference| / max |reference|"
+    )
     for n in threads:
         r = next(r for r in records if r["threads"] == n)
-        print(f"\n### {n} thread(s): read {r['read_gbs']:.1f} GB/s, copy {r['copy_gbs']:.1f} "
-              "GB/s (read + write)")
+        print(
+            f"\n### {n} thread(s): read {r['read_gbs']:.1f} GB/s, copy {r['copy_gbs']:.1f} "
+            "GB/s (read + write)"
+        )
         for op in ops:
             print(f"== {op}\n{table(records, op, n, impls)}")
     if args.grid:
-        print("\nTargets (PyTorch time / bnfast time; layer step at "
-              f"{', '.join('x'.join(map(str, s)) for s in cmp.STEP_SHAPES)} only):")
+        print(
+            "\nTargets (PyTorch time / bnfast time; layer step at "
+            f"{', '.join('x'.join(map(str, s)) for s in cmp.STEP_SHAPES)} only):"
+        )
         print(target_summary(records))
     print(f"\ndone in {time.perf_counter() - start:.1f} s")
     if args.json:

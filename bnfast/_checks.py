@@ -29,8 +29,10 @@ def as_array(v, name: str) -> np.ndarray:
     if type(v) is np.ndarray:
         return v
     if isinstance(v, np.ma.MaskedArray):
-        raise TypeError(f"{name} is a numpy.ma.MaskedArray; bnfast does not honour masks: pass "
-                        f"{name}.filled(fill_value) or a plain ndarray")
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray; bnfast does not honour masks: pass "
+            f"{name}.filled(fill_value) or a plain ndarray"
+        )
     if getattr(v, "requires_grad", False):
         raise TypeError(f"{name} is a tensor that requires grad; pass {name}.detach().numpy()")
     try:
@@ -61,8 +63,10 @@ def channel_axis(axis, ndim: int) -> int:
         raise TypeError(f"axis must be an int, got {axis!r} of type {type(axis).__name__}")
     axis = int(axis)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis={axis} is out of range for an array with ndim={ndim}; "
-                         f"accepted: {-ndim} to {ndim - 1}")
+        raise ValueError(
+            f"axis={axis} is out of range for an array with ndim={ndim}; "
+            f"accepted: {-ndim} to {ndim - 1}"
+        )
     return axis % ndim
 
 
@@ -78,8 +82,9 @@ def _real(v, name: str, accepted: str) -> float:
     try:
         return float(v)
     except OverflowError:  # a Python int beyond float's range, e.g. 10**400
-        raise ValueError(f"{name} is too large (an int of {len(str(abs(v)))} digits); "
-                         f"accepted: {accepted}") from None
+        raise ValueError(
+            f"{name} is too large (an int of {len(str(abs(v)))} digits); accepted: {accepted}"
+        ) from None
 
 
 def checked_eps(eps, training: bool) -> float:
@@ -94,8 +99,10 @@ def checked_eps(eps, training: bool) -> float:
 
 def unit_momentum(momentum) -> float:
     if momentum is None:
-        raise TypeError("momentum=None (cumulative average) needs a batch count: use "
-                        "BatchNorm(momentum=None), or pass momentum=1/k for the k-th batch")
+        raise TypeError(
+            "momentum=None (cumulative average) needs a batch count: use "
+            "BatchNorm(momentum=None), or pass momentum=1/k for the k-th batch"
+        )
     m = _real(momentum, "momentum", "in [0, 1]")
     if not (math.isfinite(m) and 0.0 <= m <= 1.0):
         raise ValueError(f"momentum must be a finite number in [0, 1], got {momentum!r}")
@@ -106,14 +113,16 @@ def channel_vector(v, name: str, channels: int, *, writeable: bool = False) -> n
     """A per-channel array: floating dtype, shape ``(channels,)``; writeable if asked (then it
     must be a NumPy array already: it is updated in place)."""
     if writeable and (not isinstance(v, np.ndarray) or isinstance(v, np.ma.MaskedArray)):
-        raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
-                        f"got {type(v).__name__}")
+        raise TypeError(
+            f"{name} must be a NumPy array (it is updated in place), got {type(v).__name__}"
+        )
     v = as_array(v, name)
     if v.dtype not in VECTOR_DTYPES:
         raise TypeError(f"{name} has dtype {v.dtype}; accepted: float16, float32 or float64")
     if v.shape != (channels,):
-        raise ValueError(f"{name} has shape {v.shape}; expected ({channels},), one value "
-                         "per channel")
+        raise ValueError(
+            f"{name} has shape {v.shape}; expected ({channels},), one value per channel"
+        )
     if writeable and not v.flags.writeable:
         raise ValueError(f"{name} is read-only; it is updated in place, so it must be writeable")
     return v
@@ -147,8 +156,9 @@ def parameter(v, name: str, channels: int, dtype: np.dtype, default: float) -> n
 def output_array(out, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
     """A caller's output buffer, checked; returned as a base-class view of the same memory."""
     if not isinstance(out, np.ndarray) or isinstance(out, np.ma.MaskedArray):
-        raise TypeError(f"{name} must be a NumPy array (not a masked array), got "
-                        f"{type(out).__name__}")
+        raise TypeError(
+            f"{name} must be a NumPy array (not a masked array), got {type(out).__name__}"
+        )
     if out.dtype != dtype:
         raise TypeError(f"{name} has dtype {out.dtype}; expected {dtype}, the input's dtype")
     if out.shape != shape:
@@ -160,15 +170,19 @@ def output_array(out, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
 
 def same_view(a: np.ndarray, b: np.ndarray) -> bool:
     """True when ``a`` and ``b`` are the same elements in the same places."""
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-            and a.shape == b.shape and a.strides == b.strides)
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.shape == b.shape
+        and a.strides == b.strides
+    )
 
 
 def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
     if not np.may_share_memory(a, b):
         return False
     try:
-        return bool(np.shares_memory(a, b, max_work=100_000))
+        # NumPy's stubs allow only -1 and 0, but any bound is documented and supported
+        return bool(np.shares_memory(a, b, max_work=100_000))  # type: ignore[arg-type]
     except np.exceptions.TooHardError:
         return True
 
@@ -178,14 +192,14 @@ def self_overlapping(a: np.ndarray) -> bool:
     if a.size <= 1 or a.flags.c_contiguous or a.flags.f_contiguous:
         return False
     extent = a.itemsize  # sufficient test: each stride clears the extent of the smaller ones
-    for stride, n in sorted((abs(s), n) for s, n in zip(a.strides, a.shape) if n > 1):
+    for stride, n in sorted((abs(s), n) for s, n in zip(a.strides, a.shape, strict=True) if n > 1):
         if stride < extent:
             break
         extent += stride * (n - 1)
     else:
         return False
     offsets = np.zeros(1, np.int64)  # exact test, only for unusual strides: O(size)
-    for stride, n in zip(a.strides, a.shape):
+    for stride, n in zip(a.strides, a.shape, strict=True):
         offsets = (offsets[:, None] + stride * np.arange(n, dtype=np.int64)).ravel()
     return bool(np.any(np.diff(np.sort(offsets)) < a.itemsize))
 
@@ -220,15 +234,18 @@ def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
     for i, w in enumerate(names):
         a = written[w]
         if self_overlapping(a):
-            raise ValueError(f"{w} has elements that share memory (strides {a.strides}); "
-                             "pass an array whose elements are distinct")
+            raise ValueError(
+                f"{w} has elements that share memory (strides {a.strides}); "
+                "pass an array whose elements are distinct"
+            )
         oa = owners[id(a)]
-        for other in names[i + 1:]:
+        for other in names[i + 1 :]:
             b = written[other]
             ob = owners[id(b)]
             if (oa is None or oa is ob or ob is None) and overlaps(a, b):
-                raise ValueError(f"{w} and {other} share memory; both are written, so pass "
-                                 "separate arrays")
+                raise ValueError(
+                    f"{w} and {other} share memory; both are written, so pass separate arrays"
+                )
         for r, b in read.items():
             ob = owners[id(b)]
             if not (oa is None or oa is ob or ob is None) or not overlaps(a, b):
@@ -236,10 +253,13 @@ def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
             if (w, r) in in_place:
                 if same_view(a, b):
                     continue
-                raise ValueError(f"{w} partly overlaps {r}; pass {w}={r} itself or a "
-                                 "separate array")
-            raise ValueError(f"{w} overlaps {r}, which this call reads; writing {w} would "
-                             f"change {r}: pass separate arrays")
+                raise ValueError(
+                    f"{w} partly overlaps {r}; pass {w}={r} itself or a separate array"
+                )
+            raise ValueError(
+                f"{w} overlaps {r}, which this call reads; writing {w} would "
+                f"change {r}: pass separate arrays"
+            )
 
 
 @dataclass(frozen=True)
@@ -261,7 +281,7 @@ class Layout:
     transposed: bool  # does ``order`` move any axis (2-D, NCHW and NHWC arrays: no)
 
     @classmethod
-    def of(cls, x: np.ndarray, axis: int) -> "Layout":
+    def of(cls, x: np.ndarray, axis: int) -> Layout:
         key = (x.shape, x.strides, axis)
         layout = _LAYOUTS.get(key)
         if layout is None:  # memoized: a trainer calls with the same few layouts every step
@@ -271,7 +291,7 @@ class Layout:
         return layout
 
     @classmethod
-    def _of(cls, shape: tuple, strides: tuple, axis: int) -> "Layout":
+    def _of(cls, shape: tuple, strides: tuple, axis: int) -> Layout:
         others = [a for a in range(len(shape)) if a != axis]
         ones = [a for a in others if shape[a] == 1]
         rest = sorted((a for a in others if shape[a] != 1), key=lambda a: -abs(strides[a]))
@@ -284,9 +304,15 @@ class Layout:
         order = tuple(ones + outer + [axis] + inner)
         n_outer = math.prod(shape[a] for a in ones + outer)
         n_inner = math.prod(shape[a] for a in inner)
-        return cls(shape, axis, order, (n_outer, shape[axis], n_inner),
-                   tuple(int(i) for i in np.argsort(order)), tuple(shape[a] for a in order),
-                   order != tuple(range(len(shape))))
+        return cls(
+            shape,
+            axis,
+            order,
+            (n_outer, shape[axis], n_inner),
+            tuple(int(i) for i in np.argsort(order)),
+            tuple(shape[a] for a in order),
+            order != tuple(range(len(shape))),
+        )
 
     @property
     def channels(self) -> int:

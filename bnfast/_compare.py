@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -73,14 +74,22 @@ CASES = (  # python -m bnfast: one case per kind of layout and size
 # python -m bnfast --grid, and bench/: the shapes NumPy trainers use. MLP activations (batch x
 # width), the shapes of issue 7's table, conv activations in both layouts (C 16-256, spatial
 # 7-112), and arrays beyond a 32 MiB last-level cache.
-_CONV = ((32, 16, 112, 112), (8, 64, 28, 28), (32, 32, 56, 56), (64, 32, 32, 32),
-         (32, 64, 56, 56), (32, 128, 28, 28), (64, 256, 14, 14), (128, 256, 7, 7))
+_CONV = (
+    (32, 16, 112, 112),
+    (8, 64, 28, 28),
+    (32, 32, 56, 56),
+    (64, 32, 32, 32),
+    (32, 64, 56, 56),
+    (32, 128, 28, 28),
+    (64, 256, 14, 14),
+    (128, 256, 7, 7),
+)
 GRID = (
     tuple(_2d(n, c) for n in (32, 128, 512, 2048, 8192) for c in (64, 256, 1024, 4096))
     + (_2d(64, 256), _2d(128, 512), _2d(512, 2048), _2d(1024, 4096))
-    + tuple(_nchw(*s) for s in _CONV) + tuple(_nhwc(*s) for s in _CONV)
-    + (_nhwc(8, 3, 224, 224), _2d(16384, 4096), _nchw(32, 64, 112, 112),
-       _nhwc(32, 64, 112, 112))
+    + tuple(_nchw(*s) for s in _CONV)
+    + tuple(_nhwc(*s) for s in _CONV)
+    + (_nhwc(8, 3, 224, 224), _2d(16384, 4096), _nchw(32, 64, 112, 112), _nhwc(32, 64, 112, 112))
 )
 STEP_SHAPES = ((32, 64), (64, 256))  # the layer-step targets of issue 7 (PyTorch BatchNorm1d)
 
@@ -100,6 +109,16 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
     )
 
 
+class Implementation(Protocol):
+    """What the registry holds: a name, whether it runs here, and ``prepare``."""
+
+    name: str
+
+    def available(self) -> bool: ...
+
+    def prepare(self, op: str, inp: dict) -> Callable[[], tuple]: ...
+
+
 class _FunctionalImpl:
     """bnfast and the reference share a signature, so one adapter serves both."""
 
@@ -115,11 +134,17 @@ class _FunctionalImpl:
         x, g, b, axis = inp["x"], inp["gamma"], inp["beta"], inp["case"].axis
         rm, rv = inp["running_mean"].copy(), inp["running_var"].copy()
         if op == "forward":
-            return lambda: (f.forward(x, g, b, axis=axis, running_mean=rm, running_var=rv,
-                                      momentum=MOMENTUM, eps=EPS)[0],)
+            return lambda: (
+                f.forward(
+                    x, g, b, axis=axis, running_mean=rm, running_var=rv, momentum=MOMENTUM, eps=EPS
+                )[0],
+            )
         if op == "inference":
-            return lambda: (f.forward(x, g, b, axis=axis, training=False, running_mean=rm,
-                                      running_var=rv, eps=EPS)[0],)
+            return lambda: (
+                f.forward(
+                    x, g, b, axis=axis, training=False, running_mean=rm, running_var=rv, eps=EPS
+                )[0],
+            )
         if op == "backward":
             _, cache = f.forward(x, g, b, axis=axis, eps=EPS)
             dy = inp["dy"]
@@ -133,21 +158,31 @@ class _FunctionalImpl:
         x, dy, case = inp["x"], inp["dy"], inp["case"]
         if self.module is _core:
             from ._layer import BatchNorm
-            bn = BatchNorm(case.channels, axis=case.axis, eps=EPS, momentum=MOMENTUM,
-                           dtype=x.dtype)
-            bn.gamma[...], bn.beta[...] = inp["gamma"], inp["beta"]
+
+            bn = BatchNorm(case.channels, axis=case.axis, eps=EPS, momentum=MOMENTUM, dtype=x.dtype)
+            bn.load_state_dict({**bn.state_dict(), "weight": inp["gamma"], "bias": inp["beta"]})
 
             def run():
                 y = bn(x)
                 return y, bn.backward(dy), bn.dgamma, bn.dbeta
+
             return run
         f = self.module
         rm, rv = np.zeros(case.channels), np.ones(case.channels)
 
         def run_reference():
-            y, cache = f.forward(x, inp["gamma"], inp["beta"], axis=case.axis, running_mean=rm,
-                                 running_var=rv, momentum=MOMENTUM, eps=EPS)
+            y, cache = f.forward(
+                x,
+                inp["gamma"],
+                inp["beta"],
+                axis=case.axis,
+                running_mean=rm,
+                running_var=rv,
+                momentum=MOMENTUM,
+                eps=EPS,
+            )
             return (y, *f.backward(dy, cache))
+
         return run_reference
 
 
@@ -183,20 +218,27 @@ class _TorchImpl:
             def run():
                 with torch.no_grad():
                     return (array(F.batch_norm(x, rm, rv, g, b, training, MOMENTUM, EPS)),)
+
             return run
         if op == "backward":
             _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-                x, g, b, None, None, True, MOMENTUM, EPS)
+                x, g, b, None, None, True, MOMENTUM, EPS
+            )
 
             def run():
                 dx, dg, db = torch.ops.aten.native_batch_norm_backward(
-                    dy, x, g, None, None, save_mean, save_invstd, True, EPS, [True, True, True])
+                    dy, x, g, None, None, save_mean, save_invstd, True, EPS, [True, True, True]
+                )
                 return array(dx), dg.numpy(), db.numpy()
+
             return run
         if op == "step":  # nn.BatchNorm1d/2d/3d with autograd, as a PyTorch trainer runs it
-            module = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-                      5: torch.nn.BatchNorm3d}[x.ndim](inp["case"].channels, eps=EPS,
-                                                       momentum=MOMENTUM)
+            module = {
+                2: torch.nn.BatchNorm1d,
+                3: torch.nn.BatchNorm1d,
+                4: torch.nn.BatchNorm2d,
+                5: torch.nn.BatchNorm3d,
+            }[x.ndim](inp["case"].channels, eps=EPS, momentum=MOMENTUM)
             module = module.to(x.dtype)
             with torch.no_grad():
                 module.weight.copy_(g)
@@ -208,20 +250,25 @@ class _TorchImpl:
                 module.zero_grad(set_to_none=True)
                 y = module(xg)
                 y.backward(dy)
-                return (array(y), array(xg.grad), module.weight.grad.numpy(),
-                        module.bias.grad.numpy())
+                return (
+                    array(y),
+                    array(xg.grad),
+                    module.weight.grad.numpy(),
+                    module.bias.grad.numpy(),
+                )
+
             return run
         raise ValueError(f"unknown operation {op!r}; expected one of {OPERATIONS}")
 
 
-IMPLEMENTATIONS = {
+IMPLEMENTATIONS: dict[str, Implementation] = {
     "bnfast": _FunctionalImpl("bnfast", _core),
     "numpy": _FunctionalImpl("numpy", reference),
     "pytorch": _TorchImpl(),
 }
 
 
-def available() -> dict:
+def available() -> dict[str, Implementation]:
     """The implementations that can run here (PyTorch only when it imports)."""
     return {k: v for k, v in IMPLEMENTATIONS.items() if v.available()}
 
@@ -229,30 +276,39 @@ def available() -> dict:
 def max_error(got: tuple, want: tuple) -> float:
     """Largest error over the outputs, each relative to that output's largest magnitude."""
     worst = 0.0
-    for a, r in zip(got, want):
+    for a, r in zip(got, want, strict=True):
         r64 = np.asarray(r, np.float64)
         scale = max(float(np.max(np.abs(r64), initial=0.0)), np.finfo(np.float64).tiny)
-        worst = max(worst, float(np.max(np.abs(np.asarray(a, np.float64) - r64),
-                                        initial=0.0)) / scale)
+        worst = max(
+            worst, float(np.max(np.abs(np.asarray(a, np.float64) - r64), initial=0.0)) / scale
+        )
     return worst
 
 
-def median_ms(fn: Callable, *, min_repeats: int = 3, max_repeats: int = 50,
-              budget_s: float = 0.25) -> float:
+def median_ms(
+    fn: Callable, *, min_repeats: int = 3, max_repeats: int = 50, budget_s: float = 0.25
+) -> float:
     """Median wall time of ``fn()`` in ms after one warm-up call."""
     fn()
-    times = []
+    times: list[float] = []
     start = time.perf_counter()
-    while len(times) < min_repeats or (len(times) < max_repeats
-                                       and time.perf_counter() - start < budget_s):
+    while len(times) < min_repeats or (
+        len(times) < max_repeats and time.perf_counter() - start < budget_s
+    ):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
 
 
-def interleaved_ms(fns: dict, *, budget_s: float = 0.5, min_rounds: int = 3,
-                   max_rounds: int = 100, sample_s: float = 0.02) -> dict:
+def interleaved_ms(
+    fns: dict,
+    *,
+    budget_s: float = 0.5,
+    min_rounds: int = 3,
+    max_rounds: int = 100,
+    sample_s: float = 0.02,
+) -> dict:
     """Median ms per call of each callable, measured in interleaved rounds (one sample of each
     per round), so that a slow spell of a shared machine hits every implementation alike.
 

@@ -20,8 +20,10 @@ from . import _threading
 from ._machine import TUNE
 from .kernels.common import GAMMA, INVSTD, MEAN, VAR
 
-_NO_RUNNING = {np.dtype(np.float32): np.empty(0, np.float32),
-               np.dtype(np.float64): np.empty(0, np.float64)}  # "no running arrays" to a kernel
+_NO_RUNNING = {
+    np.dtype(np.float32): np.empty(0, np.float32),
+    np.dtype(np.float64): np.empty(0, np.float64),
+}  # "no running arrays" to a kernel
 
 
 class BatchNormCache(tuple):
@@ -70,8 +72,7 @@ class BatchNormCache(tuple):
 
     def __repr__(self) -> str:
         mode = "training" if self.training else "inference"
-        return (f"BatchNormCache({mode}, x shape {self.x.shape} {self.x.dtype}, "
-                f"axis={self.axis})")
+        return f"BatchNormCache({mode}, x shape {self.x.shape} {self.x.dtype}, axis={self.axis})"
 
 
 def _after_write():
@@ -114,8 +115,10 @@ def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
     x = chk.data_array(x, "x")
     layout = chk.Layout.of(x, chk.channel_axis(axis, x.ndim))
     if layout.count == 0:
-        raise ValueError(f"x has shape {x.shape}: no values per channel along axis {axis}; "
-                         "moments need at least one")
+        raise ValueError(
+            f"x has shape {x.shape}: no values per channel along axis {axis}; "
+            "moments need at least one"
+        )
     mean = np.empty(layout.channels, x.dtype)
     var = np.empty(layout.channels, x.dtype)
     if layout.channels:
@@ -124,9 +127,19 @@ def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
-            running_mean=None, running_var=None, momentum: float = 0.1, eps: float = 1e-5,
-            out=None) -> tuple[np.ndarray, BatchNormCache]:
+def forward(
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    axis: int = 1,
+    training: bool = True,
+    running_mean=None,
+    running_var=None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    out=None,
+) -> tuple[np.ndarray, BatchNormCache]:
     """Batch-normalize ``x`` over every axis but ``axis``: ``y = gamma * xhat + beta``.
 
     Parameters
@@ -195,27 +208,40 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
         raise ValueError("pass both running_mean and running_var, or neither")
     tracking = running_mean is not None
     if tracking:
-        running_mean = chk.channel_vector(running_mean, "running_mean", channels,
-                                          writeable=training)
-        running_var = chk.channel_vector(running_var, "running_var", channels,
-                                         writeable=training)
+        running_mean = chk.channel_vector(
+            running_mean, "running_mean", channels, writeable=training
+        )
+        running_var = chk.channel_vector(running_var, "running_var", channels, writeable=training)
     if training:
         momentum = chk.unit_momentum(momentum)
         if count == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input "
-                             f"of shape {x.shape} with channel axis {axis} ({count} per channel)")
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input "
+                f"of shape {x.shape} with channel axis {axis} ({count} per channel)"
+            )
     elif not tracking:
-        raise ValueError("training=False normalizes with running statistics: pass "
-                         "running_mean and running_var")
+        raise ValueError(
+            "training=False normalizes with running statistics: pass running_mean and running_var"
+        )
     if out is not None:
         out = chk.output_array(out, "out", x.shape, dtype)
     if training:  # x is also kept for backward, so even out=x is refused
-        chk.disjoint({"out": out, "running_mean": running_mean, "running_var": running_var},
-                     {"x": x, "gamma": gamma, "beta": beta})
+        chk.disjoint(
+            {"out": out, "running_mean": running_mean, "running_var": running_var},
+            {"x": x, "gamma": gamma, "beta": beta},
+        )
     else:
-        chk.disjoint({"out": out}, {"x": x, "gamma": gamma, "beta": beta,
-                                    "running_mean": running_mean, "running_var": running_var},
-                     in_place=(("out", "x"),))
+        chk.disjoint(
+            {"out": out},
+            {
+                "x": x,
+                "gamma": gamma,
+                "beta": beta,
+                "running_mean": running_mean,
+                "running_var": running_var,
+            },
+            in_place=(("out", "x"),),
+        )
 
     x3 = layout.view3(x)
     y, y3 = layout.output(out, dtype)
@@ -226,14 +252,17 @@ def forward(x, gamma=None, beta=None, *, axis: int = 1, training: bool = True,
         direct = tracking and running_mean.dtype == dtype and running_var.dtype == dtype
         rm = running_mean if direct else _NO_RUNNING[dtype]
         rv = running_var if direct else _NO_RUNNING[dtype]
-        _threading.kernels_for(x3, y3).forward_train(x3, gamma, beta, eps, momentum, rm, rv,
-                                                     stats, y3, TUNE)
+        _threading.kernels_for(x3, y3).forward_train(
+            x3, gamma, beta, eps, momentum, rm, rv, stats, y3, TUNE
+        )
         if tracking and not direct:  # another dtype: float64 math, rounded once into it
             with _after_write():
-                running_mean[...] = ((1.0 - momentum) * running_mean.astype(np.float64)
-                                     + momentum * stats[MEAN])
-                running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
-                                    + (momentum * count / (count - 1)) * stats[VAR])
+                running_mean[...] = (1.0 - momentum) * running_mean.astype(
+                    np.float64
+                ) + momentum * stats[MEAN]
+                running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + (
+                    momentum * count / (count - 1)
+                ) * stats[VAR]
     else:
         rm = running_mean if running_mean.dtype == dtype else running_mean.astype(dtype)
         rv = running_var if running_var.dtype == dtype else running_var.astype(dtype)
@@ -277,15 +306,19 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
     (np.True_, array([2., 2.]))
     """
     if not isinstance(cache, BatchNormCache):
-        raise TypeError(f"cache must be the BatchNormCache returned by bnfast.forward, got "
-                        f"{type(cache).__name__}")
+        raise TypeError(
+            f"cache must be the BatchNormCache returned by bnfast.forward, got "
+            f"{type(cache).__name__}"
+        )
     x, layout = cache.x, cache._layout
     dy = chk.as_array(dy, "dy")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}; expected {x.dtype}, the forward input's dtype")
     if dy.shape != x.shape:
-        raise ValueError(f"dy has shape {dy.shape}, but the cache is from a forward call on "
-                         f"shape {x.shape}; pass the gradient of that call's output")
+        raise ValueError(
+            f"dy has shape {dy.shape}, but the cache is from a forward call on "
+            f"shape {x.shape}; pass the gradient of that call's output"
+        )
     if out is not None:
         out = chk.output_array(out, "out", x.shape, x.dtype)
         chk.disjoint({"out": out}, {"dy": dy, "x": x}, in_place=(("out", "dy"),))

@@ -69,16 +69,45 @@ class BatchNorm:
     (16, 3)
     """
 
-    def __init__(self, num_features: int, *, axis: int = 1, eps: float = 1e-5,
-                 momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, dtype=np.float32,
-                 reuse_buffers: bool = False) -> None:
-        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features,
-                                                                        numbers.Integral):
+    num_features: int
+    axis: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    dtype: np.dtype
+    training: bool
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+    running_mean: np.ndarray | None
+    running_var: np.ndarray | None
+    dgamma: np.ndarray | None
+    dbeta: np.ndarray | None
+    num_batches_tracked: int
+    reuse_buffers: bool
+    _block: np.ndarray
+    _rows: tuple[np.ndarray, ...]
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        dtype=np.float32,
+        reuse_buffers: bool = False,
+    ) -> None:
+        if isinstance(num_features, (bool, np.bool_)) or not isinstance(
+            num_features, numbers.Integral
+        ):
             raise TypeError(f"num_features must be an int, got {num_features!r}")
         if not 1 <= num_features <= _MAX_FEATURES:
-            raise ValueError(f"num_features must be between 1 and {_MAX_FEATURES}, got "
-                             f"{num_features}")
+            raise ValueError(
+                f"num_features must be between 1 and {_MAX_FEATURES}, got {num_features}"
+            )
         dtype = np.dtype(dtype)
         if dtype not in chk.DATA_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported; accepted: float32 or float64")
@@ -110,49 +139,83 @@ class BatchNorm:
         self._plan: _Plan | None = None
 
     def __repr__(self) -> str:
-        return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
-                f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})")
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})"
+        )
 
-    def train(self, mode: bool = True) -> "BatchNorm":
+    def train(self, mode: bool = True) -> BatchNorm:
         """Training mode (batch statistics, running averages updated); returns self. ``mode``
         must be a bool (a ``FlagError``, both ``TypeError`` and PyTorch's ``ValueError``)."""
         self.training = chk.flag(mode, "mode")
         return self
 
-    def eval(self) -> "BatchNorm":
+    def eval(self) -> BatchNorm:
         """Eval mode (running statistics when tracked); returns self."""
         return self.train(False)
 
     def _buffer(self, kind: str, like: np.ndarray, *avoid: np.ndarray) -> np.ndarray | None:
         """The kept output buffer for ``like`` (laid out like its canonical view), or None."""
-        if not (self.reuse_buffers and isinstance(like, np.ndarray)
-                and like.dtype in chk.DATA_DTYPES and like.ndim >= 2):
+        if not (
+            self.reuse_buffers
+            and isinstance(like, np.ndarray)
+            and like.dtype in chk.DATA_DTYPES
+            and like.ndim >= 2
+        ):
             return None
         try:
             layout = chk.Layout.of(like, chk.channel_axis(self.axis, like.ndim))
         except (TypeError, ValueError):
             return None  # forward reports the problem
         buf = self._buffers.get(kind)
-        if (buf is None or buf.shape != like.shape or buf.dtype != like.dtype
-                or chk.Layout.of(buf, layout.axis).order != layout.order
-                or any(np.may_share_memory(buf, a) for a in avoid)):
+        if (
+            buf is None
+            or buf.shape != like.shape
+            or buf.dtype != like.dtype
+            or chk.Layout.of(buf, layout.axis).order != layout.order
+            or any(np.may_share_memory(buf, a) for a in avoid)
+        ):
             buf = self._buffers[kind] = layout.output(None, like.dtype)[0]
         return buf
 
     def _own_rows(self) -> bool:
         """Are the layer's arrays still the rows of its block (none replaced by assignment)?"""
         rows = self._rows
-        return ((self.gamma is rows[0] and self.beta is rows[1] and self.dgamma is rows[4]
-                 and self.dbeta is rows[5]) if self.affine else
-                (self.gamma is None and self.beta is None)) and (
+        return (
+            (
+                self.gamma is rows[0]
+                and self.beta is rows[1]
+                and self.dgamma is rows[4]
+                and self.dbeta is rows[5]
+            )
+            if self.affine
+            else (self.gamma is None and self.beta is None)
+        ) and (
             (self.running_mean is rows[2] and self.running_var is rows[3])
-            if self.track_running_stats else self.running_mean is None)
+            if self.track_running_stats
+            else self.running_mean is None
+        )
 
     def _mode(self) -> tuple:
         """The attributes a plan depends on (public, so a trainer may change them: momentum
         schedules do); the plan is used only while they are the very objects it saw."""
         return (self.training, self.track_running_stats, self.eps, self.momentum)
+
+    def _affine(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """gamma, beta, dgamma, dbeta of an affine layer (none of them may have been set to
+        None)."""
+        g, b, dg, db = self.gamma, self.beta, self.dgamma, self.dbeta
+        if g is None or b is None or dg is None or db is None:
+            raise RuntimeError("an affine BatchNorm needs gamma, beta, dgamma and dbeta arrays")
+        return g, b, dg, db
+
+    def _running(self) -> tuple[np.ndarray, np.ndarray]:
+        """running_mean and running_var of a layer that tracks them."""
+        rm, rv = self.running_mean, self.running_var
+        if rm is None or rv is None:
+            raise RuntimeError("a BatchNorm tracking running statistics needs both arrays")
+        return rm, rv
 
     def _momentum(self) -> float:
         if self.momentum is None:  # PyTorch's cumulative average
@@ -162,19 +225,34 @@ class BatchNorm:
     def forward(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Normalize ``x``; keeps what :meth:`backward` needs. See :func:`bnfast.forward`."""
         p = self._plan
-        if (out is None and p is not None and type(x) is np.ndarray and x.shape == p.shape
-                and x.strides == p.strides and x.dtype is p.dtype and p.mode == self._mode()
-                and self._own_rows() and not np.may_share_memory(x, self._block)):
+        if (
+            out is None
+            and p is not None
+            and type(x) is np.ndarray
+            and x.shape == p.shape
+            and x.strides == p.strides
+            and x.dtype is p.dtype
+            and p.mode == self._mode()
+            and self._own_rows()
+            and not np.may_share_memory(x, self._block)
+        ):
             return self._forward_planned(x, p)
         if out is None:
             out = self._buffer("y", x, x)
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         y, cache = forward(
-            x, self.gamma, self.beta, axis=self.axis, training=use_batch_stats,
+            x,
+            self.gamma,
+            self.beta,
+            axis=self.axis,
+            training=use_batch_stats,
             running_mean=self.running_mean if update or not use_batch_stats else None,
             running_var=self.running_var if update or not use_batch_stats else None,
-            momentum=self._momentum() if update else 0.0, eps=self.eps, out=out)
+            momentum=self._momentum() if update else 0.0,
+            eps=self.eps,
+            out=out,
+        )
         if update:
             self.num_batches_tracked += 1
         self._cache = cache
@@ -183,7 +261,7 @@ class BatchNorm:
 
     __call__ = forward
 
-    def _forward_planned(self, x: np.ndarray, p: "_Plan") -> np.ndarray:
+    def _forward_planned(self, x: np.ndarray, p: _Plan) -> np.ndarray:
         """The planned call: what :func:`bnfast.forward` does once its checks have passed."""
         layout = p.layout
         if layout.transposed:
@@ -214,21 +292,32 @@ class BatchNorm:
         if cache is None:
             raise RuntimeError("backward() needs a forward() call first")
         x = cache.x
-        if (out is None and not self.reuse_buffers and type(dy) is np.ndarray
-                and dy.shape == x.shape and dy.strides == x.strides and dy.dtype is x.dtype
-                and x.dtype is self.dtype and self._own_rows()
-                and not np.may_share_memory(dy, self._block)):
+        if (
+            out is None
+            and not self.reuse_buffers
+            and type(dy) is np.ndarray
+            and dy.shape == x.shape
+            and dy.strides == x.strides
+            and dy.dtype is x.dtype
+            and x.dtype is self.dtype
+            and self._own_rows()
+            and not np.may_share_memory(dy, self._block)
+        ):
             return self._backward_planned(dy, cache)
         if out is None:
             out = self._buffer("dx", x, x, dy)
         if self.affine and isinstance(dy, np.ndarray):  # the layer also writes its gradients
-            chk.disjoint({"out": out, "dgamma": self.dgamma, "dbeta": self.dbeta},
-                         {"dy": dy, "x": x}, in_place=(("out", "dy"),))
+            chk.disjoint(
+                {"out": out, "dgamma": self.dgamma, "dbeta": self.dbeta},
+                {"dy": dy, "x": x},
+                in_place=(("out", "dy"),),
+            )
         dx, dgamma, dbeta = backward(dy, cache, out=out)
         if self.affine:
+            _, _, layer_dgamma, layer_dbeta = self._affine()
             with _after_write():
-                self.dgamma[...] = dgamma
-                self.dbeta[...] = dbeta
+                layer_dgamma[...] = dgamma
+                layer_dbeta[...] = dbeta
         return dx
 
     def _backward_planned(self, dy: np.ndarray, cache: BatchNormCache) -> np.ndarray:
@@ -256,22 +345,30 @@ class BatchNorm:
 
     def params(self) -> dict[str, np.ndarray]:
         """``{"gamma": ..., "beta": ...}`` (empty without affine); update them in place."""
-        return {"gamma": self.gamma, "beta": self.beta} if self.affine else {}
+        if not self.affine:
+            return {}
+        gamma, beta, _, _ = self._affine()
+        return {"gamma": gamma, "beta": beta}
 
     def grads(self) -> dict[str, np.ndarray]:
         """``{"gamma": dgamma, "beta": dbeta}`` from the last backward, keyed like params()."""
-        return {"gamma": self.dgamma, "beta": self.dbeta} if self.affine else {}
+        if not self.affine:
+            return {}
+        _, _, dgamma, dbeta = self._affine()
+        return {"gamma": dgamma, "beta": dbeta}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the state under PyTorch's keys (``weight``, ``bias``, ``running_mean``,
         ``running_var``, ``num_batches_tracked``), loadable by ``torch.nn.BatchNorm*d``."""
         state = {}
         if self.affine:
-            state["weight"] = self.gamma.copy()
-            state["bias"] = self.beta.copy()
+            gamma, beta, _, _ = self._affine()
+            state["weight"] = gamma.copy()
+            state["bias"] = beta.copy()
         if self.track_running_stats:
-            state["running_mean"] = self.running_mean.copy()
-            state["running_var"] = self.running_var.copy()
+            rm, rv = self._running()
+            state["running_mean"] = rm.copy()
+            state["running_var"] = rv.copy()
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, np.int64)
         return state
 
@@ -283,14 +380,18 @@ class BatchNorm:
         Values are converted to the layer's dtype.
         """
         if not isinstance(state, Mapping):
-            raise TypeError(f"load_state_dict takes a mapping of names to arrays (a state_dict), "
-                            f"got {type(state).__name__}")
+            raise TypeError(
+                f"load_state_dict takes a mapping of names to arrays (a state_dict), "
+                f"got {type(state).__name__}"
+            )
         expected = set(self.state_dict())
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected, key=str)
         if missing or unexpected:
-            raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys "
-                             f"{unexpected}; expected exactly {sorted(expected)}")
+            raise ValueError(
+                f"load_state_dict: missing keys {missing}, unexpected keys "
+                f"{unexpected}; expected exactly {sorted(expected)}"
+            )
         arrays = {}
         for key in expected:
             v = state[key]
@@ -299,17 +400,21 @@ class BatchNorm:
             v = chk.as_array(v, f"state[{key!r}]")
             if key == "num_batches_tracked":
                 if v.shape != () or v.dtype.kind not in "iu" or v < 0:
-                    raise ValueError(f"load_state_dict: num_batches_tracked must be a "
-                                     f"non-negative integer scalar, got {state[key]!r}")
+                    raise ValueError(
+                        f"load_state_dict: num_batches_tracked must be a "
+                        f"non-negative integer scalar, got {state[key]!r}"
+                    )
             else:
                 v = chk.channel_vector(v, f"state[{key!r}]", self.num_features)
             arrays[key] = v
         if self.affine:
-            self.gamma[...] = arrays["weight"]
-            self.beta[...] = arrays["bias"]
+            gamma, beta, _, _ = self._affine()
+            gamma[...] = arrays["weight"]
+            beta[...] = arrays["bias"]
         if self.track_running_stats:
-            self.running_mean[...] = arrays["running_mean"]
-            self.running_var[...] = arrays["running_var"]
+            rm, rv = self._running()
+            rm[...] = arrays["running_mean"]
+            rv[...] = arrays["running_var"]
             self.num_batches_tracked = int(arrays["num_batches_tracked"])
 
 
@@ -321,15 +426,42 @@ class _Plan:
     """What a checked call established about its input, reused while inputs keep that type,
     shape, strides and dtype (see the module docstring)."""
 
-    __slots__ = ("shape", "strides", "dtype", "mode", "batch_stats", "layout", "rows",
-                 "nbytes", "contiguous", "gamma", "beta")
+    __slots__ = (
+        "shape",
+        "strides",
+        "dtype",
+        "mode",
+        "batch_stats",
+        "layout",
+        "rows",
+        "nbytes",
+        "contiguous",
+        "gamma",
+        "beta",
+    )
+    shape: tuple
+    strides: tuple
+    dtype: np.dtype
+    mode: tuple
+    batch_stats: bool
+    layout: chk.Layout
+    rows: bool
+    nbytes: int
+    contiguous: bool
+    gamma: np.ndarray
+    beta: np.ndarray
 
     @classmethod
-    def after(cls, bn: "BatchNorm", x, cache: BatchNormCache) -> "_Plan | None":
+    def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
         """The plan for inputs like ``x``, or None where only the checked path applies."""
-        if (type(x) is not np.ndarray or bn.reuse_buffers or x.dtype is not bn.dtype
-                or not bn._own_rows() or cache._layout.count < 2
-                or cache._layout.channels == 0):
+        if (
+            type(x) is not np.ndarray
+            or bn.reuse_buffers
+            or x.dtype is not bn.dtype
+            or not bn._own_rows()
+            or cache._layout.count < 2
+            or cache._layout.channels == 0
+        ):
             return None
         p = cls()
         p.shape, p.strides, p.dtype = x.shape, x.strides, x.dtype
@@ -337,8 +469,7 @@ class _Plan:
         p.batch_stats = bn.training or not bn.track_running_stats
         p.layout = cache._layout
         x3 = cache._x3
-        p.rows, p.nbytes, p.contiguous = x3.shape[2] >= ROWS_MIN, x3.nbytes, \
-            x3.flags.c_contiguous
+        p.rows, p.nbytes, p.contiguous = x3.shape[2] >= ROWS_MIN, x3.nbytes, x3.flags.c_contiguous
         c = bn.num_features
         p.gamma = bn._rows[0] if bn.affine else chk.constant(1.0, c, bn.dtype)
         p.beta = bn._rows[1] if bn.affine else chk.constant(0.0, c, bn.dtype)

@@ -16,9 +16,10 @@ else ``os.sysconf``, else the defaults named below):
 - ``TUNE_FUSE``: the rows family reduces a channel and writes it from cache when the channel's
   slice is at most half of L2 (512 KiB).
 - ``TUNE_STRIP``: the lanes family reduces a strip of lanes over every row and writes it from
-  cache when the strip (at least 256 lanes) is at most twice L2 (2 MiB: float32 batches up to
-  2048 rows). Measured, float32 forward at 1 and 2 threads: a 2 MiB strip (2048 x 256) still
-  beat two passes by 15-25%; an 8 MiB strip (8192 x 256) lost 40%.
+  cache when the strip (at least 256 lanes) is at most four times L2 (4 MiB: float32 batches up
+  to 4096 rows at 256 lanes). Measured, float32, interleaved, 1 and 2 threads: 4 MiB strips
+  were fastest or tied at (2048, 1024) (forward 847 against 1189 us at 2 MiB, one thread),
+  (8192, 256) and (1024, 4096); 8 MiB strips lost up to 1.8x at two threads (8192, 256).
 - ``SERIAL_BELOW`` (bytes of x): smaller calls run the serial twin. A parallel launch costs
   a fixed time while a serial pass grows with the array; the launch pays once the array is
   larger than half of one core's L2 (measured on the old kernels, float32 C = 64, two threads:
@@ -38,8 +39,11 @@ from .kernels import _jit
 # Used where the OS tells nothing (seen on no Linux machine of ours): a common x86 core.
 DEFAULT_CACHES = {"L1d": 32 * 1024, "L2": 1024 * 1024, "L3": 32 * 1024 * 1024}
 _SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
-_SYSCONF = {"L1d": "SC_LEVEL1_DCACHE_SIZE", "L2": "SC_LEVEL2_CACHE_SIZE",
-            "L3": "SC_LEVEL3_CACHE_SIZE"}
+_SYSCONF = {
+    "L1d": "SC_LEVEL1_DCACHE_SIZE",
+    "L2": "SC_LEVEL2_CACHE_SIZE",
+    "L3": "SC_LEVEL3_CACHE_SIZE",
+}
 
 
 def _size(text: str) -> int:
@@ -93,6 +97,7 @@ def cpu_model() -> str:
                 break
     except OSError:
         import platform
+
         return platform.processor() or platform.machine()
     name = fields.get("model name", "unknown CPU")
     if "cpu family" in fields:
@@ -115,7 +120,7 @@ def tuning(caches: dict) -> np.ndarray:
     tune[_jit.TUNE_TILE] = max(16, _power_of_two_floor(caches["L1d"] // 32))
     tune[_jit.TUNE_BLOCK] = max(64 * 1024, caches["L2"] // 4)
     tune[_jit.TUNE_FUSE] = max(64 * 1024, caches["L2"] // 2)
-    tune[_jit.TUNE_STRIP] = max(128 * 1024, 2 * caches["L2"])
+    tune[_jit.TUNE_STRIP] = max(256 * 1024, 4 * caches["L2"])
     tune.flags.writeable = False
     return tune
 
@@ -128,6 +133,8 @@ SERIAL_BELOW = CACHES["L2"] // 2
 def describe() -> str:
     """One line naming this machine for benchmark output."""
     c = CACHES
-    return (f"{cpu_model()}; {os.cpu_count()} cores; L1d {c['L1d'] // 1024} KiB, "
-            f"L2 {c['L2'] // 1024} KiB, L3 {c['L3'] // 2**20} MiB per core group "
-            f"({c['source']})")
+    return (
+        f"{cpu_model()}; {os.cpu_count()} cores; L1d {c['L1d'] // 1024} KiB, "
+        f"L2 {c['L2'] // 1024} KiB, L3 {c['L3'] // 2**20} MiB per core group "
+        f"({c['source']})"
+    )

@@ -34,9 +34,12 @@ from .kernels._jit import ROWS_MIN, Launcher
 
 
 def _family(module, serial: bool) -> SimpleNamespace:
-    return SimpleNamespace(**{name: Launcher(getattr(module, name).serial if serial
-                                             else getattr(module, name))
-                              for name in kernels.KERNELS})
+    return SimpleNamespace(
+        **{
+            name: Launcher(getattr(module, name).serial if serial else getattr(module, name))
+            for name in kernels.KERNELS
+        }
+    )
 
 
 _PARALLEL = {name: _family(kernels.FAMILIES[name], False) for name in ("rows", "lanes")}
@@ -83,6 +86,7 @@ class _Guarded:
             finally:
                 _launch.release()
             _thread_safe_layer = numba.threading_layer() in ("tbb", "omp")
+
         return run
 
 

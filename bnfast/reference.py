@@ -19,7 +19,8 @@ Backward, with ``dy = dL/dz~``:
 
     dbeta  = sum_i dy_i
     dgamma = sum_i dy_i * z_norm_i
-    dz_i   = gamma / sqrt(sigma^2 + eps) / m * (m * dy_i - dbeta - z_norm_i * dgamma)   (batch stats)
+    dz_i   = gamma / sqrt(sigma^2 + eps) / m * (m * dy_i - dbeta - z_norm_i * dgamma)
+                                                                        (batch statistics)
     dz_i   = gamma / sqrt(running_var + eps) * dy_i                                  (running stats)
 """
 
@@ -60,8 +61,18 @@ def running_update(running, batch, momentum):
     running[...] = (1.0 - momentum) * np.asarray(running, np.float64) + momentum * batch
 
 
-def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
-            running_var=None, momentum=0.1, eps=1e-5):
+def forward(
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    axis=1,
+    training=True,
+    running_mean=None,
+    running_var=None,
+    momentum=0.1,
+    eps=1e-5,
+):
     """Batch norm forward; returns ``(y, cache)`` with cache a dict for :func:`backward`."""
     x = np.asarray(x)
     axis = axis % x.ndim
@@ -80,8 +91,16 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
         sigma2 = _vec(running_var, x.dtype, 1.0, channels)
     z_norm = (z - mu) / np.sqrt(sigma2 + eps)
     y = gamma * z_norm + beta
-    cache = dict(x=x, axis=axis, training=training, mean=mu, invstd=1.0 / np.sqrt(sigma2 + eps),
-                 gamma=gamma, beta=beta, z_norm=z_norm)
+    cache = dict(
+        x=x,
+        axis=axis,
+        training=training,
+        mean=mu,
+        invstd=1.0 / np.sqrt(sigma2 + eps),
+        gamma=gamma,
+        beta=beta,
+        z_norm=z_norm,
+    )
     return _restore(y, x, axis), cache
 
 

@@ -34,6 +34,7 @@ def progress(msg):
 
 def run(quick: bool, out: Path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -43,8 +44,13 @@ def run(quick: bool, out: Path):
         """One PNG of labelled curves: ``series`` maps label -> y values."""
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for label, ys in series.items():
-            ax.plot(x if x is not None else range(1, len(ys) + 1), ys, "o-" if x else "-",
-                    label=label, ms=3)
+            ax.plot(
+                x if x is not None else range(1, len(ys) + 1),
+                ys,
+                "o-" if x else "-",
+                label=label,
+                ms=3,
+            )
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel, **axes)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -62,32 +68,60 @@ def run(quick: bool, out: Path):
     # 1. Faster training
     progress("1 faster training")
     h = {bn: mlp.train(net(bn=bn), data, epochs=E, lr=0.01) for bn in (True, False)}
-    rows.append(("1 epochs to 95% val acc (SGD+momentum, lr 0.01)",
-                 epochs_to(h[True]), epochs_to(h[False])))
-    adam = {bn: mlp.train(net(bn=bn), data, epochs=E, lr=1e-3, optimizer="adam") for bn in (True, False)}
-    rows.append(("1 epochs to 95% val acc (Adam, lr 1e-3)", epochs_to(adam[True]), epochs_to(adam[False])))
-    plot("1_loss.png", "1. Training loss", {
-        "BN, SGD": h[True]["loss"], "no BN, SGD": h[False]["loss"],
-        "BN, Adam": adam[True]["loss"], "no BN, Adam": adam[False]["loss"]},
-        ylabel="train loss", yscale="log")
+    rows.append(
+        ("1 epochs to 95% val acc (SGD+momentum, lr 0.01)", epochs_to(h[True]), epochs_to(h[False]))
+    )
+    adam = {
+        bn: mlp.train(net(bn=bn), data, epochs=E, lr=1e-3, optimizer="adam") for bn in (True, False)
+    }
+    rows.append(
+        ("1 epochs to 95% val acc (Adam, lr 1e-3)", epochs_to(adam[True]), epochs_to(adam[False]))
+    )
+    plot(
+        "1_loss.png",
+        "1. Training loss",
+        {
+            "BN, SGD": h[True]["loss"],
+            "no BN, SGD": h[False]["loss"],
+            "BN, Adam": adam[True]["loss"],
+            "no BN, Adam": adam[False]["loss"],
+        },
+        ylabel="train loss",
+        yscale="log",
+    )
 
     # 2. Learning-rate range
     progress("2 learning-rate sweep")
     lrs = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
-    sweep = {bn: [max(mlp.train(net(bn=bn), data, epochs=E, lr=lr)["val_acc"]) for lr in lrs]
-             for bn in (True, False)}
-    rows.append((f"2 learning rates (of {len(lrs)}, 1e-3..1) reaching 95%",
-                 sum(a >= TARGET for a in sweep[True]), sum(a >= TARGET for a in sweep[False])))
-    plot("2_lr_sweep.png", "2. Learning-rate range",
-         {"BN": sweep[True], "no BN": sweep[False]}, x=lrs, xlabel="learning rate",
-         ylabel="best val acc", xscale="log")
+    sweep = {
+        bn: [max(mlp.train(net(bn=bn), data, epochs=E, lr=lr)["val_acc"]) for lr in lrs]
+        for bn in (True, False)
+    }
+    rows.append(
+        (
+            f"2 learning rates (of {len(lrs)}, 1e-3..1) reaching 95%",
+            sum(a >= TARGET for a in sweep[True]),
+            sum(a >= TARGET for a in sweep[False]),
+        )
+    )
+    plot(
+        "2_lr_sweep.png",
+        "2. Learning-rate range",
+        {"BN": sweep[True], "no BN": sweep[False]},
+        x=lrs,
+        xlabel="learning rate",
+        ylabel="best val acc",
+        xscale="log",
+    )
 
     # 3. Deep network
     progress("3 20-layer MLP")
     deep = {bn: net(bn=bn, depth=20, width=32) for bn in (True, False)}
     hd = {bn: mlp.train(deep[bn], data, epochs=E, lr=0.01) for bn in (True, False)}
     rows.append(("3 20-layer MLP final val acc", hd[True]["val_acc"][-1], hd[False]["val_acc"][-1]))
-    plot("3_deep.png", "3. 20-layer MLP", {"BN": hd[True]["val_acc"], "no BN": hd[False]["val_acc"]})
+    plot(
+        "3_deep.png", "3. 20-layer MLP", {"BN": hd[True]["val_acc"], "no BN": hd[False]["val_acc"]}
+    )
 
     # 4. Bias redundancy
     progress("4 bias before BN")
@@ -99,9 +133,18 @@ def run(quick: bool, out: Path):
     w_grad = float(np.linalg.norm(first.dW))
     hb = mlp.train(net(bias_before_bn=True), data, epochs=E, lr=0.01)
     acc_bias = hb["val_acc"][-1]
-    plot("4_bias.png", "4. Bias before BN: same training",
-         {"with bias": hb["val_acc"], "without bias": h[True]["val_acc"]})
-    rows.append(("4 norm of grad of the bias before BN (norm of grad W for scale)", f"{bias_grad:.1e}", f"{w_grad:.1e}"))
+    plot(
+        "4_bias.png",
+        "4. Bias before BN: same training",
+        {"with bias": hb["val_acc"], "without bias": h[True]["val_acc"]},
+    )
+    rows.append(
+        (
+            "4 norm of grad of the bias before BN (norm of grad W for scale)",
+            f"{bias_grad:.1e}",
+            f"{w_grad:.1e}",
+        )
+    )
     rows.append(("4 final val acc: with bias / without", acc_bias, h[True]["val_acc"][-1]))
 
     # 5. Why gamma and beta
@@ -112,13 +155,28 @@ def run(quick: bool, out: Path):
     y, _ = bnfast.forward(z, np.sqrt(var + 1e-5), mean)
     identity_err = float(np.max(np.abs(y - z)))
     frozen = mlp.train(net(learn_affine=False), data, epochs=E, lr=0.01)
-    rows.append(("5 identity: max abs(y - x) with gamma=sqrt(var+eps), beta=mean", f"{identity_err:.1e}", ""))
-    rows.append(("5 final val acc: learned gamma/beta / frozen at 1/0",
-                 h[True]["val_acc"][-1], frozen["val_acc"][-1]))
+    rows.append(
+        (
+            "5 identity: max abs(y - x) with gamma=sqrt(var+eps), beta=mean",
+            f"{identity_err:.1e}",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "5 final val acc: learned gamma/beta / frozen at 1/0",
+            h[True]["val_acc"][-1],
+            frozen["val_acc"][-1],
+        )
+    )
     rows.append(("5 final train loss: learned / frozen", h[True]["loss"][-1], frozen["loss"][-1]))
-    plot("5_gamma_beta.png", "5. Learned vs frozen gamma/beta",
-         {"learned": h[True]["loss"], "frozen 1/0": frozen["loss"]}, ylabel="train loss",
-         yscale="log")
+    plot(
+        "5_gamma_beta.png",
+        "5. Learned vs frozen gamma/beta",
+        {"learned": h[True]["loss"], "frozen 1/0": frozen["loss"]},
+        ylabel="train loss",
+        yscale="log",
+    )
 
     # 6. Inference with running averages
     progress("6 inference statistics")
@@ -130,7 +188,7 @@ def run(quick: bool, out: Path):
         """Test accuracy when every BN layer normalizes with the test batch's own statistics."""
         hits = 0
         for i in range(0, len(yte), bs):
-            h_ = xte[i:i + bs]
+            h_ = xte[i : i + bs]
             for layer in trained.layers:
                 if not isinstance(layer, mlp.BatchNorm):
                     h_ = layer.forward(h_, train=False)
@@ -138,14 +196,25 @@ def run(quick: bool, out: Path):
                     h_, _ = bnfast.forward(h_, layer.bn.gamma, layer.bn.beta)
                 else:  # one value per channel: xhat = 0, so every output is beta
                     h_ = np.broadcast_to(layer.bn.beta, h_.shape).copy()
-            hits += int((h_.argmax(axis=1) == yte[i:i + bs]).sum())
+            hits += int((h_.argmax(axis=1) == yte[i : i + bs]).sum())
         return hits / len(yte)
 
-    acc6 = {"EMA (eval)": acc_ema, "batch 360": batch_stats_acc(len(yte)),
-            "batch 8": batch_stats_acc(8), "batch 1": batch_stats_acc(1)}
-    rows.append(("6 test acc: EMA stats (eval) / test-batch stats, batch 360",
-                 acc6["EMA (eval)"], acc6["batch 360"]))
-    rows.append(("6 test acc: test-batch stats, batch 8 / batch 1", acc6["batch 8"], acc6["batch 1"]))
+    acc6 = {
+        "EMA (eval)": acc_ema,
+        "batch 360": batch_stats_acc(len(yte)),
+        "batch 8": batch_stats_acc(8),
+        "batch 1": batch_stats_acc(1),
+    }
+    rows.append(
+        (
+            "6 test acc: EMA stats (eval) / test-batch stats, batch 360",
+            acc6["EMA (eval)"],
+            acc6["batch 360"],
+        )
+    )
+    rows.append(
+        ("6 test acc: test-batch stats, batch 8 / batch 1", acc6["batch 8"], acc6["batch 1"])
+    )
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.bar(list(acc6), list(acc6.values()))
     ax.set(title="6. Test accuracy by normalization statistics", ylabel="test acc")
@@ -172,7 +241,7 @@ def run(quick: bool, out: Path):
         hist = mlp.train(n7, data, epochs=E, lr=0.01, on_epoch=record)
         stats[bn] = (rec, hist)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
-    for ax, bn in zip(axes, (True, False)):
+    for ax, bn in zip(axes, (True, False), strict=True):
         rec = stats[bn][0]
         means = np.array([m for m, _ in rec])
         stds = np.array([s for _, s in rec])
@@ -184,8 +253,13 @@ def run(quick: bool, out: Path):
     fig.tight_layout()
     fig.savefig(out / "7_covariate_shift.png", dpi=90)
     plt.close(fig)
-    drift = {bn: float(np.ptp(np.array([m for m, _ in stats[bn][0]]), axis=0).mean()) for bn in (True, False)}
-    rows.append(("7 drift of first-layer pre-activation means over training", drift[True], drift[False]))
+    drift = {
+        bn: float(np.ptp(np.array([m for m, _ in stats[bn][0]]), axis=0).mean())
+        for bn in (True, False)
+    }
+    rows.append(
+        ("7 drift of first-layer pre-activation means over training", drift[True], drift[False])
+    )
     gap = {bn: stats[bn][1]["train_acc"][-1] - stats[bn][1]["val_acc"][-1] for bn in (True, False)}
     rows.append(("7 train - val accuracy gap", gap[True], gap[False]))
     return rows
@@ -200,11 +274,16 @@ def fmt(v):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="reduced run (8 epochs instead of 30)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--readme", action="store_true",
-                   help="also rewrite the results section of README.md (between its markers)")
+    p.add_argument(
+        "--readme",
+        action="store_true",
+        help="also rewrite the results section of README.md (between its markers)",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     rows = run(args.quick, args.out)
@@ -219,8 +298,8 @@ def main(argv=None):
         start, end = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
         s = readme.read_text()
         plot = Path(args.out / "1_loss.png").resolve().relative_to(readme.parent)
-        block = (f"{start}\n{text}\n![training loss with and without BN]({plot.as_posix()})\n{end}")
-        readme.write_text(s[:s.index(start)] + block + s[s.index(end) + len(end):])
+        block = f"{start}\n{text}\n![training loss with and without BN]({plot.as_posix()})\n{end}"
+        readme.write_text(s[: s.index(start)] + block + s[s.index(end) + len(end) :])
     return rows
 
 

@@ -79,10 +79,22 @@ def softmax_cross_entropy(logits, labels):
 
 
 class MLP:
-    """``depth`` hidden blocks of width ``width`` (Linear [-> BN] -> ReLU), then Linear -> logits."""
+    """``depth`` hidden blocks of width ``width`` (Linear [-> BN] -> ReLU), then Linear ->
+    logits."""
 
-    def __init__(self, n_in, n_out, *, width=64, depth=2, bn=True, bias_before_bn=False,
-                 learn_affine=True, seed=0, dtype=np.float64):
+    def __init__(
+        self,
+        n_in,
+        n_out,
+        *,
+        width=64,
+        depth=2,
+        bn=True,
+        bias_before_bn=False,
+        learn_affine=True,
+        seed=0,
+        dtype=np.float64,
+    ):
         rng = np.random.default_rng(seed)
         self.layers = []
         n = n_in
@@ -122,7 +134,7 @@ class SGD:
         self.v = [np.zeros_like(p) for p, _ in params]
 
     def step(self):
-        for (p, g), v in zip(self.params, self.v):
+        for (p, g), v in zip(self.params, self.v, strict=True):
             v *= self.momentum
             v -= self.lr * g
             p += v
@@ -137,22 +149,24 @@ class Adam:
     def step(self):
         self.t += 1
         b1, b2 = self.betas
-        for (p, g), m, v in zip(self.params, self.m, self.v):
+        for (p, g), m, v in zip(self.params, self.m, self.v, strict=True):
             m *= b1
             m += (1 - b1) * g
             v *= b2
             v += (1 - b2) * g * g
-            p -= self.lr * (m / (1 - b1 ** self.t)) / (np.sqrt(v / (1 - b2 ** self.t)) + self.eps)
+            p -= self.lr * (m / (1 - b1**self.t)) / (np.sqrt(v / (1 - b2**self.t)) + self.eps)
 
 
 def load_digits_split(seed=0):
-    """scikit-learn's bundled digits (no download): 60/20/20 train/validation/test, scaled to [0, 1]."""
+    """scikit-learn's bundled digits (no download): 60/20/20 train/validation/test, scaled to
+    [0, 1]."""
     from sklearn.datasets import load_digits
+
     d = load_digits()
     x, y = (d.data / 16.0), d.target
     idx = np.random.default_rng(seed).permutation(len(y))
     n_tr, n_va = int(0.6 * len(y)), int(0.2 * len(y))
-    tr, va, te = idx[:n_tr], idx[n_tr:n_tr + n_va], idx[n_tr + n_va:]
+    tr, va, te = idx[:n_tr], idx[n_tr : n_tr + n_va], idx[n_tr + n_va :]
     return (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
 
 
@@ -166,7 +180,7 @@ def train(net, data, *, epochs, lr, optimizer="sgd", batch=32, seed=0, on_epoch=
         order = rng.permutation(len(ytr))
         losses = []
         for i in range(0, len(order) - batch + 1, batch):  # full batches only (BN needs > 1)
-            j = order[i:i + batch]
+            j = order[i : i + batch]
             loss, dlogits = net.loss(xtr[j], ytr[j])
             if not np.isfinite(loss):
                 losses.append(np.inf)

@@ -29,24 +29,25 @@ Options, and why:
   specialization, which it does whenever compilation is allowed. A :class:`Launcher` calls
   the dispatcher and, the first time it meets a dtype, compiles (or, with a warm cache, loads)
   that dtype's declared signatures. So a call costs one dispatch, and the first float32 call
-  loads only the float32 signatures it needs. Eager compilation of every declared signature made ``import bnfast`` take 0.8-1.0 s
-  with a warm cache (loading 40 compiled kernels) and 64 s with a cold one; the first float32
-  training step needs a handful. ``bnfast.kernels.compile_all()`` compiles every declared
-  signature (tests check that they all compile; a deployment can warm its cache with it).
+  loads only the float32 signatures it needs. Eager compilation of every declared signature
+  made ``import bnfast`` take 0.8-1.0 s with a warm cache (loading 40 compiled kernels) and 64 s
+  with a cold one; the first float32 training step needs a handful.
+  ``bnfast.kernels.compile_all()`` compiles every declared signature (tests check that they
+  all compile; a deployment can warm its cache with it).
 - ``nogil=True``: kernels release the GIL, so Python threads can run them side by side.
 - ``error_model="numpy"``: a division by zero gives inf/nan as in NumPy instead of a Python
   exception, and costs no branch in the loops.
 - ``fastmath={"contract"}`` for kernels: ``a * b + c`` may become one fused multiply-add (one
   rounding instead of two, so never less accurate); no reassociation, no ``nnan``/``ninf``:
-  every sum in the order written, NaN and inf as IEEE says. Measured on the lanes family's
-  float64 loops (float32 data, one thread): the write pass ``(x - m) * s + b`` runs at 5.3 G
-  elements/s with separate multiply and add; contraction removes one of its five vector
-  operations. The one further exception is ``reduction``: the helpers that sum one contiguous
-  row also get ``"reassoc"``, which lets LLVM split the sum into vector lanes. Measured on float32 (32, 64, 3136), serial:
-  2.5 ms for the shifted moments sums against 5.2 ms with 8 hand-unrolled accumulator pairs and
-  6.8 ms with one pair, error unchanged (float64 accumulation around a shift; the lanes only
-  change which values are added first). The order is fixed by the compiled code, so results do
-  not depend on the thread count.
+  every sum in the order written, NaN and inf as IEEE says. The write pass ``(x - m) * s + b``
+  and the sums of squares compile to ``vfmadd`` instructions (seen in the generated code), one
+  vector operation fewer per element in loops bound by their float64 arithmetic. The one
+  further exception is ``reduction``: the helpers that sum one contiguous row also get
+  ``"reassoc"``, which lets LLVM split the sum into vector lanes. Measured on float32
+  (32, 64, 3136), serial: 2.5 ms for the shifted moments sums against 5.2 ms with 8
+  hand-unrolled accumulator pairs and 6.8 ms with one pair, error unchanged (float64
+  accumulation around a shift; the lanes only change which values are added first). The order
+  is fixed by the compiled code, so results do not depend on the thread count.
 - ``parallel``: the ``rows`` and ``lanes`` families are parallel (``prange`` over a fixed
   partition into blocks, see below); every parallel kernel also has a ``.serial`` twin compiled
   from the same code with ``parallel=False`` (lazily, cached), for small arrays, for callers
@@ -161,8 +162,10 @@ class Launcher:
 
 def kernel(*kinds: str):
     """Decorator: a serial kernel; its declared signatures are ``.declared``."""
+
     def wrap(func):
         return _declared(numba.njit(parallel=False, **JIT_OPTIONS)(func), signatures(*kinds))
+
     return wrap
 
 
@@ -171,8 +174,9 @@ def _renamed(func, suffix: str):
     qualified name, bytecode and signature, not on ``parallel``: compiled from the very same
     function, the serial twin would load the parallel machine code from the cache (seen here: a
     forked child then started GNU OpenMP and was killed)."""
-    twin = types_module.FunctionType(func.__code__, func.__globals__, func.__name__ + suffix,
-                                     func.__defaults__, func.__closure__)
+    twin = types_module.FunctionType(
+        func.__code__, func.__globals__, func.__name__ + suffix, func.__defaults__, func.__closure__
+    )
     twin.__qualname__ = func.__qualname__ + suffix
     twin.__doc__ = func.__doc__
     return twin
@@ -181,12 +185,15 @@ def _renamed(func, suffix: str):
 def parallel_kernel(*kinds: str):
     """Decorator: a parallel kernel for C-contiguous data (float32 and float64 declared), with a
     ``.serial`` twin of the same code."""
+
     def wrap(func):
         sigs = signatures(*kinds, layouts=("C",))
         dispatcher = _declared(numba.njit(parallel=True, **JIT_OPTIONS)(func), sigs)
         dispatcher.serial = _declared(
-            numba.njit(parallel=False, **JIT_OPTIONS)(_renamed(func, "_serial")), sigs)
+            numba.njit(parallel=False, **JIT_OPTIONS)(_renamed(func, "_serial")), sigs
+        )
         return dispatcher
+
     return wrap
 
 

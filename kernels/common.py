@@ -42,6 +42,7 @@ def moments_from_sums(k, s1, s2, n):
 # forward epilogue took 2.3 us for 256 channels, against kernels of ~10 us at float32
 # (64, 256).)
 
+
 @helper
 def moments_channels(k, s1, s2, n, mean, var):
     """Mean and biased variance of channels from their shifts and shifted sums (rounded into
@@ -74,8 +75,9 @@ def update_running(stats, n, momentum, running_mean, running_var):
     for c in range(means.shape[0]):
         running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * means[c]
     for c in range(means.shape[0]):
-        running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
-                          + momentum * (variances[c] * unbias))
+        running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * (
+            variances[c] * unbias
+        )
 
 
 @helper
@@ -131,6 +133,7 @@ def frozen_channels(s1, s2, stats, dgamma, dbeta):
 # squares overflow; beyond ~9e307 the differences do). Cold path: a forward or moments kernel
 # tests each channel's mean and variance once (a vectorized O(C) loop, the whole cost on normal
 # data) and recomputes only a non-finite one, from values scaled by a power of two (exact).
+
 
 @helper
 def channel_extent(x, c):

@@ -36,11 +36,28 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import (BLOCK_ROWS_MIN, FUSE_LANES_MIN, TUNE_BLOCK, TUNE_STRIP, TUNE_TILE, helper,
-                   parallel_kernel, phase)
-from .common import (MEAN, backward_channels, forward_channels, frozen_channels,
-                     inference_channels, moments_channels, rescue, rescue_moments, scale_of,
-                     update_running)
+from ._jit import (
+    BLOCK_ROWS_MIN,
+    FUSE_LANES_MIN,
+    TUNE_BLOCK,
+    TUNE_STRIP,
+    TUNE_TILE,
+    helper,
+    parallel_kernel,
+    phase,
+)
+from .common import (
+    MEAN,
+    backward_channels,
+    forward_channels,
+    frozen_channels,
+    inference_channels,
+    moments_channels,
+    rescue,
+    rescue_moments,
+    scale_of,
+    update_running,
+)
 
 
 @helper
@@ -73,6 +90,7 @@ def span(task, nt, tile, lanes, rb, outer):
 
 # --- Loops over a tile (lanes l0:l1; per-lane vectors indexed from 0).
 
+
 @helper
 def moment_sums(x2, k, r0, r1, l0, l1, a1, a2):
     """``a1[j], a2[j] = sum(x - k[j]), sum((x - k[j])**2)`` over rows r0:r1 of lane l0 + j."""
@@ -89,8 +107,9 @@ def moment_sums(x2, k, r0, r1, l0, l1, a1, a2):
             d0, d1, d2, d3 = x0[j] - kj, x1[j] - kj, x2_[j] - kj, x3[j] - kj
             d4, d5, d6, d7 = x4[j] - kj, x5[j] - kj, x6[j] - kj, x7[j] - kj
             a1[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
-            a2[j] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
-                      + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+            a2[j] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + (
+                (d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)
+            )
         r += 8
     while r < r1:
         xr = x2[r, l0:l1]
@@ -117,8 +136,9 @@ def gradient_sums(x2, g2, m, r0, r1, l0, l1, a1, a2):
             e0, e1 = np.float64(g0[j]), np.float64(g1[j])
             e2, e3 = np.float64(g2_[j]), np.float64(g3[j])
             a1[j] += (e0 + e1) + (e2 + e3)
-            a2[j] += ((e0 * (x0[j] - mj) + e1 * (x1[j] - mj))
-                      + (e2 * (x2_[j] - mj) + e3 * (x3[j] - mj)))
+            a2[j] += (e0 * (x0[j] - mj) + e1 * (x1[j] - mj)) + (
+                e2 * (x2_[j] - mj) + e3 * (x3[j] - mj)
+            )
         r += 4
     while r < r1:
         xr, gr = x2[r, l0:l1], g2[r, l0:l1]
@@ -190,6 +210,7 @@ def frozen_rows(x2, g2, d2, m, k, r0, r1, l0, l1, a1, a2):
 # starts on a channel boundary (l0 and T are multiples of inner), so these loops run
 # channel-major, without an integer division per lane (~30 cycles each, three per lane).
 
+
 @helper
 def expand(v, inner, c0, w):
     """Per lane of a w-lane tile starting at channel c0: its channel's entry of the
@@ -241,8 +262,11 @@ def write_coefficients(stats, beta, inner, c0, w):
     s = np.empty(w // inner)
     for c in range(s.shape[0]):
         s[c] = scale_of(stats, c0 + c)
-    return (expand(stats[MEAN], inner, c0, w), expand_local(s, inner, w),
-            expand(beta, inner, c0, w))
+    return (
+        expand(stats[MEAN], inner, c0, w),
+        expand_local(s, inner, w),
+        expand(beta, inner, c0, w),
+    )
 
 
 @helper
@@ -265,6 +289,7 @@ def partials_per_channel(p1, p2, inner, c0, c1):
 
 # --- Task bodies: each allocates its own O(T) buffers (inside a called function, so that a
 # --- parallel loop never shares them).
+
 
 @helper
 def tile_sums(x2, inner, r0, r1, l0, l1):
@@ -303,23 +328,42 @@ def forward_tile(x2, y2, inner, n, l0, l1, eps, gamma, beta, stats):
     written while the tile is in cache."""
     k, a1, a2 = tile_sums(x2, inner, 0, x2.shape[0], l0, l1)
     c0, c1 = l0 // inner, l1 // inner
-    forward_channels(k, fold(a1, inner), fold(a2, inner), n, eps, gamma[c0:c1],
-                     stats[:, c0:c1])
+    forward_channels(k, fold(a1, inner), fold(a2, inner), n, eps, gamma[c0:c1], stats[:, c0:c1])
     write_task(x2, y2, inner, stats, beta, 0, x2.shape[0], l0, l1)
 
 
 @helper
 def gradient_sums_task(x2, g2, inner, stats, r0, r1, l0, l1, p1, p2):
-    gradient_sums(x2, g2, expand(stats[MEAN], inner, l0 // inner, l1 - l0), r0, r1, l0, l1,
-                  p1[l0:l1], p2[l0:l1])
+    gradient_sums(
+        x2,
+        g2,
+        expand(stats[MEAN], inner, l0 // inner, l1 - l0),
+        r0,
+        r1,
+        l0,
+        l1,
+        p1[l0:l1],
+        p2[l0:l1],
+    )
 
 
 @helper
 def gradient_task(x2, g2, d2, inner, stats, coef, r0, r1, l0, l1):
     """dx on a task's rows and lanes from the per-channel ``coef`` rows k, c1, c0."""
     c0, w = l0 // inner, l1 - l0
-    gradient_rows(x2, g2, d2, expand(stats[MEAN], inner, c0, w), expand(coef[0], inner, c0, w),
-                  expand(coef[1], inner, c0, w), expand(coef[2], inner, c0, w), r0, r1, l0, l1)
+    gradient_rows(
+        x2,
+        g2,
+        d2,
+        expand(stats[MEAN], inner, c0, w),
+        expand(coef[0], inner, c0, w),
+        expand(coef[1], inner, c0, w),
+        expand(coef[2], inner, c0, w),
+        r0,
+        r1,
+        l0,
+        l1,
+    )
 
 
 @helper
@@ -335,10 +379,30 @@ def backward_tile(x2, g2, d2, inner, n, l0, l1, stats, dgamma, dbeta):
     c1 = np.empty(w // inner)
     c0_ = np.empty(w // inner)
     c1_ = l1 // inner
-    backward_channels(fold(a1, inner), fold(a2, inner), n, stats[:, c0:c1_], dgamma[c0:c1_],
-                      dbeta[c0:c1_], k, c1, c0_)
-    gradient_rows(x2, g2, d2, m, expand_local(k, inner, w), expand_local(c1, inner, w),
-                  expand_local(c0_, inner, w), 0, x2.shape[0], l0, l1)
+    backward_channels(
+        fold(a1, inner),
+        fold(a2, inner),
+        n,
+        stats[:, c0:c1_],
+        dgamma[c0:c1_],
+        dbeta[c0:c1_],
+        k,
+        c1,
+        c0_,
+    )
+    gradient_rows(
+        x2,
+        g2,
+        d2,
+        m,
+        expand_local(k, inner, w),
+        expand_local(c1, inner, w),
+        expand_local(c0_, inner, w),
+        0,
+        x2.shape[0],
+        l0,
+        l1,
+    )
 
 
 @helper
@@ -354,8 +418,7 @@ def frozen_tile(x2, g2, d2, inner, l0, l1, stats, dgamma, dbeta):
     a2 = np.empty(l1 - l0)
     frozen_task(x2, g2, d2, inner, stats, 0, x2.shape[0], l0, l1, a1, a2)
     c0, c1 = l0 // inner, l1 // inner
-    frozen_channels(fold(a1, inner), fold(a2, inner), stats[:, c0:c1], dgamma[c0:c1],
-                    dbeta[c0:c1])
+    frozen_channels(fold(a1, inner), fold(a2, inner), stats[:, c0:c1], dgamma[c0:c1], dbeta[c0:c1])
 
 
 @helper
@@ -367,6 +430,7 @@ def channel_shifts(x2, inner, channels):
 
 
 # --- Phases shared by the kernels (prange loops, inlined into each kernel).
+
 
 @phase
 def sums_phase(x, tune):
@@ -398,6 +462,7 @@ def write_phase(x, stats, beta, y, tune):
 
 # --- Kernels.
 
+
 @parallel_kernel("x", "p_out", "p_out", "tune")
 def moments(x, mean, var, tune):
     """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
@@ -406,8 +471,7 @@ def moments(x, mean, var, tune):
     if nrb == 1:
         x2 = x.reshape(outer, lanes)
         for t in prange(nt):
-            tile_moments(x2, inner, outer * inner, t * tile, min(lanes, (t + 1) * tile), mean,
-                         var)
+            tile_moments(x2, inner, outer * inner, t * tile, min(lanes, (t + 1) * tile), mean, var)
     else:
         k, s1, s2 = sums_phase(x, tune)
         moments_channels(k, s1, s2, outer * inner, mean, var)
@@ -426,8 +490,9 @@ def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stat
         x2 = x.reshape(outer, lanes)
         y2 = y.reshape(outer, lanes)
         for t in prange(nt):
-            forward_tile(x2, y2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, gamma,
-                         beta, stats)
+            forward_tile(
+                x2, y2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, gamma, beta, stats
+            )
     else:
         k, s1, s2 = sums_phase(x, tune)
         forward_channels(k, s1, s2, n, eps, gamma, stats)
@@ -455,15 +520,15 @@ def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
     d2 = dx.reshape(outer, lanes)
     if nrb == 1:
         for t in prange(nt):
-            backward_tile(x2, g2, d2, inner, n, t * tile, min(lanes, (t + 1) * tile), stats,
-                          dgamma, dbeta)
+            backward_tile(
+                x2, g2, d2, inner, n, t * tile, min(lanes, (t + 1) * tile), stats, dgamma, dbeta
+            )
     else:
         p1 = np.empty((nrb, lanes))
         p2 = np.empty((nrb, lanes))
         for task in prange(nt * nrb):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
-            gradient_sums_task(x2, g2, inner, stats, r0, r1, l0, l1, p1[task // nt],
-                               p2[task // nt])
+            gradient_sums_task(x2, g2, inner, stats, r0, r1, l0, l1, p1[task // nt], p2[task // nt])
         s1, s2 = partials_per_channel(p1, p2, inner, 0, channels)
         coef = np.empty((3, channels))
         backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
@@ -483,8 +548,9 @@ def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
     d2 = dx.reshape(outer, lanes)
     if nrb == 1:
         for t in prange(nt):
-            frozen_tile(x2, g2, d2, inner, t * tile, min(lanes, (t + 1) * tile), stats, dgamma,
-                        dbeta)
+            frozen_tile(
+                x2, g2, d2, inner, t * tile, min(lanes, (t + 1) * tile), stats, dgamma, dbeta
+            )
     else:
         p1 = np.empty((nrb, lanes))
         p2 = np.empty((nrb, lanes))

@@ -17,7 +17,7 @@ def read(a):
     chunk = (n + 63) // 64
     total = 0.0
     for b in prange(64):
-        seg = a[b * chunk:min(n, (b + 1) * chunk)]  # a slice, so that LLVM vectorizes
+        seg = a[b * chunk : min(n, (b + 1) * chunk)]  # a slice, so that LLVM vectorizes
         s = 0.0
         for i in range(seg.shape[0]):
             s += seg[i]
@@ -31,7 +31,7 @@ def copy(src, dst):
     n = src.shape[0]
     chunk = (n + 63) // 64
     for b in prange(64):
-        s = src[b * chunk:min(n, (b + 1) * chunk)]
-        d = dst[b * chunk:min(n, (b + 1) * chunk)]
+        s = src[b * chunk : min(n, (b + 1) * chunk)]
+        d = dst[b * chunk : min(n, (b + 1) * chunk)]
         for i in range(s.shape[0]):
             d[i] = s[i]

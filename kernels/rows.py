@@ -26,9 +26,21 @@ import numpy as np
 from numba import prange
 
 from ._jit import MIN_TASKS, TUNE_BLOCK, TUNE_FUSE, helper, parallel_kernel, phase
-from .common import (MEAN, backward_channels, forward_channels, frozen_channels,
-                     inference_channels, moments_channels, rescue, rescue_moments, row_frozen,
-                     row_grad_sums, row_moment_sums, scale_of, update_running)
+from .common import (
+    MEAN,
+    backward_channels,
+    forward_channels,
+    frozen_channels,
+    inference_channels,
+    moments_channels,
+    rescue,
+    rescue_moments,
+    row_frozen,
+    row_grad_sums,
+    row_moment_sums,
+    scale_of,
+    update_running,
+)
 
 
 @helper
@@ -126,8 +138,7 @@ def normalize_row(xr, yr, m, s, b):
 def write_task(x, stats, beta, o0, o1, c0, c1, y):
     for o in range(o0, o1):
         for c in range(c0, c1):
-            normalize_row(x[o, c], y[o, c], stats[MEAN, c], scale_of(stats, c),
-                          np.float64(beta[c]))
+            normalize_row(x[o, c], y[o, c], stats[MEAN, c], scale_of(stats, c), np.float64(beta[c]))
 
 
 @helper
@@ -140,8 +151,9 @@ def grad_input_row(xr, gr, dr, m, kc, c1c, c0c):
 def grad_input_task(x, dy, stats, coef, o0, o1, c0, c1, dx):
     for o in range(o0, o1):
         for c in range(c0, c1):
-            grad_input_row(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], coef[0, c], coef[1, c],
-                           coef[2, c])
+            grad_input_row(
+                x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], coef[0, c], coef[1, c], coef[2, c]
+            )
 
 
 @helper
@@ -168,6 +180,7 @@ def channel_gradient_sums(x, dy, c, m):
 
 
 # --- Phases shared by the kernels (prange loops, inlined into each kernel).
+
 
 @phase
 def sums_phase(x, tune):
@@ -196,6 +209,7 @@ def write_phase(x, stats, beta, y, tune):
 
 # --- Kernels.
 
+
 @parallel_kernel("x", "p_out", "p_out", "tune")
 def moments(x, mean, var, tune):
     """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
@@ -217,8 +231,15 @@ def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stat
         s2 = np.empty(channels)
         for c in prange(channels):
             s1[c], s2[c] = channel_sums(x, c, k[c])
-            forward_channels(k[c:c + 1], s1[c:c + 1], s2[c:c + 1], n, eps, gamma[c:c + 1],
-                             stats[:, c:c + 1])
+            forward_channels(
+                k[c : c + 1],
+                s1[c : c + 1],
+                s2[c : c + 1],
+                n,
+                eps,
+                gamma[c : c + 1],
+                stats[:, c : c + 1],
+            )
             write_task(x, stats, beta, 0, outer, c, c + 1, y)
     else:
         k, s1, s2 = sums_phase(x, tune)
@@ -247,9 +268,17 @@ def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
     if fused(x, tune):
         for c in prange(channels):
             s1[c], s2[c] = channel_gradient_sums(x, dy, c, stats[MEAN, c])
-            backward_channels(s1[c:c + 1], s2[c:c + 1], n, stats[:, c:c + 1], dgamma[c:c + 1],
-                              dbeta[c:c + 1], coef[0, c:c + 1], coef[1, c:c + 1],
-                              coef[2, c:c + 1])
+            backward_channels(
+                s1[c : c + 1],
+                s2[c : c + 1],
+                n,
+                stats[:, c : c + 1],
+                dgamma[c : c + 1],
+                dbeta[c : c + 1],
+                coef[0, c : c + 1],
+                coef[1, c : c + 1],
+                coef[2, c : c + 1],
+            )
             grad_input_task(x, dy, stats, coef, 0, outer, c, c + 1, dx)
     else:
         rb, nb, cg, ng = grid(x, tune)

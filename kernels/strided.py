@@ -30,9 +30,21 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import helper, kernel
-from .common import (MEAN, backward_channels, forward_channels, frozen_channels,
-                     inference_channels, moments_channels, rescue, rescue_moments, row_frozen,
-                     row_grad_sums, row_moment_sums, scale_of, update_running)
+from .common import (
+    MEAN,
+    backward_channels,
+    forward_channels,
+    frozen_channels,
+    inference_channels,
+    moments_channels,
+    rescue,
+    rescue_moments,
+    row_frozen,
+    row_grad_sums,
+    row_moment_sums,
+    scale_of,
+    update_running,
+)
 
 
 @helper

@@ -9,8 +9,12 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "default", deadline=None, max_examples=60, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    "default",
+    deadline=None,
+    max_examples=60,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=1000)
 settings.load_profile(os.environ.get("BNFAST_HYPOTHESIS_PROFILE", "default"))
 
@@ -19,7 +23,7 @@ DTYPES = (np.float32, np.float64)
 
 def describe(x: np.ndarray, axis: int, fn: str = "") -> str:
     """Names what failed: function, dtype, shape, axis and memory order."""
-    order = ("C" if x.flags.c_contiguous else "F" if x.flags.f_contiguous else "strided")
+    order = "C" if x.flags.c_contiguous else "F" if x.flags.f_contiguous else "strided"
     ro = "" if x.flags.writeable else " read-only"
     return f"{fn} {x.dtype} shape={x.shape} axis={axis} {order} strides={x.strides}{ro}"
 
@@ -35,8 +39,11 @@ def _slack(dtype, m: int) -> float:
     summation, ~(8 + m) ulps for m values per channel, and in bnfast's shifted variance a
     cancellation factor up to m when a channel's first value is its extreme outlier (see
     kernels/strided.py); the thorough Hypothesis profile reached 2.05x (8 + m) ulps at m = 54."""
-    return 8 * np.finfo(np.float32).eps if np.dtype(dtype) == np.float32 else (
-        4 * (8 + m) * np.finfo(np.float64).eps)
+    return (
+        8 * np.finfo(np.float32).eps
+        if np.dtype(dtype) == np.float32
+        else (4 * (8 + m) * np.finfo(np.float64).eps)
+    )
 
 
 def forward_tolerance(x, axis, cache) -> np.ndarray:
@@ -62,7 +69,7 @@ def backward_tolerance(x, dy, axis, cache):
     gmax = np.max(np.abs(g), axis=0, initial=0.0)
     slack = _slack(x.dtype, m)
     tiny = np.finfo(np.float64).tiny
-    dx = slack * np.abs(gamma) * invstd * gmax * (3 + 2 * spread ** 2) + tiny
+    dx = slack * np.abs(gamma) * invstd * gmax * (3 + 2 * spread**2) + tiny
     dgamma = slack * m * gmax * (1 + spread) + tiny
     dbeta = slack * m * gmax + tiny
     return dx, dgamma, dbeta
@@ -78,8 +85,10 @@ def assert_channels_close(got, want, atol_c, axis, what: str) -> None:
     else:
         err = np.abs(channels_last64(got, axis) - channels_last64(want, axis))
     bad = ~(err <= atol_c)
-    assert not bad.any(), (f"{what}: {bad.sum()} of {err.size} values off; worst error "
-                           f"{err.max():.3e} vs tolerance {np.broadcast_to(atol_c, err.shape)[bad].min():.3e}")
+    assert not bad.any(), (
+        f"{what}: {bad.sum()} of {err.size} values off; worst error "
+        f"{err.max():.3e} vs tolerance {np.broadcast_to(atol_c, err.shape)[bad].min():.3e}"
+    )
 
 
 def numeric_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:

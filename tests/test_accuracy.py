@@ -26,7 +26,9 @@ CASES = {
     "NHWC (10, 1000, 1000, 2)": lambda v: (v.reshape(10, 1000, 1000, 2), -1),
     "channel-first (2, 1e7)": lambda v: (v.reshape(2, N), 0),
     "transposed NCHW (10, 1000, 1000, 2) view": lambda v: (
-        v.reshape(10, 2, 1000, 1000).transpose(0, 2, 3, 1), -1),
+        v.reshape(10, 2, 1000, 1000).transpose(0, 2, 3, 1),
+        -1,
+    ),
 }
 
 

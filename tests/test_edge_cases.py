@@ -8,20 +8,32 @@ import itertools
 import numpy as np
 import pytest
 from _strategies import LAYOUTS, lay_out
-from conftest import assert_channels_close, backward_tolerance, describe, forward_tolerance
 
 import bnfast
 from bnfast import _checks
 from bnfast import reference as ref
+from conftest import assert_channels_close, backward_tolerance, describe, forward_tolerance
 
-SHAPES = [((7, 3), 0), ((7, 3), 1), ((4, 3, 5), -1), ((2, 3, 4, 5), 1), ((2, 4, 5, 3), 3),
-          ((2, 3, 1, 4, 2), 1), ((1, 3, 1, 5), 1), ((6, 1, 4), 1), ((3, 2, 2, 2, 2), -3)]
+SHAPES = [
+    ((7, 3), 0),
+    ((7, 3), 1),
+    ((4, 3, 5), -1),
+    ((2, 3, 4, 5), 1),
+    ((2, 4, 5, 3), 3),
+    ((2, 3, 1, 4, 2), 1),
+    ((1, 3, 1, 5), 1),
+    ((6, 1, 4), 1),
+    ((3, 2, 2, 2, 2), -3),
+]
 
 
 def _cases():
-    for (shape, axis), layout, dtype in itertools.product(SHAPES, LAYOUTS + ("broadcast",),
-                                                          (np.float32, np.float64)):
-        yield pytest.param(shape, axis, layout, dtype, id=f"{shape}-{axis}-{layout}-{dtype.__name__}")
+    for (shape, axis), layout, dtype in itertools.product(
+        SHAPES, LAYOUTS + ("broadcast",), (np.float32, np.float64)
+    ):
+        yield pytest.param(
+            shape, axis, layout, dtype, id=f"{shape}-{axis}-{layout}-{dtype.__name__}"
+        )
 
 
 def _make(shape, axis, layout, dtype, seed=0):
@@ -49,29 +61,41 @@ def test_layouts_match_reference(shape, axis, layout, dtype):
     for training in (True, False):
         if training and x.size // c < 2:
             continue
-        y, cache = bnfast.forward(x, g, b, axis=axis, training=training,
-                                  running_mean=rm.copy(), running_var=rv.copy())
-        y_ref, cache_ref = ref.forward(x, g, b, axis=axis, training=training,
-                                       running_mean=rm.copy(), running_var=rv.copy())
+        y, cache = bnfast.forward(
+            x, g, b, axis=axis, training=training, running_mean=rm.copy(), running_var=rv.copy()
+        )
+        y_ref, cache_ref = ref.forward(
+            x, g, b, axis=axis, training=training, running_mean=rm.copy(), running_var=rv.copy()
+        )
         assert y.dtype == x.dtype and y.shape == x.shape
-        assert_channels_close(y, y_ref, forward_tolerance(x, axis, cache_ref), axis,
-                              f"{what} training={training} y")
+        assert_channels_close(
+            y, y_ref, forward_tolerance(x, axis, cache_ref), axis, f"{what} training={training} y"
+        )
         dy = lay_out(rng.normal(size=shape).astype(dtype), "F")
         got, want = bnfast.backward(dy, cache), ref.backward(dy, cache_ref)
-        for name, gg, w, t in zip(("dx", "dgamma", "dbeta"), got, want,
-                                  backward_tolerance(x, dy, axis, cache_ref)):
+        for name, gg, w, t in zip(
+            ("dx", "dgamma", "dbeta"),
+            got,
+            want,
+            backward_tolerance(x, dy, axis, cache_ref),
+            strict=True,
+        ):
             assert gg.dtype == x.dtype, f"{what} {name} dtype"
             assert_channels_close(gg, w, t, axis, f"{what} training={training} {name}")
     np.testing.assert_array_equal(x, x_before, err_msg=f"{what}: x mutated")
 
 
-@pytest.mark.parametrize("shape,axis", [((8, 16), 1), ((4, 16, 5, 6), 1), ((4, 5, 6, 16), -1),
-                                        ((2, 16, 3, 4, 5), 1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((8, 16), 1), ((4, 16, 5, 6), 1), ((4, 5, 6, 16), -1), ((2, 16, 3, 4, 5), 1)]
+)
 @pytest.mark.parametrize("layout", ["C", "permuted", "F"])
 def test_contiguous_input_is_not_copied(shape, axis, layout):
     """Any dense layout maps to a (outer, C, inner) view of x's own memory."""
-    x = lay_out(np.zeros(shape, np.float32), layout, perm=tuple(
-        np.random.default_rng(2).permutation(len(shape))))
+    x = lay_out(
+        np.zeros(shape, np.float32),
+        layout,
+        perm=tuple(np.random.default_rng(2).permutation(len(shape))),
+    )
     lay = _checks.Layout.of(x, axis % x.ndim)
     x3 = lay.view3(x)
     assert np.shares_memory(x3, x), describe(x, axis)
@@ -80,10 +104,15 @@ def test_contiguous_input_is_not_copied(shape, axis, layout):
     assert lay.view3(y).flags.c_contiguous  # y laid out like x's canonical view
 
 
-@pytest.mark.parametrize("dtype,loc,scale", [
-    (dt, loc, scale) for dt in (np.float32, np.float64)
-    for loc, scale in [(1e4, 1e-2), (1e-30, 1e-31), (-1e6, 1.0), (0.0, 1e-20)]]
-    + [(np.float32, 1e15, 1e14), (np.float64, 1e140, 1e138)])  # var stays in range
+@pytest.mark.parametrize(
+    "dtype,loc,scale",
+    [
+        (dt, loc, scale)
+        for dt in (np.float32, np.float64)
+        for loc, scale in [(1e4, 1e-2), (1e-30, 1e-31), (-1e6, 1.0), (0.0, 1e-20)]
+    ]
+    + [(np.float32, 1e15, 1e14), (np.float64, 1e140, 1e138)],
+)  # var stays in range
 def test_extreme_magnitudes(dtype, loc, scale):
     rng = np.random.default_rng(3)
     x = (loc + scale * rng.standard_normal((64, 3, 5))).astype(dtype)
@@ -95,10 +124,17 @@ def test_extreme_magnitudes(dtype, loc, scale):
     mean_r, var_r = ref.moments(x)
     # float32: one rounding each from float64. float64: both sides' summation error over 320
     # values, and for var the shifted sums' cancellation factor (bounded by m; kernels/strided.py).
-    np.testing.assert_allclose(mean, mean_r, rtol=2 * np.finfo(dtype).eps,
-                               atol=(8 + x.size // 3) * np.finfo(np.float64).eps * np.abs(x).max())
-    var_rtol = 8 * np.finfo(np.float32).eps if dtype == np.float32 else (
-        (8 + x.size // 3) * np.finfo(np.float64).eps)
+    np.testing.assert_allclose(
+        mean,
+        mean_r,
+        rtol=2 * np.finfo(dtype).eps,
+        atol=(8 + x.size // 3) * np.finfo(np.float64).eps * np.abs(x).max(),
+    )
+    var_rtol = (
+        8 * np.finfo(np.float32).eps
+        if dtype == np.float32
+        else ((8 + x.size // 3) * np.finfo(np.float64).eps)
+    )
     np.testing.assert_allclose(var, var_r, rtol=var_rtol, atol=np.finfo(dtype).tiny)
 
 
@@ -146,8 +182,7 @@ def test_out_is_x_in_inference():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(5, 4))
     want = ref.forward(x, training=False, running_mean=np.ones(4), running_var=np.ones(4))[0]
-    y, _ = bnfast.forward(x, training=False, running_mean=np.ones(4), running_var=np.ones(4),
-                          out=x)
+    y, _ = bnfast.forward(x, training=False, running_mean=np.ones(4), running_var=np.ones(4), out=x)
     assert y is x
     np.testing.assert_allclose(x, want, rtol=1e-14)
 

@@ -12,9 +12,14 @@ C = 3
 
 def _state():
     rng = np.random.default_rng(0)
-    return dict(x=rng.normal(size=(4, C, 5)), gamma=np.ones(C), beta=np.zeros(C),
-                running_mean=np.full(C, 0.25), running_var=np.full(C, 2.0),
-                out=np.full((4, C, 5), 7.0))
+    return dict(
+        x=rng.normal(size=(4, C, 5)),
+        gamma=np.ones(C),
+        beta=np.zeros(C),
+        running_mean=np.full(C, 0.25),
+        running_var=np.full(C, 2.0),
+        out=np.full((4, C, 5), 7.0),
+    )
 
 
 def _readonly(a):
@@ -64,8 +69,9 @@ def test_forward_bad_input_raises_and_writes_nothing(name, exc, words, change):
     s = _state()
     args = {**s, **change}
     buffers = ("running_mean", "running_var", "out")
-    before = {k: np.array(args[k], copy=True) for k in buffers
-              if isinstance(args[k], np.ndarray)}  # the arrays this call receives
+    before = {
+        k: np.array(args[k], copy=True) for k in buffers if isinstance(args[k], np.ndarray)
+    }  # the arrays this call receives
     with pytest.raises(exc, match=words):
         bnfast.forward(**args)
     for k, want in before.items():
@@ -79,16 +85,25 @@ def test_out_overlapping_x_while_training():
         bnfast.forward(s["x"], running_mean=rm, running_var=s["running_var"], out=s["x"])
     np.testing.assert_array_equal(rm, s["running_mean"])
     with pytest.raises(ValueError, match="overlap"):
-        bnfast.forward(s["x"][:, :, :4], training=False, running_mean=rm,
-                       running_var=s["running_var"], out=s["x"][:, :, 1:])
+        bnfast.forward(
+            s["x"][:, :, :4],
+            training=False,
+            running_mean=rm,
+            running_var=s["running_var"],
+            out=s["x"][:, :, 1:],
+        )
 
 
 def test_inference_needs_running_stats_and_accepts_read_only_ones():
     s = _state()
     with pytest.raises(ValueError, match="running_mean and running_var"):
         bnfast.forward(s["x"], training=False)
-    y, _ = bnfast.forward(s["x"], training=False, running_mean=_readonly(s["running_mean"]),
-                          running_var=_readonly(s["running_var"]))
+    y, _ = bnfast.forward(
+        s["x"],
+        training=False,
+        running_mean=_readonly(s["running_mean"]),
+        running_var=_readonly(s["running_var"]),
+    )
     assert np.all(np.isfinite(y))
 
 
@@ -114,8 +129,12 @@ def test_backward_bad_input():
     with pytest.raises(ValueError, match=r"forward call on shape \(2, 3\)"):
         bnfast.backward(dy, other)  # a cache from another call
     out = np.full_like(dy, 7.0)
-    for bad, exc in ((np.zeros((4, C, 6)), ValueError), (np.zeros((4, C, 5), np.float32), TypeError),
-                     (_readonly(out), ValueError), (s["x"], ValueError)):
+    for bad, exc in (
+        (np.zeros((4, C, 6)), ValueError),
+        (np.zeros((4, C, 5), np.float32), TypeError),
+        (_readonly(out), ValueError),
+        (s["x"], ValueError),
+    ):
         with pytest.raises(exc, match="out"):
             bnfast.backward(dy, cache, out=bad)
     np.testing.assert_array_equal(s["x"], _state()["x"])

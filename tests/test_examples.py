@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import numeric_grad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -56,7 +57,10 @@ def test_quick_run_learns(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     import bn_experiments
-    rows = dict((name, (a, b)) for name, a, b in bn_experiments.main(["--quick", "--out", str(tmp_path)]))
+
+    rows = dict(
+        (name, (a, b)) for name, a, b in bn_experiments.main(["--quick", "--out", str(tmp_path)])
+    )
     acc_bn = rows["6 test acc: EMA stats (eval) / test-batch stats, batch 360"][0]
     assert acc_bn > 0.9
     assert float(rows["4 norm of grad of the bias before BN (norm of grad W for scale)"][0]) < 1e-10

@@ -47,8 +47,9 @@ def test_params_update_in_place_and_eval_mode():
     np.testing.assert_allclose(y, want, rtol=1e-12)
     assert bn.num_batches_tracked == 1  # eval does not count
     dx = bn.backward(np.ones_like(x))
-    np.testing.assert_allclose(dx, np.broadcast_to(bn.gamma / np.sqrt(bn.running_var + bn.eps),
-                                                   x.shape), rtol=1e-12)
+    np.testing.assert_allclose(
+        dx, np.broadcast_to(bn.gamma / np.sqrt(bn.running_var + bn.eps), x.shape), rtol=1e-12
+    )
 
 
 def test_without_affine_and_without_running_stats():
@@ -92,8 +93,9 @@ def test_buffer_reuse_with_out():
     np.testing.assert_allclose(y, ref.forward(x)[0], atol=1e-12)
 
 
-@pytest.mark.parametrize("shape,axis", [((5, 3), 1), ((4, 3, 2, 2), 1), ((4, 2, 2, 3), -1),
-                                        ((2, 3, 2, 2, 2), 1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((5, 3), 1), ((4, 3, 2, 2), 1), ((4, 2, 2, 3), -1), ((2, 3, 2, 2, 2), 1)]
+)
 def test_any_axis(shape, axis):
     x = np.random.default_rng(5).normal(size=shape).astype(np.float32)
     bn = bnfast.BatchNorm(3, axis=axis)
@@ -108,7 +110,7 @@ def test_reuse_buffers(shape, axis):
     fresh = bnfast.BatchNorm(shape[axis], axis=axis, dtype=np.float64)
     reuse = bnfast.BatchNorm(shape[axis], axis=axis, dtype=np.float64, reuse_buffers=True)
     ys, dxs = [], []
-    for step in range(3):
+    for _ in range(3):
         x, dy = rng.normal(size=shape), rng.normal(size=shape)
         y_f, y_r = fresh(x), reuse(x)
         np.testing.assert_array_equal(y_r, y_f)

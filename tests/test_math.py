@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import channels_last64, numeric_grad
 
 import bnfast
+from conftest import channels_last64, numeric_grad
 
-LAYOUTS = [((16, 3), 1), ((6, 4, 5), 1), ((4, 3, 5, 6), 1), ((4, 5, 6, 3), -1),
-           ((2, 3, 4, 5, 6), 2)]
+LAYOUTS = [
+    ((16, 3), 1),
+    ((6, 4, 5), 1),
+    ((4, 3, 5, 6), 1),
+    ((4, 5, 6, 3), -1),
+    ((2, 3, 4, 5, 6), 2),
+]
 
 
 def _data(shape, axis, dtype=np.float64, seed=0, loc=3.0, scale=2.0):
@@ -57,12 +62,13 @@ def test_output_moments(shape, axis):
     z, zy = channels_last64(x, axis), channels_last64(y, axis)
     var = z.var(axis=0)
     np.testing.assert_allclose(zy.mean(axis=0), b, atol=1e-12)
-    np.testing.assert_allclose(zy.var(axis=0), g ** 2 * var / (var + eps), rtol=1e-10)
+    np.testing.assert_allclose(zy.var(axis=0), g**2 * var / (var + eps), rtol=1e-10)
 
 
 def _loss_and_grads(x, g, b, w, axis, training, rm=None, rv=None):
-    y, cache = bnfast.forward(x, g, b, axis=axis, training=training, running_mean=rm,
-                              running_var=rv, momentum=0.0)
+    y, cache = bnfast.forward(
+        x, g, b, axis=axis, training=training, running_mean=rm, running_var=rv, momentum=0.0
+    )
     return float(np.sum(w * y)), cache
 
 
@@ -113,10 +119,16 @@ def test_running_stats_closed_form(momentum):
     means = [xb.mean(axis=(0, 2)) for xb in batches]
     uvars = [xb.var(axis=(0, 2), ddof=1) for xb in batches]
     weights = [momentum * (1 - momentum) ** (k - 1 - j) for j in range(k)]
-    np.testing.assert_allclose(rm, (1 - momentum) ** k * 0.5
-                               + sum(w * m for w, m in zip(weights, means)), rtol=1e-12)
-    np.testing.assert_allclose(rv, (1 - momentum) ** k * 2.0
-                               + sum(w * v for w, v in zip(weights, uvars)), rtol=1e-12)
+    np.testing.assert_allclose(
+        rm,
+        (1 - momentum) ** k * 0.5 + sum(w * m for w, m in zip(weights, means, strict=True)),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        rv,
+        (1 - momentum) ** k * 2.0 + sum(w * v for w, v in zip(weights, uvars, strict=True)),
+        rtol=1e-12,
+    )
 
 
 def test_cumulative_average_momentum_none():
@@ -126,12 +138,12 @@ def test_cumulative_average_momentum_none():
     batches = [rng.normal(j, 1 + j, (8, 3, 4)) for j in range(5)]
     for xb in batches:
         bn(xb)
-    np.testing.assert_allclose(bn.running_mean,
-                               np.mean([xb.mean(axis=(0, 2)) for xb in batches], axis=0),
-                               rtol=1e-12)
-    np.testing.assert_allclose(bn.running_var,
-                               np.mean([xb.var(axis=(0, 2), ddof=1) for xb in batches], axis=0),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        bn.running_mean, np.mean([xb.mean(axis=(0, 2)) for xb in batches], axis=0), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        bn.running_var, np.mean([xb.var(axis=(0, 2), ddof=1) for xb in batches], axis=0), rtol=1e-12
+    )
     assert bn.num_batches_tracked == 5
 
 

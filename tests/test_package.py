@@ -18,10 +18,17 @@ from bnfast import _compare as cmp
 
 def test_kernels_ship_only_inside_bnfast(tmp_path):
     """``bnfast.kernels`` imports; a top-level ``kernels`` does not (run outside the repo)."""
-    code = ("import importlib.util, bnfast.kernels;"
-            "print(importlib.util.find_spec('kernels') is None)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    code = (
+        "import importlib.util, bnfast.kernels;print(importlib.util.find_spec('kernels') is None)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "True"
 
@@ -44,6 +51,7 @@ def test_declared_signatures_compile():
     """Every kernel of every family declares float32 and float64 (strided also the 'A' layout)
     and compiles for all of them; the parallel ones carry a serial twin of the same code."""
     from bnfast import kernels
+
     for name, family in kernels.FAMILIES.items():
         for k in kernels.KERNELS:
             dispatcher = getattr(family, k)
@@ -59,18 +67,26 @@ def test_calls_use_the_declared_types():
     """bnfast passes exactly the declared types, so no call compiles an extra specialization
     (which would cost start-up time) on contiguous input."""
     from bnfast import kernels
+
     rng = np.random.default_rng(0)
     for shape, axis in (((64, 8), 1), ((4, 8, 100), 1), ((2, 3, 4, 5), 1)):
         x = rng.normal(size=shape).astype(np.float32)
         y, cache = bnfast.forward(x, axis=axis)
         bnfast.backward(np.ones_like(x), cache)
-        bnfast.forward(x, axis=axis, training=False, running_mean=np.zeros(shape[axis]),
-                       running_var=np.ones(shape[axis]))
+        bnfast.forward(
+            x,
+            axis=axis,
+            training=False,
+            running_mean=np.zeros(shape[axis]),
+            running_var=np.ones(shape[axis]),
+        )
         bnfast.moments(x, axis=axis)
     for family in ("rows", "lanes"):
         for k in kernels.KERNELS:
-            for d in (getattr(kernels.FAMILIES[family], k),
-                      getattr(kernels.FAMILIES[family], k).serial):
+            for d in (
+                getattr(kernels.FAMILIES[family], k),
+                getattr(kernels.FAMILIES[family], k).serial,
+            ):
                 extra = set(d.signatures) - {tuple(s.args) for s in d.declared}
                 assert not extra, (family, k, extra)
 
@@ -79,8 +95,11 @@ def test_calls_use_the_declared_types():
 def test_registry_implementations_agree(op):
     """Every available implementation in the shared registry matches the reference on small
     versions of the bench layouts."""
-    for case in (cmp.Case("2-D", (16, 8)), cmp.Case("NCHW", (4, 3, 5, 6)),
-                 cmp.Case("NHWC", (4, 5, 6, 3), -1)):
+    for case in (
+        cmp.Case("2-D", (16, 8)),
+        cmp.Case("NCHW", (4, 3, 5, 6)),
+        cmp.Case("NHWC", (4, 5, 6, 3), -1),
+    ):
         inp = cmp.make_inputs(case, seed=1)
         want = cmp.IMPLEMENTATIONS["numpy"].prepare(op, inp)()
         for name, impl in cmp.available().items():
@@ -88,12 +107,15 @@ def test_registry_implementations_agree(op):
             assert len(got) == len(want)
             err = cmp.max_error(got, want)
             assert err < (1e-3 if name == "pytorch" else 1e-5), f"{op} {case.label} {name}: {err}"
-            assert all(np.asarray(g).shape == np.asarray(w).shape for g, w in zip(got, want))
+            assert all(
+                np.asarray(g).shape == np.asarray(w).shape for g, w in zip(got, want, strict=True)
+            )
 
 
 def test_readme_quick_start_runs():
     """The README's quick start is real code: run it."""
     import re
+
     readme = Path(__file__).resolve().parents[1] / "README.md"
     block = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)[0]
     scope: dict = {}
@@ -106,6 +128,7 @@ def test_main_job_measures_checks_and_reports(tmp_path):
     import json
 
     from bnfast import __main__ as main_job
+
     case = cmp.Case("2-D 64x8", (64, 8))
     impls = cmp.available()
     records, failures = main_job.measure(("forward",), (case,), [1], impls, 0.01, lambda m: None)

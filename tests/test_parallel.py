@@ -11,12 +11,11 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import assert_channels_close, backward_tolerance, describe, forward_tolerance
 
 import bnfast
 from bnfast import _threading
 from bnfast import reference as ref
-
+from conftest import assert_channels_close, backward_tolerance, describe, forward_tolerance
 
 
 def _parallel_size(shape, axis):
@@ -28,15 +27,18 @@ def _parallel_size(shape, axis):
 
 
 # One per family and layout kind, scaled above SERIAL_BELOW.
-CASES = [(label, _parallel_size(shape, axis), axis) for label, shape, axis in [
-    ("rows NCHW", (8, 8, 48, 50), 1),
-    ("rows 3-D", (3, 5, 12000), 1),
-    ("rows, unfused (C < 4)", (2, 3, 40000), 1),
-    ("lanes 2-D", (4096, 40), 1),
-    ("lanes NHWC C=3", (16, 60, 60, 3), -1),
-    ("lanes small inner", (1700, 16, 5), 1),
-    ("lanes wide C", (80, 2000), 1),
-]]
+CASES = [
+    (label, _parallel_size(shape, axis), axis)
+    for label, shape, axis in [
+        ("rows NCHW", (8, 8, 48, 50), 1),
+        ("rows 3-D", (3, 5, 12000), 1),
+        ("rows, unfused (C < 4)", (2, 3, 40000), 1),
+        ("lanes 2-D", (4096, 40), 1),
+        ("lanes NHWC C=3", (16, 60, 60, 3), -1),
+        ("lanes small inner", (1700, 16, 5), 1),
+        ("lanes wide C", (80, 2000), 1),
+    ]
+]
 
 
 def _data(shape, dtype, seed=0):
@@ -53,15 +55,22 @@ def test_parallel_families_match_reference(label, shape, axis, dtype):
     g, b = np.linspace(0.5, 1.5, c).astype(dtype), np.linspace(-1, 1, c).astype(dtype)
     for training in (True, False):
         rm, rv = np.linspace(2, 4, c), np.linspace(3, 5, c)
-        y, cache = bnfast.forward(x, g, b, axis=axis, training=training, running_mean=rm.copy(),
-                                  running_var=rv.copy())
-        y_ref, cache_ref = ref.forward(x, g, b, axis=axis, training=training,
-                                       running_mean=rm.copy(), running_var=rv.copy())
+        y, cache = bnfast.forward(
+            x, g, b, axis=axis, training=training, running_mean=rm.copy(), running_var=rv.copy()
+        )
+        y_ref, cache_ref = ref.forward(
+            x, g, b, axis=axis, training=training, running_mean=rm.copy(), running_var=rv.copy()
+        )
         what = describe(x, axis, f"{label} training={training}")
         assert_channels_close(y, y_ref, forward_tolerance(x, axis, cache_ref), axis, what)
         got, want = bnfast.backward(dy, cache), ref.backward(dy, cache_ref)
-        for name, gg, w, t in zip(("dx", "dgamma", "dbeta"), got, want,
-                                  backward_tolerance(x, dy, axis, cache_ref)):
+        for name, gg, w, t in zip(
+            ("dx", "dgamma", "dbeta"),
+            got,
+            want,
+            backward_tolerance(x, dy, axis, cache_ref),
+            strict=True,
+        ):
             assert_channels_close(gg, w, t, axis, f"{what} {name}")
 
 
@@ -102,8 +111,14 @@ DETERMINISM_SCRIPT = textwrap.dedent("""
 def test_bitwise_identical_for_1_to_8_threads(layer, tmp_path):
     """numba.set_num_threads(k) for k = 1..8 and the serial twins give the same bits."""
     env = {**os.environ, "NUMBA_NUM_THREADS": "8", "NUMBA_THREADING_LAYER": layer}
-    r = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT % (CASES,)], env=env,
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", DETERMINISM_SCRIPT % (CASES,)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 2 * len(CASES)
@@ -127,7 +142,7 @@ def test_concurrent_calls_from_8_threads_equal_serial_calls():
                 (x, dy), _, axis = inputs[i]
                 y, cache = bnfast.forward(x, axis=axis)
                 got = (y, *bnfast.backward(dy, cache))
-                for g, e in zip(got, expected[i]):
+                for g, e in zip(got, expected[i], strict=True):
                     if not np.array_equal(g, e):
                         errors.append(f"thread {t}, input {i}: result differs")
         except Exception as exc:  # noqa: BLE001 - reported below
@@ -163,8 +178,14 @@ def test_forked_child_can_call_bnfast(layer, tmp_path):
     """A process forked after a parallel call runs bnfast in the child, same results, no hang
     (GNU OpenMP: the child runs the serial twins; TBB and workqueue are fork-safe)."""
     env = {**os.environ, "NUMBA_THREADING_LAYER": layer}
-    r = subprocess.run([sys.executable, "-c", FORK_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     used, child_status = r.stdout.split()
     assert child_status == "0", f"child failed under {used}: {r.stderr}"
@@ -204,8 +225,14 @@ def test_four_threads_under_the_workqueue_layer(tmp_path):
     run the serial twins; all four threads get the serial results."""
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
     shape = _parallel_size((256, 64), 1)
-    r = subprocess.run([sys.executable, "-c", WORKQUEUE_SCRIPT % (shape,)], env=env,
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", WORKQUEUE_SCRIPT % (shape,)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
     layer, n_errors, first = r.stdout.split(maxsplit=2)
     assert layer == "workqueue" and n_errors == "0", r.stdout

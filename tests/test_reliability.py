@@ -22,14 +22,15 @@ def _x(seed=0, shape=(6, C)):
 
 def _forward_aliasing_cases():
     """(name, words in the message, factory returning forward's kwargs)."""
+
     def out_is_running_mean_row():
         out = np.zeros((6, C))
         return dict(x=_x(), running_mean=out[0], running_var=np.ones(C), out=out)
 
     def out_partly_running_var():
         buf = np.zeros(6 * C + 2)
-        out = buf[:6 * C].reshape(6, C)
-        return dict(x=_x(), running_mean=np.zeros(C), running_var=buf[6 * C - 1:], out=out)
+        out = buf[: 6 * C].reshape(6, C)
+        return dict(x=_x(), running_mean=np.zeros(C), running_var=buf[6 * C - 1 :], out=out)
 
     def running_mean_is_x_row():  # issue 8 item 2
         x = _x()
@@ -52,8 +53,9 @@ def _forward_aliasing_cases():
         return dict(x=_x(), running_mean=buf[:C], running_var=buf[2:])
 
     def running_mean_self_overlapping():
-        return dict(x=_x(), running_mean=as_strided(np.zeros(1), (C,), (0,)),
-                    running_var=np.ones(C))
+        return dict(
+            x=_x(), running_mean=as_strided(np.zeros(1), (C,), (0,)), running_var=np.ones(C)
+        )
 
     def out_self_overlapping():
         base = np.zeros(C)
@@ -65,13 +67,13 @@ def _forward_aliasing_cases():
 
     def inference_out_is_running_var():
         out = np.ones((6, C))
-        return dict(x=_x(), training=False, running_mean=np.zeros(C), running_var=out[5],
-                    out=out)
+        return dict(x=_x(), training=False, running_mean=np.zeros(C), running_var=out[5], out=out)
 
     def inference_out_partly_x():
         buf = _x(shape=(7, C))
-        return dict(x=buf[:6], training=False, running_mean=np.zeros(C),
-                    running_var=np.ones(C), out=buf[1:])
+        return dict(
+            x=buf[:6], training=False, running_mean=np.zeros(C), running_var=np.ones(C), out=buf[1:]
+        )
 
     return [
         ("out is a row of running_mean", "share memory", out_is_running_mean_row),
@@ -81,12 +83,18 @@ def _forward_aliasing_cases():
         ("running_mean is gamma", "running_mean overlaps gamma", running_mean_is_gamma),
         ("running_var partly overlaps beta", "running_var overlaps beta", running_var_partly_beta),
         ("running arrays partly overlap", "share memory", running_mean_partly_running_var),
-        ("running_mean self-overlapping", "running_mean has elements that share memory",
-         running_mean_self_overlapping),
+        (
+            "running_mean self-overlapping",
+            "running_mean has elements that share memory",
+            running_mean_self_overlapping,
+        ),
         ("out self-overlapping", "out has elements that share memory", out_self_overlapping),
         ("out holds gamma", "out overlaps gamma", out_is_gamma_memory),
-        ("inference: out holds running_var", "out overlaps running_var",
-         inference_out_is_running_var),
+        (
+            "inference: out holds running_var",
+            "out overlaps running_var",
+            inference_out_is_running_var,
+        ),
         ("inference: out partly overlaps x", "out partly overlaps x", inference_out_partly_x),
     ]
 
@@ -100,8 +108,9 @@ def _unchanged(kwargs, before, what):
         np.testing.assert_array_equal(kwargs[k], want, err_msg=f"{what}: {k} was written")
 
 
-@pytest.mark.parametrize("name,words,make", _forward_aliasing_cases(),
-                         ids=[c[0] for c in _forward_aliasing_cases()])
+@pytest.mark.parametrize(
+    "name,words,make", _forward_aliasing_cases(), ids=[c[0] for c in _forward_aliasing_cases()]
+)
 def test_forward_refuses_aliasing_and_writes_nothing(name, words, make):
     kwargs = make()
     before = _snapshot(kwargs)
@@ -117,8 +126,10 @@ def test_backward_refuses_aliasing_and_writes_nothing():
     cases = {
         "out is x": (dict(out=x), "out overlaps x"),
         "out partly dy": (None, "out partly overlaps dy"),
-        "out self-overlapping": (dict(out=as_strided(np.zeros(4), (6, C, 4), (0, 0, 8))),
-                                 "out has elements that share memory"),
+        "out self-overlapping": (
+            dict(out=as_strided(np.zeros(4), (6, C, 4), (0, 0, 8))),
+            "out has elements that share memory",
+        ),
     }
     for name, (kw, words) in cases.items():
         d = dy
@@ -164,8 +175,9 @@ def test_layer_running_mean_aliasing_x_is_refused():
 def test_allowed_in_place_calls_still_work():
     x = _x()
     want = ref.forward(x, training=False, running_mean=np.zeros(C), running_var=np.ones(C))[0]
-    y, _ = bnfast.forward(x, training=False, running_mean=np.zeros(C), running_var=np.ones(C),
-                          out=x)
+    y, _ = bnfast.forward(
+        x, training=False, running_mean=np.zeros(C), running_var=np.ones(C), out=x
+    )
     assert y is x
     np.testing.assert_allclose(x, want, rtol=1e-14)
     x = _x()
@@ -177,6 +189,7 @@ def test_allowed_in_place_calls_still_work():
 
 
 # Item 3: a floating-point trap may not fire after the first write.
+
 
 def test_errstate_raise_completes_the_call_with_narrow_running_arrays():
     """float32 x with std 1000 and float16 running arrays: the variance (~1e6) does not fit in
@@ -190,7 +203,7 @@ def test_errstate_raise_completes_the_call_with_narrow_running_arrays():
         with np.errstate(all=trap):
             y, _ = bnfast.forward(x, running_mean=rm, running_var=rv, out=out)
         results.append((out.copy(), rm, rv))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
     out, rm, rv = results[0]
     np.testing.assert_array_equal(out, bnfast.forward(x)[0])
@@ -219,24 +232,37 @@ def test_errstate_raise_completes_backward_and_the_layer():
     assert np.all(np.isinf(bn.dbeta))
 
 
-@pytest.mark.parametrize("shape,strides", [((2, 3), (24, 16)), ((2, 3), (16, 24)),
-                                           ((3, 3), (8, 16)), ((4,), (4,)), ((2, 2), (16, 8)),
-                                           ((3, 2, 2), (8, 48, 24)), ((5,), (0,)), ((1, 4), (0, 8))])
+@pytest.mark.parametrize(
+    "shape,strides",
+    [
+        ((2, 3), (24, 16)),
+        ((2, 3), (16, 24)),
+        ((3, 3), (8, 16)),
+        ((4,), (4,)),
+        ((2, 2), (16, 8)),
+        ((3, 2, 2), (8, 48, 24)),
+        ((5,), (0,)),
+        ((1, 4), (0, 8)),
+    ],
+)
 def test_self_overlap_detection_against_brute_force(shape, strides):
     """Every element's byte range, compared pairwise: the ground truth for _checks."""
     from bnfast import _checks
 
     a = as_strided(np.zeros(64), shape, strides)
-    starts = [sum(i * s for i, s in zip(idx, strides)) for idx in np.ndindex(shape)]
-    truth = any(abs(p - q) < a.itemsize for k, p in enumerate(starts) for q in starts[k + 1:])
+    starts = [sum(i * s for i, s in zip(idx, strides, strict=True)) for idx in np.ndindex(shape)]
+    truth = any(abs(p - q) < a.itemsize for k, p in enumerate(starts) for q in starts[k + 1 :])
     assert _checks.self_overlapping(a) == truth, (shape, strides)
 
 
 # Item 4: the frozen (inference) backward must not read x for dx.
 
+
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
-@pytest.mark.parametrize("shape,axis,layout", [((6, 3), 1, "C"), ((2, 3, 70), 1, "C"),
-                                               ((2, 4, 4, 3), -1, "C"), ((6, 3), 1, "F")])
+@pytest.mark.parametrize(
+    "shape,axis,layout",
+    [((6, 3), 1, "C"), ((2, 3, 70), 1, "C"), ((2, 4, 4, 3), -1, "C"), ((6, 3), 1, "F")],
+)
 def test_frozen_backward_dx_ignores_nonfinite_x(bad, shape, axis, layout):
     rng = np.random.default_rng(5)
     x = rng.normal(size=shape)
@@ -247,14 +273,21 @@ def test_frozen_backward_dx_ignores_nonfinite_x(bad, shape, axis, layout):
     dy = rng.normal(size=shape)
     _, cache = bnfast.forward(x, g, training=False, running_mean=rm, running_var=rv, axis=axis)
     dx, dgamma, dbeta = bnfast.backward(dy, cache)
-    k = np.moveaxis(np.broadcast_to(g / np.sqrt(rv + 1e-5), shape[:axis % len(shape)]
-                                    + shape[axis % len(shape) + 1:] + (c,)), -1, axis)
+    k = np.moveaxis(
+        np.broadcast_to(
+            g / np.sqrt(rv + 1e-5),
+            shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :] + (c,),
+        ),
+        -1,
+        axis,
+    )
     np.testing.assert_allclose(dx, dy * k, rtol=1e-14)  # finite everywhere, inf entry included
     np.testing.assert_allclose(dbeta, ref.moments(dy, axis=axis)[0] * dy.size / c, rtol=1e-12)
     assert not np.isfinite(dgamma[0])  # dgamma does read x: sum(dy * xhat) over an inf
 
 
 # Item 5: extreme float64 values: statistics right wherever the true ones are finite.
+
 
 @pytest.mark.parametrize("scale", [1e150, 1e153, 1e154])
 @pytest.mark.parametrize("shape,axis", [((64, 3), 1), ((4, 3, 80), 1), ((9, 5, 3), -1)])
@@ -322,6 +355,7 @@ def test_nonfinite_channel_gets_nan_statistics(dtype, bad, where):
 
 # Item 6: foreign array types.
 
+
 def test_masked_arrays_are_refused_and_subclasses_normalized():
     x = np.random.default_rng(8).normal(size=(6, 3))
     masked = np.ma.masked_array(x, mask=np.zeros_like(x, bool))
@@ -353,6 +387,7 @@ def test_masked_arrays_are_refused_and_subclasses_normalized():
 
 # Item 7: tensors that require grad.
 
+
 def test_torch_parameters(torch):
     x = np.random.default_rng(9).normal(size=(6, 3)).astype(np.float32)
     module = torch.nn.BatchNorm1d(3)
@@ -369,11 +404,15 @@ def test_torch_parameters(torch):
 
 # Item 8: numbers and containers that used to give unnamed or wrong errors.
 
-@pytest.mark.parametrize("kwargs,exc,words", [
-    (dict(eps=10**400), ValueError, "eps is too large"),
-    (dict(momentum=10**400), ValueError, "momentum is too large"),
-    (dict(x=[[1.0, 2.0], [3.0]]), ValueError, "x cannot be converted"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        (dict(eps=10**400), ValueError, "eps is too large"),
+        (dict(momentum=10**400), ValueError, "momentum is too large"),
+        (dict(x=[[1.0, 2.0], [3.0]]), ValueError, "x cannot be converted"),
+    ],
+)
 def test_huge_ints_and_ragged_input_name_the_argument(kwargs, exc, words):
     args = {"x": np.random.default_rng(10).normal(size=(4, 2)), **kwargs}
     with pytest.raises(exc, match=words):
@@ -396,6 +435,7 @@ def test_layer_construction_and_state_errors_name_the_problem():
 
 
 # Item 9: zero-size batches follow PyTorch.
+
 
 @pytest.mark.parametrize("shape,axis", [((0, 5, 9), 1), ((0, 5), 1), ((3, 0, 4, 5), -1)])
 def test_zero_size_training_batch(shape, axis):
@@ -432,6 +472,7 @@ def test_zero_size_batch_matches_pytorch(torch):
 
 # Item 10: eps=0 is PyTorch's rule: accepted in eval, refused while training.
 
+
 def test_eps_zero_in_eval_mode():
     rng = np.random.default_rng(11)
     x = rng.normal(size=(6, 3))
@@ -443,14 +484,22 @@ def test_eps_zero_in_eval_mode():
     with pytest.raises(ValueError, match="eps must be finite and >= 0"):
         bnfast.forward(x, training=False, running_mean=rm, running_var=rv, eps=-1e-5)
     bn = bnfast.BatchNorm(3, eps=0.0, dtype=np.float64).eval()
-    bn.load_state_dict({"weight": np.ones(3), "bias": np.zeros(3), "running_mean": rm,
-                        "running_var": rv, "num_batches_tracked": np.array(3)})
+    bn.load_state_dict(
+        {
+            "weight": np.ones(3),
+            "bias": np.zeros(3),
+            "running_mean": rm,
+            "running_var": rv,
+            "num_batches_tracked": np.array(3),
+        }
+    )
     np.testing.assert_allclose(bn(x), (x - rm) / np.sqrt(rv), rtol=1e-14)
     with pytest.raises(ValueError, match="eps"):
         bn.train()(x)
 
 
 # Item 12: every kernel's extra memory is a small fraction of x.
+
 
 def _held(cache) -> int:
     """Bytes of statistics a cache keeps alive (its float64 block, or its separate vectors)."""
@@ -460,9 +509,16 @@ def _held(cache) -> int:
     return sum(getattr(cache, k).nbytes for k in ("mean", "invstd", "gamma"))
 
 
-@pytest.mark.parametrize("shape,axis", [((2, 2_000_000), 1), ((2_000_000, 2), 1),
-                                        ((4096, 1024), 1), ((2, 3, 700_000), 1),
-                                        ((64, 28, 28, 96), -1)])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [
+        ((2, 2_000_000), 1),
+        ((2_000_000, 2), 1),
+        ((4096, 1024), 1),
+        ((2, 3, 700_000), 1),
+        ((64, 28, 28, 96), -1),
+    ],
+)
 def test_extra_memory_of_every_operation_is_bounded(shape, axis):
     """Traced peak during a call, minus what it returns (y or dx, the (4, C) float64 block, C
     values of dgamma and dbeta): at most x/4 + 1 MiB (the lanes family's two-pass partials and
@@ -477,8 +533,9 @@ def test_extra_memory_of_every_operation_is_bounded(shape, axis):
     bound = x.nbytes // 4 + 2**20
     calls = {
         "forward": lambda: bnfast.forward(x, axis=axis, running_mean=rm, running_var=rv),
-        "inference": lambda: bnfast.forward(x, axis=axis, training=False, running_mean=rm,
-                                            running_var=rv),
+        "inference": lambda: bnfast.forward(
+            x, axis=axis, training=False, running_mean=rm, running_var=rv
+        ),
     }
     _, train_cache = bnfast.forward(x, axis=axis)
     _, eval_cache = calls["inference"]()
@@ -494,10 +551,15 @@ def test_extra_memory_of_every_operation_is_bounded(shape, axis):
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        arrays = [a for a in (result if isinstance(result, tuple) else (result,))
-                  if isinstance(a, np.ndarray)]
+        arrays = [
+            a
+            for a in (result if isinstance(result, tuple) else (result,))
+            if isinstance(a, np.ndarray)
+        ]
         kept = sum(a.nbytes for a in arrays)
         kept += sum(_held(r) for r in result if isinstance(r, bnfast.BatchNormCache))
         extra = peak - before - kept
-        assert extra <= bound, (f"{name} {shape}: {extra / 1e6:.1f} MB beyond its outputs, "
-                                f"bound {bound / 1e6:.1f} MB (x is {x.nbytes / 1e6:.1f} MB)")
+        assert extra <= bound, (
+            f"{name} {shape}: {extra / 1e6:.1f} MB beyond its outputs, "
+            f"bound {bound / 1e6:.1f} MB (x is {x.nbytes / 1e6:.1f} MB)"
+        )

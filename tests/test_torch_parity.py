@@ -9,8 +9,14 @@ import pytest
 
 import bnfast
 
-CASES = [((8, 5), 1), ((4, 3, 7), 1), ((3, 4, 5, 6), 1), ((3, 5, 6, 4), -1), ((2, 3, 4, 2, 3), 1),
-         ((6, 2, 3, 5), 2)]
+CASES = [
+    ((8, 5), 1),
+    ((4, 3, 7), 1),
+    ((3, 4, 5, 6), 1),
+    ((3, 5, 6, 4), -1),
+    ((2, 3, 4, 2, 3), 1),
+    ((6, 2, 3, 5), 2),
+]
 
 
 def _to_torch(torch, a, axis):
@@ -35,8 +41,17 @@ def test_matches_torch(torch, shape, axis, training, seed):
     momentum, eps = float(rng.choice([0.1, 0.3])), float(rng.choice([1e-5, 1e-3]))
 
     rm_b, rv_b = rm.copy(), rv.copy()
-    y, cache = bnfast.forward(x, g, b, axis=axis, training=training, running_mean=rm_b,
-                              running_var=rv_b, momentum=momentum, eps=eps)
+    y, cache = bnfast.forward(
+        x,
+        g,
+        b,
+        axis=axis,
+        training=training,
+        running_mean=rm_b,
+        running_var=rv_b,
+        momentum=momentum,
+        eps=eps,
+    )
     dx, dg, db = bnfast.backward(dy, cache)
 
     xt = _to_torch(torch, x, axis).requires_grad_(True)
@@ -53,7 +68,8 @@ def test_matches_torch(torch, shape, axis, training, seed):
     np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-9, atol=1e-11)
     if training:
         _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-            _to_torch(torch, x, axis), gt.detach(), bt.detach(), None, None, True, momentum, eps)
+            _to_torch(torch, x, axis), gt.detach(), bt.detach(), None, None, True, momentum, eps
+        )
         np.testing.assert_allclose(cache.mean, save_mean.numpy(), rtol=1e-12, atol=1e-13)
         np.testing.assert_allclose(cache.invstd, save_invstd.numpy(), rtol=1e-10)
 
@@ -70,8 +86,9 @@ def test_state_dict_into_torch_and_back(torch):
     x = rng.normal(2, 3, (6, 4, 3, 3)).astype(np.float32)
     tbn.eval()
     bn.eval()
-    np.testing.assert_allclose(bn(x), tbn(torch.from_numpy(x)).detach().numpy(), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        bn(x), tbn(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5
+    )
     back = bnfast.BatchNorm(4)
     back.load_state_dict(tbn.state_dict())
     for k, v in bn.state_dict().items():
@@ -86,8 +103,9 @@ def test_layer_training_trajectory_matches_torch(torch):
         tbn = torch.nn.BatchNorm1d(3, momentum=momentum, dtype=torch.float64)
         for _ in range(4):
             x = rng.normal(rng.uniform(-3, 3), 2.0, (10, 3, 4))
-            np.testing.assert_allclose(bn(x), tbn(torch.from_numpy(x)).detach().numpy(),
-                                       rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(
+                bn(x), tbn(torch.from_numpy(x)).detach().numpy(), rtol=1e-10, atol=1e-12
+            )
         sd, tsd = bn.state_dict(), tbn.state_dict()
         for k in sd:
             np.testing.assert_allclose(sd[k], tsd[k].numpy(), rtol=1e-12)

@@ -76,7 +76,7 @@ def flag(v, name: str) -> bool:
     return bool(v)
 
 
-def _real(v, name: str, accepted: str) -> float:
+def real(v, name: str, accepted: str) -> float:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number ({accepted}), got {v!r}")
     try:
@@ -91,7 +91,7 @@ def checked_eps(eps, training: bool) -> float:
     """eps > 0 while training, eps >= 0 otherwise (PyTorch's rules: a model saved with eps=0
     can be evaluated), finite."""
     accepted = "finite and > 0 while training" if training else "finite and >= 0"
-    e = _real(eps, "eps", accepted)
+    e = real(eps, "eps", accepted)
     if not (math.isfinite(e) and (e > 0.0 or (e == 0.0 and not training))):
         raise ValueError(f"eps must be {accepted}, got {eps!r}")
     return e
@@ -103,7 +103,7 @@ def unit_momentum(momentum) -> float:
             "momentum=None (cumulative average) needs a batch count: use "
             "BatchNorm(momentum=None), or pass momentum=1/k for the k-th batch"
         )
-    m = _real(momentum, "momentum", "in [0, 1]")
+    m = real(momentum, "momentum", "in [0, 1]")
     if not (math.isfinite(m) and 0.0 <= m <= 1.0):
         raise ValueError(f"momentum must be a finite number in [0, 1], got {momentum!r}")
     return m

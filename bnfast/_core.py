@@ -2,8 +2,10 @@
 
 The kernel behind each function, in the family ``_threading.kernels_for`` picks from the view's
 memory layout (``kernels.rows``, ``kernels.lanes`` or ``kernels.strided``): ``moments`` ->
-``moments``; ``forward`` -> ``forward_train`` (training) or ``normalize`` (inference);
-``backward`` -> ``backward_train`` (training cache) or ``backward_frozen`` (inference cache).
+``moments``; ``forward`` -> ``forward_train`` (training) or ``normalize`` (inference), once
+per virtual batch with ``virtual_batch_size``; ``backward`` -> ``backward_train`` (training
+cache) or ``backward_frozen`` (inference cache); ``backward_from_input`` ->
+``backward_input``.
 Each kernel also does the per-channel arithmetic (``kernels/common.py``: statistics, running
 averages, gradient coefficients, dgamma and dbeta), so a call allocates its outputs and makes
 one kernel call. The math they implement is written out in ``bnfast.reference``.
@@ -11,6 +13,7 @@ one kernel call. The math they implement is written out in ``bnfast.reference``.
 
 from __future__ import annotations
 
+import numbers
 import operator
 
 import numpy as np
@@ -18,12 +21,20 @@ import numpy as np
 from . import _checks as chk
 from . import _threading
 from ._machine import TUNE
-from .kernels.common import GAMMA, INVSTD, MEAN, VAR
+from .kernels.common import GAMMA, INVSTD, MEAN, STATS_ROWS, VAR
 
 _NO_RUNNING = {
     np.dtype(np.float32): np.empty(0, np.float32),
     np.dtype(np.float64): np.empty(0, np.float64),
 }  # "no running arrays" to a kernel
+# The fused ReLU's threshold: half the smallest subnormal of the data's dtype, so that a value
+# counts as positive exactly when it rounds to a positive number (PyTorch applies ReLU to the
+# rounded output). As a float64, float64's half-subnormal is 0.
+RELU_THRESHOLD = {
+    np.dtype(np.float32): float(np.finfo(np.float32).smallest_subnormal) / 2,
+    np.dtype(np.float64): 0.0,
+}
+ACTIVATIONS = (None, "relu")
 
 
 class BatchNormCache(tuple):
@@ -36,7 +47,8 @@ class BatchNormCache(tuple):
         The forward input (a reference, not a copy: do not modify it before backward).
     mean, invstd : ndarray
         float64, shape ``(C,)``, read-only: the statistics that normalized ``x`` (the batch's
-        when ``training``, the running ones otherwise); ``invstd = 1/sqrt(var + eps)``.
+        when ``training``, the running ones otherwise); ``invstd = 1/sqrt(var + eps)``. With
+        ``virtual_batch_size``, those of the first virtual batch (``parts`` has all).
     gamma : ndarray
         float64, shape ``(C,)``, read-only: the scale, rounded to x's dtype (ones when none was
         given).
@@ -44,12 +56,17 @@ class BatchNormCache(tuple):
         The channel axis, non-negative.
     training : bool
         True: batch statistics, full gradient. False: running statistics, frozen-BN gradient.
+    activation : str or None
+        The fused activation (``"relu"``), whose mask backward recomputes from x.
+    parts : tuple
+        With ``virtual_batch_size``: ``(start, stop, cache)`` of each virtual batch along axis
+        0; empty otherwise.
     """
 
     __slots__ = ()
 
-    def __new__(cls, x, stats, axis, training, layout, x3):
-        return tuple.__new__(cls, (x, stats, axis, training, layout, x3))
+    def __new__(cls, x, stats, axis, training, layout, x3, activation=None, parts=()):
+        return tuple.__new__(cls, (x, stats, axis, training, layout, x3, activation, parts))
 
     x = property(operator.itemgetter(0))
     _stats = property(operator.itemgetter(1))
@@ -57,6 +74,8 @@ class BatchNormCache(tuple):
     training = property(operator.itemgetter(3))
     _layout = property(operator.itemgetter(4))
     _x3 = property(operator.itemgetter(5))
+    activation = property(operator.itemgetter(6))
+    parts = property(operator.itemgetter(7))
 
     @property
     def mean(self) -> np.ndarray:
@@ -78,14 +97,55 @@ class BatchNormCache(tuple):
 def _after_write():
     """Context for the O(C) NumPy math that runs after a kernel wrote y or dx: it must not raise.
 
-    Only the rare paths use it (running arrays of another dtype than x). An exception there
-    would leave the caller's arrays half-updated (seen: under ``np.errstate(all="raise")``,
-    float16 running arrays and a batch variance above 65504 raised "overflow encountered in
-    cast" after ``out`` was written). Its only floating-point events are overflow to inf
-    (rounding into a narrower dtype) and NaN from a NaN channel: the IEEE results, as the kernels
-    and PyTorch give them. So a call either completes or raises before its first write.
+    Only the rare paths use it (running arrays of another dtype than x; the sums of virtual
+    batches). An exception there would leave the caller's arrays half-updated (seen: under
+    ``np.errstate(all="raise")``, float16 running arrays and a batch variance above 65504 raised
+    "overflow encountered in cast" after ``out`` was written). Its only floating-point events
+    are overflow to inf (rounding into a narrower dtype) and NaN from a NaN channel: the IEEE
+    results, as the kernels and PyTorch give them. So a call either completes or raises before
+    its first write.
     """
     return np.errstate(all="ignore")
+
+
+def _activation(activation) -> bool:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def _renorm(renorm) -> tuple[float, float]:
+    """``(rmax, dmax)`` of Batch Renormalization, or ``(0.0, 0.0)`` for none."""
+    if renorm is None:
+        return 0.0, 0.0
+    try:
+        rmax, dmax = renorm
+    except (TypeError, ValueError):
+        raise TypeError(f"renorm must be None or a pair (rmax, dmax), got {renorm!r}") from None
+    rmax = chk.real(rmax, "renorm's rmax", "finite and >= 1")
+    dmax = chk.real(dmax, "renorm's dmax", "finite and >= 0")
+    if not (np.isfinite(rmax) and rmax >= 1.0):
+        raise ValueError(f"renorm's rmax must be finite and >= 1, got {rmax!r}")
+    if not (np.isfinite(dmax) and dmax >= 0.0):
+        raise ValueError(f"renorm's dmax must be finite and >= 0, got {dmax!r}")
+    return rmax, dmax
+
+
+def momentum_from_decay(decay: float) -> float:
+    """bnfast's (PyTorch's) momentum from a decay: Keras, Flax and numpy-ml call the weight of
+    the *old* running value ``momentum`` (e.g. 0.99); bnfast's momentum is the weight of the new
+    batch, ``1 - decay``.
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> round(bnfast.momentum_from_decay(0.99), 12)
+    0.01
+    """
+    d = chk.real(decay, "decay", "in [0, 1]")
+    if not (np.isfinite(d) and 0.0 <= d <= 1.0):
+        raise ValueError(f"decay must be a finite number in [0, 1], got {decay!r}")
+    return 1.0 - d
 
 
 def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +199,10 @@ def forward(
     momentum: float = 0.1,
     eps: float = 1e-5,
     out=None,
+    activation: str | None = None,
+    renorm: tuple[float, float] | None = None,
+    virtual_batch_size: int | None = None,
+    unbiased: bool = True,
 ) -> tuple[np.ndarray, BatchNormCache]:
     """Batch-normalize ``x`` over every axis but ``axis``: ``y = gamma * xhat + beta``.
 
@@ -157,18 +221,37 @@ def forward(
     training : bool, default True
         True: normalize with the batch's mean and biased variance and, when running arrays are
         given, update them in place with PyTorch's rule ``new = (1 - momentum) * old +
-        momentum * batch`` (running variance unbiased, ``var * m / (m - 1)``). Needs more than
-        one value per channel, or none (an empty batch: empty y, running arrays untouched, as
-        PyTorch). False: normalize with the running arrays, which are required.
+        momentum * batch`` (running variance unbiased, ``var * m / (m - 1)``, unless
+        ``unbiased=False``). Needs more than one value per channel, or none (an empty batch:
+        empty y, running arrays untouched, as PyTorch). False: normalize with the running
+        arrays, which are required.
     running_mean, running_var : ndarray of shape (C,), optional
         Any float dtype; updated in their own dtype. Both or neither.
     momentum : float in [0, 1], default 0.1
-        Weight of the new batch (PyTorch's convention; Keras' ``momentum=0.99`` is 0.01 here).
+        Weight of the new batch (PyTorch's convention; Keras' ``momentum=0.99`` is 0.01 here:
+        :func:`momentum_from_decay`).
     eps : float, default 1e-5
         > 0 while training, >= 0 in inference (PyTorch's rules).
     out : ndarray, optional
         Where to write y: x's shape and dtype, writeable. In training it must not overlap x
         (backward reads x); in inference ``out=x`` normalizes in place.
+    activation : None or "relu", default None
+        ``"relu"``: ``y = relu(gamma * xhat + beta)`` in the same pass; backward recomputes the
+        mask from x and the statistics (no array of x's size is kept).
+    renorm : None or (rmax, dmax), optional
+        Batch Renormalization (Ioffe 2017), while training: ``y = gamma * (xhat * r + d) +
+        beta`` with ``r = clip(sigma_B / sigma_run, 1/rmax, rmax)`` and ``d = clip((mu_B -
+        mu_run) / sigma_run, -dmax, dmax)`` from the running statistics before this batch
+        (``sigma = sqrt(var + eps)``); r and d are constants in backward. Needs running
+        arrays; ``(1, 0)`` is plain batch norm. Inference is unchanged.
+    virtual_batch_size : int, optional
+        Ghost batches, while training: each group of this many consecutive samples along axis 0
+        is normalized with its own statistics (gamma and beta shared); the running arrays are
+        updated once per call from the mean of the groups' means and the mean of their
+        variances (each unbiased over its group unless ``unbiased=False``). Axis 0 must be the
+        batch axis (not ``axis``) and divisible by it.
+    unbiased : bool, default True
+        The running variance is unbiased (PyTorch) or biased (Keras, Flax, numpy-ml).
 
     Returns
     -------
@@ -195,6 +278,9 @@ def forward(
            [ 1.,  1.]])
     >>> rm, rv
     (array([0.2, 2. ]), array([ 1.1, 20.9]))
+    >>> bnfast.forward(x, beta=np.array([0.5, -2.0]), activation="relu", eps=0.0001)[0].round(4)
+    array([[0. , 0. ],
+           [1.5, 0. ]])
     """
     x = chk.data_array(x, "x")
     axis = chk.channel_axis(axis, x.ndim)
@@ -202,6 +288,9 @@ def forward(
     channels, count, dtype = layout.channels, layout.count, x.dtype
     training = chk.flag(training, "training")
     eps = chk.checked_eps(eps, training)
+    relu = _activation(activation)
+    rmax, dmax = _renorm(renorm)
+    unbiased = chk.flag(unbiased, "unbiased")
     gamma = chk.parameter(gamma, "gamma", channels, dtype, 1.0)
     beta = chk.parameter(beta, "beta", channels, dtype, 0.0)
     if (running_mean is None) != (running_var is None):
@@ -212,12 +301,20 @@ def forward(
             running_mean, "running_mean", channels, writeable=training
         )
         running_var = chk.channel_vector(running_var, "running_var", channels, writeable=training)
+    groups = 1
     if training:
         momentum = chk.unit_momentum(momentum)
-        if count == 1:
+        if renorm is not None and not tracking:
             raise ValueError(
-                f"Expected more than 1 value per channel when training, got input "
-                f"of shape {x.shape} with channel axis {axis} ({count} per channel)"
+                "renorm needs running_mean and running_var (r and d compare the batch with them)"
+            )
+        if virtual_batch_size is not None:
+            groups = _virtual_groups(virtual_batch_size, x.shape, axis)
+        if count and count // groups == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input of shape "
+                f"{x.shape} with channel axis {axis} (1 per channel"
+                + (f" in each of {groups} virtual batches)" if groups > 1 else ")")
             )
     elif not tracking:
         raise ValueError(
@@ -243,33 +340,134 @@ def forward(
             in_place=(("out", "x"),),
         )
 
-    x3 = layout.view3(x)
     y, y3 = layout.output(out, dtype)
-    stats = np.empty((4, channels))
+    settings = (eps, relu, RELU_THRESHOLD[dtype], rmax, dmax, unbiased)
+    if groups > 1:
+        cache = _ghost_forward(
+            x, y, axis, gamma, beta, running_mean, running_var, momentum, groups, settings
+        )
+    else:
+        stats = _run_forward(
+            x, layout, y3, gamma, beta, training, running_mean, running_var, momentum, settings
+        )
+        layout.finish_output(y, y3)
+        cache = BatchNormCache(
+            x, stats, axis, training, layout, layout.view3(x), "relu" if relu else None
+        )
+    return y, cache
+
+
+def _virtual_groups(k, shape, axis) -> int:
+    """How many virtual batches of k samples axis 0 holds (checked)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"virtual_batch_size must be an int, got {k!r}")
+    if k < 1:
+        raise ValueError(f"virtual_batch_size must be >= 1, got {k}")
+    if axis == 0:
+        raise ValueError(
+            "virtual_batch_size splits axis 0, the batch axis: the channel axis must be another"
+        )
+    if shape[0] % k:
+        raise ValueError(
+            f"virtual_batch_size={k} does not divide the batch of {shape[0]} samples "
+            f"(axis 0 of shape {shape})"
+        )
+    return shape[0] // k
+
+
+def _run_forward(
+    x, layout, y3, gamma, beta, training, running_mean, running_var, momentum, settings
+) -> np.ndarray:
+    """One kernel call on checked arguments; returns the frozen (8, C) statistics block."""
+    eps, relu, thr, rmax, dmax, unbiased = settings
+    dtype, channels, count = x.dtype, layout.channels, layout.count
+    stats = np.empty((STATS_ROWS, channels))
     if count == 0 or channels == 0:  # nothing to normalize; running arrays untouched
         stats[...] = np.nan
     elif training:
+        tracking = running_mean is not None
         direct = tracking and running_mean.dtype == dtype and running_var.dtype == dtype
-        rm = running_mean if direct else _NO_RUNNING[dtype]
-        rv = running_var if direct else _NO_RUNNING[dtype]
+        if direct or not tracking:
+            rm = running_mean if direct else _NO_RUNNING[dtype]
+            rv = running_var if direct else _NO_RUNNING[dtype]
+        else:  # another dtype: the kernel reads copies in x's precision (renorm), NumPy updates
+            rm, rv = running_mean.astype(dtype), running_var.astype(dtype)
+        x3 = layout.view3(x)
         _threading.kernels_for(x3, y3).forward_train(
-            x3, gamma, beta, eps, momentum, rm, rv, stats, y3, TUNE
+            x3,
+            gamma,
+            beta,
+            eps,
+            momentum,
+            int(unbiased),
+            rmax,
+            dmax,
+            int(relu),
+            thr,
+            rm,
+            rv,
+            stats,
+            y3,
+            TUNE,
         )
-        if tracking and not direct:  # another dtype: float64 math, rounded once into it
+        if tracking and not direct:  # float64 math, rounded once into the running arrays
+            unbias = count / (count - 1) if unbiased else 1.0
             with _after_write():
                 running_mean[...] = (1.0 - momentum) * running_mean.astype(
                     np.float64
                 ) + momentum * stats[MEAN]
                 running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + (
-                    momentum * count / (count - 1)
+                    momentum * unbias
                 ) * stats[VAR]
     else:
         rm = running_mean if running_mean.dtype == dtype else running_mean.astype(dtype)
         rv = running_var if running_var.dtype == dtype else running_var.astype(dtype)
-        _threading.kernels_for(x3, y3).normalize(x3, rm, rv, gamma, beta, eps, stats, y3, TUNE)
-    layout.finish_output(y, y3)
+        x3 = layout.view3(x)
+        _threading.kernels_for(x3, y3).normalize(
+            x3, rm, rv, gamma, beta, eps, int(relu), thr, stats, y3, TUNE
+        )
     stats.flags.writeable = False
-    return y, BatchNormCache(x, stats, axis, training, layout, x3)
+    return stats
+
+
+def _ghost_forward(
+    x, y, axis, gamma, beta, running_mean, running_var, momentum, groups, settings
+) -> BatchNormCache:
+    """Ghost batches: each virtual batch is one training call on its views of x and y (so it is
+    exactly the batch split by hand); renorm reads copies of the running arrays, which this
+    call updates once, from the mean of the groups' statistics (tf-keras 2's rule; README)."""
+    eps, relu, thr, rmax, dmax, unbiased = settings
+    k = x.shape[0] // groups
+    tracking = running_mean is not None
+    parts = []
+    for g in range(groups):
+        xg, yg = x[g * k : (g + 1) * k], y[g * k : (g + 1) * k]
+        layout = chk.Layout.of(xg, axis)
+        yg3 = layout.output(yg, x.dtype)[1]
+        rm = running_mean.astype(x.dtype) if tracking else None
+        rv = running_var.astype(x.dtype) if tracking else None
+        stats = _run_forward(xg, layout, yg3, gamma, beta, True, rm, rv, 0.0, settings)
+        layout.finish_output(yg, yg3)
+        part = BatchNormCache(
+            xg, stats, axis, True, layout, layout.view3(xg), "relu" if relu else None
+        )
+        parts.append((g * k, (g + 1) * k, part))
+    if tracking:
+        per_group = parts[0][2]._layout.count
+        unbias = per_group / (per_group - 1) if unbiased else 1.0
+        means = np.mean([p[2]._stats[MEAN] for p in parts], axis=0)
+        variances = np.mean([p[2]._stats[VAR] for p in parts], axis=0) * unbias
+        with _after_write():
+            running_mean[...] = (1.0 - momentum) * running_mean.astype(
+                np.float64
+            ) + momentum * means
+            running_var[...] = (1.0 - momentum) * running_var.astype(
+                np.float64
+            ) + momentum * variances
+    first = parts[0][2]
+    return BatchNormCache(
+        x, first._stats, axis, True, chk.Layout.of(x, axis), None, first.activation, tuple(parts)
+    )
 
 
 def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -283,7 +481,9 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         From the :func:`forward` call that produced y. A training cache gives the full
         batch-norm gradient (batch statistics depend on x); an inference cache the frozen-BN
         gradient ``dx = dy * gamma * invstd``, which does not read x (an inf in x does not
-        make dx NaN; dgamma reads it).
+        make dx NaN; dgamma reads it). A fused activation's mask is recomputed from x; Batch
+        Renormalization's r and d are constants; virtual batches are differentiated each with
+        its own statistics.
     out : ndarray, optional
         Where to write dx: x's shape and dtype, writeable, not overlapping x; ``out=dy``
         computes dx in place.
@@ -293,8 +493,9 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
     dx : ndarray
         x's shape and dtype.
     dgamma, dbeta : ndarray
-        Shape ``(C,)``, x's dtype: ``sum(dy * xhat)`` and ``sum(dy)`` per channel (returned
-        whether or not forward had gamma and beta).
+        Shape ``(C,)``, x's dtype: ``sum(dy * xhat)`` (``sum(dy * (r * xhat + d))`` under
+        renorm) and ``sum(dy)`` per channel, dy behind the activation's mask (returned whether
+        or not forward had gamma and beta).
 
     Examples
     --------
@@ -323,19 +524,106 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         out = chk.output_array(out, "out", x.shape, x.dtype)
         chk.disjoint({"out": out}, {"dy": dy, "x": x}, in_place=(("out", "dy"),))
 
+    dx, dx3 = layout.output(out, x.dtype)
     channels = layout.channels
     dgamma = np.empty(channels, x.dtype)
     dbeta = np.empty(channels, x.dtype)
+    if cache.parts:  # virtual batches: each part's gradient; dgamma, dbeta summed in float64
+        sum_dgamma, sum_dbeta = np.zeros(channels), np.zeros(channels)
+        for start, stop, part in cache.parts:
+            dxg = dx[start:stop]
+            dxg3 = part._layout.output(dxg, x.dtype)[1]
+            _run_backward(part, part._layout.view3(dy[start:stop]), dgamma, dbeta, dxg3)
+            part._layout.finish_output(dxg, dxg3)
+            sum_dgamma += dgamma
+            sum_dbeta += dbeta
+        with _after_write():
+            dgamma[...] = sum_dgamma
+            dbeta[...] = sum_dbeta
+    else:
+        _run_backward(cache, layout.view3(dy), dgamma, dbeta, dx3)
+        layout.finish_output(dx, dx3)
+    return dx, dgamma, dbeta
+
+
+def _run_backward(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None:
+    """The backward kernel of one (not ghost) cache on checked arguments."""
+    layout = cache._layout
+    if layout.count == 0 or layout.channels == 0:
+        dgamma[...] = 0.0
+        dbeta[...] = 0.0
+        return
+    x3 = cache._x3
+    run = _threading.kernels_for(x3, dy3, dx3)
+    kernel = run.backward_train if cache.training else run.backward_frozen
+    relu = int(cache.activation == "relu")
+    kernel(x3, dy3, cache._stats, relu, RELU_THRESHOLD[x3.dtype], dgamma, dbeta, dx3, TUNE)
+
+
+def backward_from_input(
+    dy, x, gamma=None, *, axis: int = 1, eps: float = 1e-5, out=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The training gradient of batch norm from x itself, without a cache (numpy-ml's
+    ``_bwd(dLdy, X)`` and course-style layers): equal to ``backward(dy, forward(x, gamma,
+    axis=axis, eps=eps)[1])``.
+
+    The batch statistics and both gradient sums come from ONE read of x and dy (sums around a
+    shift: ``sum(dy * (x - mean)) = sum(dy * (x - k)) - (mean - k) * sum(dy)`` with k a value
+    of the channel), then one pass writes dx.
+
+    Parameters
+    ----------
+    dy, x : ndarray
+        The gradient of the loss with respect to the output, and the forward input: same shape
+        and dtype (float32 or float64).
+    gamma : array of shape (C,), optional
+        The scale (None: 1), used in x's precision.
+    axis, eps : as in :func:`forward` (eps > 0).
+    out : ndarray, optional
+        Where to write dx (``out=dy`` computes it in place).
+
+    Returns
+    -------
+    dx, dgamma, dbeta : ndarray
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [2.0, 25.0]])
+    >>> dy = np.array([[0.5, 1.0], [0.0, -1.0], [1.0, 2.0]])
+    >>> got = bnfast.backward_from_input(dy, x)
+    >>> want = bnfast.backward(dy, bnfast.forward(x)[1])
+    >>> all(np.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, want))
+    True
+    """
+    x = chk.data_array(x, "x")
+    axis = chk.channel_axis(axis, x.ndim)
+    layout = chk.Layout.of(x, axis)
+    dy = chk.as_array(dy, "dy")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype}; expected {x.dtype}, x's dtype")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape}; expected {x.shape}, x's shape")
+    eps = chk.checked_eps(eps, True)
+    gamma = chk.parameter(gamma, "gamma", layout.channels, x.dtype, 1.0)
+    if layout.count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input of shape "
+            f"{x.shape} with channel axis {axis} (1 per channel)"
+        )
+    if out is not None:
+        out = chk.output_array(out, "out", x.shape, x.dtype)
+        chk.disjoint({"out": out}, {"dy": dy, "x": x, "gamma": gamma}, in_place=(("out", "dy"),))
     dx, dx3 = layout.output(out, x.dtype)
-    if layout.count == 0 or channels == 0:
+    dgamma = np.empty(layout.channels, x.dtype)
+    dbeta = np.empty(layout.channels, x.dtype)
+    if layout.count == 0 or layout.channels == 0:
         dgamma[...] = 0.0
         dbeta[...] = 0.0
     else:
-        dy3 = layout.view3(dy)
-        run = _threading.kernels_for(cache._x3, dy3, dx3)
-        if cache.training:
-            run.backward_train(cache._x3, dy3, cache._stats, dgamma, dbeta, dx3, TUNE)
-        else:
-            run.backward_frozen(cache._x3, dy3, cache._stats, dgamma, dbeta, dx3, TUNE)
+        x3, dy3 = layout.view3(x), layout.view3(dy)
+        _threading.kernels_for(x3, dy3, dx3).backward_input(
+            x3, dy3, gamma, eps, dgamma, dbeta, dx3, TUNE
+        )
     layout.finish_output(dx, dx3)
     return dx, dgamma, dbeta

@@ -5,9 +5,10 @@ block, and after a checked call it keeps the layout of that call's input (a *pla
 call whose input has the same type, shape, strides and dtype, whose arrays are still the
 layer's own rows and whose input does not overlap the block goes straight to the kernel that
 the checked call chose, with the same arguments, so it gives the same bits. Anything else
-(``out=``, ``reuse_buffers``, another layout, replaced arrays, mixed dtypes) takes the checked
-path through :func:`bnfast.forward` / :func:`bnfast.backward`. Measured at (32, 64) float32:
-a training step (forward + backward) 28.8 us through the checked path, ... with the plan.
+(``out=``, ``reuse_buffers``, virtual batches, another layout, replaced arrays, mixed dtypes)
+takes the checked path through :func:`bnfast.forward` / :func:`bnfast.backward`. Measured
+at float32 (32, 64), interleaved: a training step (forward + backward) 28.8 us through the
+checked path, 12-14 us planned, against 71-79 us for PyTorch's ``BatchNorm1d`` with autograd.
 """
 
 from __future__ import annotations
@@ -19,9 +20,18 @@ import numpy as np
 
 from . import _checks as chk
 from . import _threading
-from ._core import BatchNormCache, _after_write, backward, forward
+from ._core import (
+    RELU_THRESHOLD,
+    BatchNormCache,
+    _activation,
+    _after_write,
+    _renorm,
+    backward,
+    forward,
+)
 from ._machine import TUNE
 from .kernels._jit import ROWS_MIN
+from .kernels.common import STATS_ROWS
 
 
 class BatchNorm:
@@ -36,9 +46,10 @@ class BatchNorm:
     eps : float, default 1e-5
     momentum : float in [0, 1] or None, default 0.1
         Weight of the new batch in the running averages; None gives the cumulative average
-        ``1 / num_batches_tracked`` (PyTorch's ``momentum=None``).
+        ``1 / num_batches_tracked`` (PyTorch's ``momentum=None``). Keras/Flax/numpy-ml's
+        ``momentum`` is a decay: :func:`bnfast.momentum_from_decay`.
     affine : bool, default True
-        Learn ``gamma`` (ones) and ``beta`` (zeros); otherwise both are None.
+        Learn ``gamma`` (ones) and ``beta`` (zeros); False turns both off (PyTorch's name).
     track_running_stats : bool, default True
         Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``, and
         use them in eval mode. Without them, eval mode normalizes with batch statistics.
@@ -53,6 +64,19 @@ class BatchNorm:
         vs 3.6-3.7 ms with ``out=``, training forward 10.4-10.8 vs 7.2-7.5 ms, a layer's
         forward + backward 20.3-22.6 vs 17.7-20.0 ms with ``reuse_buffers``; at NCHW
         32x64x56x56 (25.7 MB, reused by malloc) the layer step gains 4%.
+    center, scale : bool, default True
+        Keras' names: learn beta (the shift) and gamma (the scale) separately. A layer with
+        scale and no shift keeps ``weight`` and no ``bias`` in its state, as a PyTorch module
+        whose bias is None.
+    activation : None or "relu"
+        A fused ReLU after the normalization (``bnfast.forward``'s ``activation``).
+    renorm : None or (rmax, dmax)
+        Batch Renormalization while training (``bnfast.forward``'s ``renorm``; needs
+        ``track_running_stats``).
+    virtual_batch_size : int, optional
+        Ghost batches while training (``bnfast.forward``'s ``virtual_batch_size``).
+    unbiased : bool, default True
+        The running variance unbiased (PyTorch) or biased (Keras, Flax, numpy-ml).
 
     Examples
     --------
@@ -74,6 +98,8 @@ class BatchNorm:
     eps: float
     momentum: float | None
     affine: bool
+    center: bool
+    scale: bool
     track_running_stats: bool
     dtype: np.dtype
     training: bool
@@ -85,6 +111,10 @@ class BatchNorm:
     dbeta: np.ndarray | None
     num_batches_tracked: int
     reuse_buffers: bool
+    activation: str | None
+    renorm: tuple[float, float] | None
+    virtual_batch_size: int | None
+    unbiased: bool
     _block: np.ndarray
     _rows: tuple[np.ndarray, ...]
 
@@ -99,6 +129,12 @@ class BatchNorm:
         track_running_stats: bool = True,
         dtype=np.float32,
         reuse_buffers: bool = False,
+        center: bool = True,
+        scale: bool = True,
+        activation: str | None = None,
+        renorm: tuple[float, float] | None = None,
+        virtual_batch_size: int | None = None,
+        unbiased: bool = True,
     ) -> None:
         if isinstance(num_features, (bool, np.bool_)) or not isinstance(
             num_features, numbers.Integral
@@ -118,7 +154,25 @@ class BatchNorm:
         self.eps = chk.checked_eps(eps, training=False)  # > 0 is checked when training
         self.momentum = None if momentum is None else chk.unit_momentum(momentum)
         self.affine = chk.flag(affine, "affine")
+        self.center = self.affine and chk.flag(center, "center")
+        self.scale = self.affine and chk.flag(scale, "scale")
         self.track_running_stats = chk.flag(track_running_stats, "track_running_stats")
+        _activation(activation)
+        self.activation = activation
+        _renorm(renorm)
+        if renorm is not None and not self.track_running_stats:
+            raise ValueError(
+                "renorm needs track_running_stats=True (r and d use the running statistics)"
+            )
+        self.renorm = None if renorm is None else (float(renorm[0]), float(renorm[1]))
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, (bool, np.bool_))
+            or not isinstance(virtual_batch_size, numbers.Integral)
+            or virtual_batch_size < 1
+        ):
+            raise ValueError(f"virtual_batch_size must be an int >= 1, got {virtual_batch_size!r}")
+        self.virtual_batch_size = virtual_batch_size
+        self.unbiased = chk.flag(unbiased, "unbiased")
         self.dtype = dtype
         self.training = True
         c = self.num_features
@@ -126,12 +180,12 @@ class BatchNorm:
         self._block = np.zeros((6, c), dtype)
         self._block[[0, 3]] = 1.0
         self._rows = tuple(self._block)
-        self.gamma = self._rows[0] if affine else None
-        self.beta = self._rows[1] if affine else None
-        self.running_mean = self._rows[2] if track_running_stats else None
-        self.running_var = self._rows[3] if track_running_stats else None
-        self.dgamma = self._rows[4] if affine else None
-        self.dbeta = self._rows[5] if affine else None
+        self.gamma = self._rows[0] if self.scale else None
+        self.beta = self._rows[1] if self.center else None
+        self.running_mean = self._rows[2] if self.track_running_stats else None
+        self.running_var = self._rows[3] if self.track_running_stats else None
+        self.dgamma = self._rows[4] if self.scale else None
+        self.dbeta = self._rows[5] if self.center else None
         self.num_batches_tracked = 0
         self.reuse_buffers = chk.flag(reuse_buffers, "reuse_buffers")
         self._buffers: dict[str, np.ndarray] = {}
@@ -139,10 +193,22 @@ class BatchNorm:
         self._plan: _Plan | None = None
 
     def __repr__(self) -> str:
+        extra = "".join(
+            f", {k}={v!r}"
+            for k, v in (
+                ("center", self.center),
+                ("scale", self.scale),
+                ("activation", self.activation),
+                ("renorm", self.renorm),
+                ("virtual_batch_size", self.virtual_batch_size),
+                ("unbiased", self.unbiased),
+            )
+            if v != _DEFAULTS[k]
+        )
         return (
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})"
+            f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}{extra})"
         )
 
     def train(self, mode: bool = True) -> BatchNorm:
@@ -184,31 +250,21 @@ class BatchNorm:
         rows = self._rows
         return (
             (
-                self.gamma is rows[0]
-                and self.beta is rows[1]
-                and self.dgamma is rows[4]
-                and self.dbeta is rows[5]
+                self.gamma is rows[0] and self.dgamma is rows[4]
+                if self.scale
+                else self.gamma is None and self.dgamma is None
             )
-            if self.affine
-            else (self.gamma is None and self.beta is None)
-        ) and (
-            (self.running_mean is rows[2] and self.running_var is rows[3])
-            if self.track_running_stats
-            else self.running_mean is None
+            and (
+                self.beta is rows[1] and self.dbeta is rows[5]
+                if self.center
+                else self.beta is None and self.dbeta is None
+            )
+            and (
+                self.running_mean is rows[2] and self.running_var is rows[3]
+                if self.track_running_stats
+                else self.running_mean is None
+            )
         )
-
-    def _mode(self) -> tuple:
-        """The attributes a plan depends on (public, so a trainer may change them: momentum
-        schedules do); the plan is used only while they are the very objects it saw."""
-        return (self.training, self.track_running_stats, self.eps, self.momentum)
-
-    def _affine(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """gamma, beta, dgamma, dbeta of an affine layer (none of them may have been set to
-        None)."""
-        g, b, dg, db = self.gamma, self.beta, self.dgamma, self.dbeta
-        if g is None or b is None or dg is None or db is None:
-            raise RuntimeError("an affine BatchNorm needs gamma, beta, dgamma and dbeta arrays")
-        return g, b, dg, db
 
     def _running(self) -> tuple[np.ndarray, np.ndarray]:
         """running_mean and running_var of a layer that tracks them."""
@@ -217,10 +273,36 @@ class BatchNorm:
             raise RuntimeError("a BatchNorm tracking running statistics needs both arrays")
         return rm, rv
 
+    def _present(self, names: tuple[str, str]) -> dict[str, np.ndarray]:
+        """``{"gamma": self.<names[0]>, "beta": self.<names[1]>}`` for the parameters this layer
+        learns (scale: gamma, center: beta)."""
+        out = {}
+        for key, name, on in (("gamma", names[0], self.scale), ("beta", names[1], self.center)):
+            if on:
+                v = getattr(self, name)
+                if v is None:
+                    raise RuntimeError(f"this BatchNorm learns {key}, but {name} is None")
+                out[key] = v
+        return out
+
     def _momentum(self) -> float:
         if self.momentum is None:  # PyTorch's cumulative average
             return 1.0 / (self.num_batches_tracked + 1)
         return self.momentum
+
+    def _mode(self) -> tuple:
+        """The attributes a plan depends on (public, so a trainer may change them: momentum
+        schedules do); the plan is used only while they are the very objects it saw."""
+        return (
+            self.training,
+            self.track_running_stats,
+            self.eps,
+            self.momentum,
+            self.activation,
+            self.renorm,
+            self.virtual_batch_size,
+            self.unbiased,
+        )
 
     def forward(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Normalize ``x``; keeps what :meth:`backward` needs. See :func:`bnfast.forward`."""
@@ -252,6 +334,10 @@ class BatchNorm:
             momentum=self._momentum() if update else 0.0,
             eps=self.eps,
             out=out,
+            activation=self.activation,
+            renorm=self.renorm if update else None,
+            virtual_batch_size=self.virtual_batch_size if use_batch_stats else None,
+            unbiased=self.unbiased,
         )
         if update:
             self.num_batches_tracked += 1
@@ -271,19 +357,38 @@ class BatchNorm:
             x3 = x.reshape(layout.canon)
             y = np.empty(p.shape, p.dtype)
             y3 = y.reshape(layout.canon)
-        stats = np.empty((4, self.num_features))
+        stats = np.empty((STATS_ROWS, self.num_features))
         run = _threading.family(p.rows, p.nbytes) if p.contiguous else _threading._STRIDED
         rows = self._rows
         if p.batch_stats:
-            momentum = self._momentum()
             rm, rv = (rows[2], rows[3]) if self.track_running_stats else (_NONE[p.dtype],) * 2
-            run.forward_train(x3, p.gamma, p.beta, self.eps, momentum, rm, rv, stats, y3, TUNE)
+            run.forward_train(
+                x3,
+                p.gamma,
+                p.beta,
+                self.eps,
+                self._momentum(),
+                int(self.unbiased),
+                p.rmax,
+                p.dmax,
+                p.relu,
+                p.thr,
+                rm,
+                rv,
+                stats,
+                y3,
+                TUNE,
+            )
             if self.track_running_stats:
                 self.num_batches_tracked += 1
         else:
-            run.normalize(x3, rows[2], rows[3], p.gamma, p.beta, self.eps, stats, y3, TUNE)
+            run.normalize(
+                x3, rows[2], rows[3], p.gamma, p.beta, self.eps, p.relu, p.thr, stats, y3, TUNE
+            )
         stats.flags.writeable = False
-        self._cache = BatchNormCache(x, stats, layout.axis, p.batch_stats, layout, x3)
+        self._cache = BatchNormCache(
+            x, stats, layout.axis, p.batch_stats, layout, x3, self.activation if p.relu else None
+        )
         return y
 
     def backward(self, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -295,6 +400,7 @@ class BatchNorm:
         if (
             out is None
             and not self.reuse_buffers
+            and not cache.parts
             and type(dy) is np.ndarray
             and dy.shape == x.shape
             and dy.strides == x.strides
@@ -306,18 +412,19 @@ class BatchNorm:
             return self._backward_planned(dy, cache)
         if out is None:
             out = self._buffer("dx", x, x, dy)
-        if self.affine and isinstance(dy, np.ndarray):  # the layer also writes its gradients
+        if isinstance(dy, np.ndarray):  # the layer also writes its gradients
             chk.disjoint(
                 {"out": out, "dgamma": self.dgamma, "dbeta": self.dbeta},
                 {"dy": dy, "x": x},
                 in_place=(("out", "dy"),),
             )
         dx, dgamma, dbeta = backward(dy, cache, out=out)
-        if self.affine:
-            _, _, layer_dgamma, layer_dbeta = self._affine()
-            with _after_write():
-                layer_dgamma[...] = dgamma
-                layer_dbeta[...] = dbeta
+        grads = self._present(("dgamma", "dbeta"))
+        with _after_write():
+            if "gamma" in grads:
+                grads["gamma"][...] = dgamma
+            if "beta" in grads:
+                grads["beta"][...] = dbeta
         return dx
 
     def _backward_planned(self, dy: np.ndarray, cache: BatchNormCache) -> np.ndarray:
@@ -340,31 +447,38 @@ class BatchNorm:
         else:
             run = _threading._STRIDED
         kernel = run.backward_train if cache.training else run.backward_frozen
-        kernel(x3, dy3, cache._stats, self._rows[4], self._rows[5], dx3, TUNE)
+        relu = int(cache.activation == "relu")
+        kernel(
+            x3,
+            dy3,
+            cache._stats,
+            relu,
+            RELU_THRESHOLD[x3.dtype],
+            self._rows[4],
+            self._rows[5],
+            dx3,
+            TUNE,
+        )
         return dx
 
     def params(self) -> dict[str, np.ndarray]:
-        """``{"gamma": ..., "beta": ...}`` (empty without affine); update them in place."""
-        if not self.affine:
-            return {}
-        gamma, beta, _, _ = self._affine()
-        return {"gamma": gamma, "beta": beta}
+        """``{"gamma": ..., "beta": ...}`` (those this layer learns); update them in place."""
+        return self._present(("gamma", "beta"))
 
     def grads(self) -> dict[str, np.ndarray]:
         """``{"gamma": dgamma, "beta": dbeta}`` from the last backward, keyed like params()."""
-        if not self.affine:
-            return {}
-        _, _, dgamma, dbeta = self._affine()
-        return {"gamma": dgamma, "beta": dbeta}
+        return self._present(("dgamma", "dbeta"))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the state under PyTorch's keys (``weight``, ``bias``, ``running_mean``,
-        ``running_var``, ``num_batches_tracked``), loadable by ``torch.nn.BatchNorm*d``."""
+        ``running_var``, ``num_batches_tracked``), loadable by ``torch.nn.BatchNorm*d``
+        (without ``bias`` when the layer has no shift, as a module whose bias is None)."""
+        params = self.params()
         state = {}
-        if self.affine:
-            gamma, beta, _, _ = self._affine()
-            state["weight"] = gamma.copy()
-            state["bias"] = beta.copy()
+        if "gamma" in params:
+            state["weight"] = params["gamma"].copy()
+        if "beta" in params:
+            state["bias"] = params["beta"].copy()
         if self.track_running_stats:
             rm, rv = self._running()
             state["running_mean"] = rm.copy()
@@ -407,10 +521,11 @@ class BatchNorm:
             else:
                 v = chk.channel_vector(v, f"state[{key!r}]", self.num_features)
             arrays[key] = v
-        if self.affine:
-            gamma, beta, _, _ = self._affine()
-            gamma[...] = arrays["weight"]
-            beta[...] = arrays["bias"]
+        params = self.params()
+        if "gamma" in params:
+            params["gamma"][...] = arrays["weight"]
+        if "beta" in params:
+            params["beta"][...] = arrays["bias"]
         if self.track_running_stats:
             rm, rv = self._running()
             rm[...] = arrays["running_mean"]
@@ -420,6 +535,14 @@ class BatchNorm:
 
 _MAX_FEATURES = 2**40  # 8 TiB of float64 per vector: any larger request is a mistake
 _NONE = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
+_DEFAULTS = {
+    "center": True,
+    "scale": True,
+    "activation": None,
+    "renorm": None,
+    "virtual_batch_size": None,
+    "unbiased": True,
+}
 
 
 class _Plan:
@@ -438,6 +561,10 @@ class _Plan:
         "contiguous",
         "gamma",
         "beta",
+        "relu",
+        "thr",
+        "rmax",
+        "dmax",
     )
     shape: tuple
     strides: tuple
@@ -450,6 +577,10 @@ class _Plan:
     contiguous: bool
     gamma: np.ndarray
     beta: np.ndarray
+    relu: int
+    thr: float
+    rmax: float
+    dmax: float
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
@@ -457,6 +588,7 @@ class _Plan:
         if (
             type(x) is not np.ndarray
             or bn.reuse_buffers
+            or cache.parts
             or x.dtype is not bn.dtype
             or not bn._own_rows()
             or cache._layout.count < 2
@@ -469,8 +601,16 @@ class _Plan:
         p.batch_stats = bn.training or not bn.track_running_stats
         p.layout = cache._layout
         x3 = cache._x3
-        p.rows, p.nbytes, p.contiguous = x3.shape[2] >= ROWS_MIN, x3.nbytes, x3.flags.c_contiguous
+        p.rows, p.nbytes, p.contiguous = (
+            x3.shape[2] >= ROWS_MIN,
+            x3.nbytes,
+            x3.flags.c_contiguous,
+        )
         c = bn.num_features
-        p.gamma = bn._rows[0] if bn.affine else chk.constant(1.0, c, bn.dtype)
-        p.beta = bn._rows[1] if bn.affine else chk.constant(0.0, c, bn.dtype)
+        p.gamma = bn._rows[0] if bn.scale else chk.constant(1.0, c, bn.dtype)
+        p.beta = bn._rows[1] if bn.center else chk.constant(0.0, c, bn.dtype)
+        p.relu = int(bn.activation == "relu")
+        p.thr = RELU_THRESHOLD[bn.dtype]
+        renorm = bn.renorm if (bn.training and bn.track_running_stats) else None
+        p.rmax, p.dmax = _renorm(renorm)
         return p

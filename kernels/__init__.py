@@ -12,16 +12,23 @@ Families (chosen by ``bnfast`` from the view's memory layout, not from a layout 
 - ``strided``: any other view (sliced, negative-stride, broadcast); serial.
 
 Kernels in each family (one call per public operation; the per-channel arithmetic, the
-running-average update included, happens inside the call, in ``common``):
+running-average update included, happens inside the call, in ``common``; parameter kinds in
+``_jit``):
 
 - ``moments(x, mean, var, tune)``: per-channel mean and biased variance, one read of x.
-- ``forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune)``:
-  batch statistics, the (4, C) float64 statistics block (mean, inverse std, gamma, var), the running
-  averages when running arrays are given (length C, else 0), and y.
-- ``normalize(x, running_mean, running_var, gamma, beta, eps, stats, y, tune)``: inference.
-- ``backward_train(x, dy, stats, dgamma, dbeta, dx, tune)``: the training gradient.
-- ``backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune)``: the frozen-statistics gradient
-  ``dx = gamma * invstd * dy``, which never reads x, with dgamma and dbeta, in one pass.
+- ``forward_train(x, gamma, beta, eps, momentum, unbiased, rmax, dmax, relu, thr,
+  running_mean, running_var, stats, y, tune)``: batch statistics, the (8, C) float64
+  statistics block (``common.MEAN`` ... ``D``; Batch Renormalization when ``rmax > 0``), y with
+  the fused ReLU when ``relu``, and the running averages when running arrays are given
+  (length C, else 0).
+- ``normalize(x, running_mean, running_var, gamma, beta, eps, relu, thr, stats, y, tune)``:
+  inference.
+- ``backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune)``: the training gradient
+  (the ReLU's mask recomputed from x and the block).
+- ``backward_frozen(...)``, same parameters: the frozen-statistics gradient ``dx = scale * dy``,
+  which reads x only for the mask, with dgamma and dbeta, in one pass.
+- ``backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune)``: the training gradient without
+  a cache: statistics and both sums from one read of x and dy, then dx.
 
 Per-channel vectors (gamma, beta, running statistics, dgamma, dbeta) are in the data's dtype;
 ``tune`` is the machine's tuning vector (``_jit.TUNE_*``).
@@ -31,7 +38,14 @@ from . import lanes, rows, strided
 from ._jit import compile_declared
 
 FAMILIES = {"rows": rows, "lanes": lanes, "strided": strided}
-KERNELS = ("moments", "forward_train", "normalize", "backward_train", "backward_frozen")
+KERNELS = (
+    "moments",
+    "forward_train",
+    "normalize",
+    "backward_train",
+    "backward_frozen",
+    "backward_input",
+)
 
 
 def compile_all() -> int:

@@ -15,7 +15,9 @@ Parameter kinds:
 - ``"stats"``: the float64 ``(4, C)`` block a forward kernel writes (``"stats_out"``) and a
   backward kernel reads (rows: ``common.MEAN``, ``INVSTD``, ``GAMMA``, ``VAR``).
 - ``"vec_out"``: a float64 per-channel vector the kernel writes.
-- ``"scalar"``: a float64 number (eps, momentum).
+- ``"scalar"``: a float64 number (eps, momentum, renorm's rmax and dmax, the activation's
+  threshold).
+- ``"flag"``: an int64 switch (unbiased running variance; the fused ReLU).
 - ``"tune"``: the machine's int64 tuning vector (``TUNE_*`` below), built once by ``bnfast``
   from this CPU's cache sizes and passed at run time, so no machine constant is compiled in.
 
@@ -82,6 +84,14 @@ TUNE_FUSE = 2  # rows family: a channel's slice this small is reduced, then writ
 TUNE_STRIP = 3  # lanes family: a strip of rows this small is reduced, then written from cache
 TUNE_SIZE = 4
 
+# The parameter kinds of the kernels every family has (kernels/__init__.py describes them).
+MOMENTS = ("x", "p_out", "p_out", "tune")
+FORWARD_TRAIN = ("x", "p", "p", "scalar", "scalar", "flag", "scalar", "scalar", "flag", "scalar",
+                 "p_out", "p_out", "stats_out", "out", "tune")
+NORMALIZE = ("x", "p", "p", "p", "p", "scalar", "flag", "scalar", "stats_out", "out", "tune")
+BACKWARD = ("x", "x", "stats", "flag", "scalar", "p_out", "p_out", "out", "tune")
+BACKWARD_INPUT = ("x", "x", "p", "scalar", "p_out", "p_out", "out", "tune")
+
 
 def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
     if kind == "x":
@@ -100,6 +110,8 @@ def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
         return types.Array(types.float64, 1, "C")
     if kind == "scalar":
         return types.float64
+    if kind == "flag":
+        return types.int64
     if kind == "tune":
         return types.Array(types.int64, 1, "C", readonly=True)
     raise ValueError(f"unknown kernel parameter kind {kind!r}")

@@ -37,8 +37,13 @@ import numpy as np
 from numba import prange
 
 from ._jit import (
+    BACKWARD,
+    BACKWARD_INPUT,
     BLOCK_ROWS_MIN,
+    FORWARD_TRAIN,
     FUSE_LANES_MIN,
+    MOMENTS,
+    NORMALIZE,
     TUNE_BLOCK,
     TUNE_STRIP,
     TUNE_TILE,
@@ -48,14 +53,19 @@ from ._jit import (
 )
 from .common import (
     MEAN,
+    SCALE,
+    SHIFT,
+    STATS_ROWS,
+    activate,
     backward_channels,
     forward_channels,
     frozen_channels,
     inference_channels,
+    input_channels,
     moments_channels,
+    passes,
     rescue,
     rescue_moments,
-    scale_of,
     update_running,
 )
 
@@ -88,8 +98,8 @@ def span(task, nt, tile, lanes, rb, outer):
     return b * rb, min(outer, (b + 1) * rb), l0, min(lanes, l0 + tile)
 
 
-# --- Loops over a tile (lanes l0:l1; per-lane vectors indexed from 0).
-
+# --- Loops over a tile (lanes l0:l1; per-lane vectors indexed from 0). The activation flag
+# ``relu`` is the same for every element of a call, so the branches on it are loop-invariant.
 
 @helper
 def moment_sums(x2, k, r0, r1, l0, l1, a1, a2):
@@ -121,14 +131,15 @@ def moment_sums(x2, k, r0, r1, l0, l1, a1, a2):
 
 
 @helper
-def gradient_sums(x2, g2, m, r0, r1, l0, l1, a1, a2):
-    """``a1[j], a2[j] = sum(dy), sum(dy * (x - m[j]))`` over rows r0:r1 of lane l0 + j."""
+def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
+    """``a1[j], a2[j] = sum(dy), sum(dy * (x - m[j]))`` over rows r0:r1 of lane l0 + j, dy
+    behind the activation's mask (``(x - m) * s + b`` recomputed from x)."""
     w = l1 - l0
     for j in range(w):
         a1[j] = 0.0
         a2[j] = 0.0
     r = r0
-    while r + 4 <= r1:
+    while not relu and r + 4 <= r1:
         x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
         g0, g1, g2_, g3 = g2[r, l0:l1], g2[r + 1, l0:l1], g2[r + 2, l0:l1], g2[r + 3, l0:l1]
         for j in range(w):
@@ -143,20 +154,42 @@ def gradient_sums(x2, g2, m, r0, r1, l0, l1, a1, a2):
     while r < r1:
         xr, gr = x2[r, l0:l1], g2[r, l0:l1]
         for j in range(w):
-            e = np.float64(gr[j])
+            d = xr[j] - m[j]
+            e = np.float64(gr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
             a1[j] += e
-            a2[j] += e * (xr[j] - m[j])
+            a2[j] += e * d
         r += 1
 
 
 @helper
-def affine_rows(x2, y2, m, s, b, r0, r1, l0, l1):
-    """``y = (x - m[j]) * s[j] + b[j]`` on rows r0:r1, lanes l0:l1; on wide tiles four rows per
-    pass over the per-lane values. (Those three float64 loads per element bound the loop on
-    wide tiles: float32 (2048, 1024), one thread, 431 us four rows at a time against 552 us one
-    row at a time. On tiles narrower than 512 lanes the four-row loop's per-group set-up
-    (runtime alias checks of eight rows) costs more than it saves: (12544, 256), 2038 against
-    974 us.)"""
+def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4):
+    """The cache-free backward's one read of x and dy: per lane ``sum(x - k)``,
+    ``sum((x - k)**2)``, ``sum(dy)``, ``sum(dy * (x - k))`` over rows r0:r1."""
+    w = l1 - l0
+    for j in range(w):
+        a1[j] = 0.0
+        a2[j] = 0.0
+        a3[j] = 0.0
+        a4[j] = 0.0
+    for r in range(r0, r1):
+        xr, gr = x2[r, l0:l1], g2[r, l0:l1]
+        for j in range(w):
+            d = xr[j] - k[j]
+            e = np.float64(gr[j])
+            a1[j] += d
+            a2[j] += d * d
+            a3[j] += e
+            a4[j] += e * d
+
+
+@helper
+def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1):
+    """``y = activation((x - m[j]) * s[j] + b[j])`` on rows r0:r1, lanes l0:l1; on wide tiles
+    four rows per pass over the per-lane values. (Those three float64 loads per element bound
+    the loop on wide tiles: float32 (2048, 1024), one thread, 431 us four rows at a time against
+    552 us one row at a time. On tiles narrower than 512 lanes the four-row loop's per-group
+    set-up (runtime alias checks of eight rows) costs more than it saves: (12544, 256), 2038
+    against 974 us.)"""
     w = l1 - l0
     r = r0
     while w >= 512 and r + 4 <= r1:
@@ -164,33 +197,36 @@ def affine_rows(x2, y2, m, s, b, r0, r1, l0, l1):
         y0, y1, y2_, y3 = y2[r, l0:l1], y2[r + 1, l0:l1], y2[r + 2, l0:l1], y2[r + 3, l0:l1]
         for j in range(w):
             mj, sj, bj = m[j], s[j], b[j]
-            y0[j] = (x0[j] - mj) * sj + bj
-            y1[j] = (x1[j] - mj) * sj + bj
-            y2_[j] = (x2_[j] - mj) * sj + bj
-            y3[j] = (x3[j] - mj) * sj + bj
+            y0[j] = activate((x0[j] - mj) * sj + bj, relu, thr)
+            y1[j] = activate((x1[j] - mj) * sj + bj, relu, thr)
+            y2_[j] = activate((x2_[j] - mj) * sj + bj, relu, thr)
+            y3[j] = activate((x3[j] - mj) * sj + bj, relu, thr)
         r += 4
     while r < r1:
         xr, yr = x2[r, l0:l1], y2[r, l0:l1]
         for j in range(w):
-            yr[j] = (xr[j] - m[j]) * s[j] + b[j]
+            yr[j] = activate((xr[j] - m[j]) * s[j] + b[j], relu, thr)
         r += 1
 
 
 @helper
-def gradient_rows(x2, g2, d2, m, k, c1, c0, r0, r1, l0, l1):
-    """``dx = k[j]*dy - c1[j]*(x - m[j]) + c0[j]`` on rows r0:r1, lanes l0:l1, one row at a
-    time (two rows per pass were slower at every width measured: (12544, 256) 1861 against
-    1117 us, (2048, 1024) 762 against 676 us)."""
+def gradient_rows(x2, g2, d2, m, s, b, relu, thr, k, c1, c0, r0, r1, l0, l1):
+    """``dx = k[j]*dy - c1[j]*(x - m[j]) + c0[j]`` (dy behind the activation's mask) on rows
+    r0:r1, lanes l0:l1, one row at a time (two rows per pass were slower at every width
+    measured: (12544, 256) 1861 against 1117 us, (2048, 1024) 762 against 676 us)."""
     for r in range(r0, r1):
         xr, gr, dr = x2[r, l0:l1], g2[r, l0:l1], d2[r, l0:l1]
         for j in range(l1 - l0):
-            dr[j] = k[j] * gr[j] - c1[j] * (xr[j] - m[j]) + c0[j]
+            d = xr[j] - m[j]
+            e = np.float64(gr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
+            dr[j] = k[j] * e - c1[j] * d + c0[j]
 
 
 @helper
-def frozen_rows(x2, g2, d2, m, k, r0, r1, l0, l1, a1, a2):
-    """``dx = k[j] * dy`` (x is not read for it, so an inf or NaN in x cannot reach dx) and the
-    gradient sums for dgamma and dbeta, in one pass."""
+def frozen_rows(x2, g2, d2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
+    """``dx = s[j] * dy`` (x is read for dx only through the activation's mask, so an inf or
+    NaN in x cannot reach dx without one) and the gradient sums for dgamma and dbeta, in one
+    pass."""
     w = l1 - l0
     for j in range(w):
         a1[j] = 0.0
@@ -198,13 +234,12 @@ def frozen_rows(x2, g2, d2, m, k, r0, r1, l0, l1, a1, a2):
     for r in range(r0, r1):
         xr, gr, dr = x2[r, l0:l1], g2[r, l0:l1], d2[r, l0:l1]
         for j in range(w):
-            e = np.float64(gr[j])
+            d = xr[j] - m[j]
+            e = np.float64(gr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
             a1[j] += e
-            a2[j] += e * (xr[j] - m[j])
-            dr[j] = k[j] * e
+            a2[j] += e * d
+            dr[j] = s[j] * e
 
-
-# --- Per-channel values of a tile's lanes, and lane sums per channel.
 
 # --- Per-lane copies of per-channel values, and per-channel sums of per-lane ones. A tile
 # starts on a channel boundary (l0 and T are multiples of inner), so these loops run
@@ -225,12 +260,6 @@ def expand(v, inner, c0, w):
         for i in range(j, j + inner):
             out[i] = e
     return out
-
-
-@helper
-def expand_local(v, inner, w):
-    """Per lane: the entry of ``v`` (indexed by channel from the tile's first) of its channel."""
-    return v if inner == 1 else expand(v, inner, 0, w)
 
 
 @helper
@@ -257,15 +286,12 @@ def shifts(x2, inner, l0, l1):
 
 
 @helper
-def write_coefficients(stats, beta, inner, c0, w):
-    """Per lane: mean, ``gamma * invstd`` and beta of its channel (the write pass's values)."""
-    s = np.empty(w // inner)
-    for c in range(s.shape[0]):
-        s[c] = scale_of(stats, c0 + c)
+def coefficients(stats, inner, c0, w):
+    """Per lane: MEAN, SCALE and SHIFT of its channel (``y = (x - mean) * scale + shift``)."""
     return (
         expand(stats[MEAN], inner, c0, w),
-        expand_local(s, inner, w),
-        expand(beta, inner, c0, w),
+        expand(stats[SCALE], inner, c0, w),
+        expand(stats[SHIFT], inner, c0, w),
     )
 
 
@@ -287,6 +313,14 @@ def partials_per_channel(p1, p2, inner, c0, c1):
     return s1, s2
 
 
+@helper
+def channel_shifts(x2, inner, channels):
+    k = np.empty(channels)
+    for c in range(channels):
+        k[c] = x2[0, c * inner]
+    return k
+
+
 # --- Task bodies: each allocates its own O(T) buffers (inside a called function, so that a
 # --- parallel loop never shares them).
 
@@ -297,7 +331,7 @@ def tile_sums(x2, inner, r0, r1, l0, l1):
     k = shifts(x2, inner, l0, l1)
     a1 = np.empty(l1 - l0)
     a2 = np.empty(l1 - l0)
-    moment_sums(x2, expand_local(k, inner, l1 - l0), r0, r1, l0, l1, a1, a2)
+    moment_sums(x2, expand(k, inner, 0, l1 - l0), r0, r1, l0, l1, a1, a2)
     return k, a1, a2
 
 
@@ -317,116 +351,101 @@ def tile_moments(x2, inner, n, l0, l1, mean, var):
 
 
 @helper
-def write_task(x2, y2, inner, stats, beta, r0, r1, l0, l1):
-    m, s, b = write_coefficients(stats, beta, inner, l0 // inner, l1 - l0)
-    affine_rows(x2, y2, m, s, b, r0, r1, l0, l1)
+def write_task(x2, y2, inner, stats, relu, thr, r0, r1, l0, l1):
+    m, s, b = coefficients(stats, inner, l0 // inner, l1 - l0)
+    affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1)
 
 
 @helper
-def forward_tile(x2, y2, inner, n, l0, l1, eps, gamma, beta, stats):
+def forward_tile(
+    x2, y2, inner, n, l0, l1, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu,
+    thr, stats,
+):
     """The fused training forward of one tile: every row reduced, its channels finished, then
     written while the tile is in cache."""
     k, a1, a2 = tile_sums(x2, inner, 0, x2.shape[0], l0, l1)
     c0, c1 = l0 // inner, l1 // inner
-    forward_channels(k, fold(a1, inner), fold(a2, inner), n, eps, gamma[c0:c1], stats[:, c0:c1])
-    write_task(x2, y2, inner, stats, beta, 0, x2.shape[0], l0, l1)
-
-
-@helper
-def gradient_sums_task(x2, g2, inner, stats, r0, r1, l0, l1, p1, p2):
-    gradient_sums(
-        x2,
-        g2,
-        expand(stats[MEAN], inner, l0 // inner, l1 - l0),
-        r0,
-        r1,
-        l0,
-        l1,
-        p1[l0:l1],
-        p2[l0:l1],
+    rm = running_mean[c0:c1] if running_mean.shape[0] > 0 else running_mean
+    rv = running_var[c0:c1] if running_var.shape[0] > 0 else running_var
+    forward_channels(
+        k, fold(a1, inner), fold(a2, inner), n, eps, gamma[c0:c1], beta[c0:c1], rmax, dmax, rm,
+        rv, stats[:, c0:c1],
     )
+    write_task(x2, y2, inner, stats, relu, thr, 0, x2.shape[0], l0, l1)
 
 
 @helper
-def gradient_task(x2, g2, d2, inner, stats, coef, r0, r1, l0, l1):
+def gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p1, p2):
+    m, s, b = coefficients(stats, inner, l0 // inner, l1 - l0)
+    gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, p1[l0:l1], p2[l0:l1])
+
+
+@helper
+def gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1):
     """dx on a task's rows and lanes from the per-channel ``coef`` rows k, c1, c0."""
     c0, w = l0 // inner, l1 - l0
+    m, s, b = coefficients(stats, inner, c0, w)
     gradient_rows(
-        x2,
-        g2,
-        d2,
-        expand(stats[MEAN], inner, c0, w),
-        expand(coef[0], inner, c0, w),
-        expand(coef[1], inner, c0, w),
-        expand(coef[2], inner, c0, w),
-        r0,
-        r1,
-        l0,
-        l1,
+        x2, g2, d2, m, s, b, relu, thr, expand(coef[0], inner, c0, w),
+        expand(coef[1], inner, c0, w), expand(coef[2], inner, c0, w), r0, r1, l0, l1,
     )
 
 
 @helper
-def backward_tile(x2, g2, d2, inner, n, l0, l1, stats, dgamma, dbeta):
+def backward_tile(x2, g2, d2, inner, n, l0, l1, stats, relu, thr, dgamma, dbeta):
     """The fused training backward of one tile: its sums over every row, its channels'
     coefficients, then dx while the tile is in cache."""
-    w, c0 = l1 - l0, l0 // inner
-    m = expand(stats[MEAN], inner, c0, w)
+    w, c0, c1 = l1 - l0, l0 // inner, l1 // inner
+    m, s, b = coefficients(stats, inner, c0, w)
     a1 = np.empty(w)
     a2 = np.empty(w)
-    gradient_sums(x2, g2, m, 0, x2.shape[0], l0, l1, a1, a2)
-    k = np.empty(w // inner)
-    c1 = np.empty(w // inner)
-    c0_ = np.empty(w // inner)
-    c1_ = l1 // inner
+    gradient_sums(x2, g2, m, s, b, relu, thr, 0, x2.shape[0], l0, l1, a1, a2)
+    coef = np.empty((3, c1 - c0))
     backward_channels(
-        fold(a1, inner),
-        fold(a2, inner),
-        n,
-        stats[:, c0:c1_],
-        dgamma[c0:c1_],
-        dbeta[c0:c1_],
-        k,
-        c1,
-        c0_,
+        fold(a1, inner), fold(a2, inner), n, stats[:, c0:c1], dgamma[c0:c1], dbeta[c0:c1],
+        coef[0], coef[1], coef[2],
     )
     gradient_rows(
-        x2,
-        g2,
-        d2,
-        m,
-        expand_local(k, inner, w),
-        expand_local(c1, inner, w),
-        expand_local(c0_, inner, w),
-        0,
-        x2.shape[0],
-        l0,
-        l1,
+        x2, g2, d2, m, s, b, relu, thr, expand(coef[0], inner, 0, w),
+        expand(coef[1], inner, 0, w), expand(coef[2], inner, 0, w), 0, x2.shape[0], l0, l1,
     )
 
 
 @helper
-def frozen_task(x2, g2, d2, inner, stats, r0, r1, l0, l1, a1, a2):
-    m, k, b = write_coefficients(stats, stats[MEAN], inner, l0 // inner, l1 - l0)
-    frozen_rows(x2, g2, d2, m, k, r0, r1, l0, l1, a1, a2)
+def frozen_task(x2, g2, d2, inner, stats, relu, thr, r0, r1, l0, l1, a1, a2):
+    m, s, b = coefficients(stats, inner, l0 // inner, l1 - l0)
+    frozen_rows(x2, g2, d2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2)
 
 
 @helper
-def frozen_tile(x2, g2, d2, inner, l0, l1, stats, dgamma, dbeta):
+def frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, dgamma, dbeta):
     """The frozen backward of a tile over every row, its channels' dgamma and dbeta."""
     a1 = np.empty(l1 - l0)
     a2 = np.empty(l1 - l0)
-    frozen_task(x2, g2, d2, inner, stats, 0, x2.shape[0], l0, l1, a1, a2)
+    frozen_task(x2, g2, d2, inner, stats, relu, thr, 0, x2.shape[0], l0, l1, a1, a2)
     c0, c1 = l0 // inner, l1 // inner
-    frozen_channels(fold(a1, inner), fold(a2, inner), stats[:, c0:c1], dgamma[c0:c1], dbeta[c0:c1])
+    frozen_channels(fold(a1, inner), fold(a2, inner), stats[:, c0:c1], dgamma[c0:c1],
+                    dbeta[c0:c1])
 
 
 @helper
-def channel_shifts(x2, inner, channels):
-    k = np.empty(channels)
-    for c in range(channels):
-        k[c] = x2[0, c * inner]
-    return k
+def input_tile(x2, g2, d2, inner, n, l0, l1, eps, gamma, dgamma, dbeta):
+    """The fused cache-free backward of one tile: one read of x and dy for the statistics and
+    both gradient sums, its channels' coefficients, then dx while the tile is in cache."""
+    w, c0, c1 = l1 - l0, l0 // inner, l1 // inner
+    k = shifts(x2, inner, l0, l1)
+    a = np.empty((4, w))
+    input_sums(x2, g2, expand(k, inner, 0, w), 0, x2.shape[0], l0, l1, a[0], a[1], a[2], a[3])
+    stats = np.empty((STATS_ROWS, c1 - c0))
+    s3, s4 = fold(a[2], inner).copy(), fold(a[3], inner).copy()
+    input_channels(k, fold(a[0], inner), fold(a[1], inner), s3, s4, n, eps, gamma[c0:c1], stats)
+    coef = np.empty((3, c1 - c0))
+    backward_channels(s3, s4, n, stats, dgamma[c0:c1], dbeta[c0:c1], coef[0], coef[1], coef[2])
+    m, s, b = coefficients(stats, inner, 0, w)
+    gradient_rows(
+        x2, g2, d2, m, s, b, 0, 0.0, expand(coef[0], inner, 0, w), expand(coef[1], inner, 0, w),
+        expand(coef[2], inner, 0, w), 0, x2.shape[0], l0, l1,
+    )
 
 
 # --- Phases shared by the kernels (prange loops, inlined into each kernel).
@@ -449,21 +468,34 @@ def sums_phase(x, tune):
 
 
 @phase
-def write_phase(x, stats, beta, y, tune):
-    """``y = (x - mean) * gamma * invstd + beta`` per channel, over the task grid."""
+def write_phase(x, stats, relu, thr, y, tune):
+    """``y = activation((x - mean) * scale + shift)`` per channel, over the task grid."""
     outer, channels, inner = x.shape
     lanes, tile, nt, rb, nrb = geometry(x, tune)
     x2 = x.reshape(outer, lanes)
     y2 = y.reshape(outer, lanes)
     for task in prange(nt * nrb):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
-        write_task(x2, y2, inner, stats, beta, r0, r1, l0, l1)
+        write_task(x2, y2, inner, stats, relu, thr, r0, r1, l0, l1)
+
+
+@phase
+def gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune):
+    """dx from the per-channel ``coef`` rows k, c1, c0, over the task grid."""
+    outer, channels, inner = x.shape
+    lanes, tile, nt, rb, nrb = geometry(x, tune)
+    x2 = x.reshape(outer, lanes)
+    g2 = dy.reshape(outer, lanes)
+    d2 = dx.reshape(outer, lanes)
+    for task in prange(nt * nrb):
+        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
+        gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1)
 
 
 # --- Kernels.
 
 
-@parallel_kernel("x", "p_out", "p_out", "tune")
+@parallel_kernel(*MOMENTS)
 def moments(x, mean, var, tune):
     """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
     outer, channels, inner = x.shape
@@ -471,18 +503,23 @@ def moments(x, mean, var, tune):
     if nrb == 1:
         x2 = x.reshape(outer, lanes)
         for t in prange(nt):
-            tile_moments(x2, inner, outer * inner, t * tile, min(lanes, (t + 1) * tile), mean, var)
+            tile_moments(x2, inner, outer * inner, t * tile, min(lanes, (t + 1) * tile), mean,
+                         var)
     else:
         k, s1, s2 = sums_phase(x, tune)
         moments_channels(k, s1, s2, outer * inner, mean, var)
     rescue_moments(x, mean, var)
 
 
-@parallel_kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
-def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
+@parallel_kernel(*FORWARD_TRAIN)
+def forward_train(
+    x, gamma, beta, eps, momentum, unbiased, rmax, dmax, relu, thr, running_mean, running_var,
+    stats, y, tune,
+):
     """Training forward: batch statistics, the per-channel epilogue (``forward_channels``: the
-    statistics block and the running averages), then ``y``; fused per tile when a strip of
-    every row fits ``TUNE_STRIP``."""
+    statistics block, renormalized when ``rmax > 0``), ``y`` (with the activation), the rescue
+    of overflowed channels, then the running averages; fused per tile when a strip of every row
+    fits ``TUNE_STRIP``."""
     outer, channels, inner = x.shape
     lanes, tile, nt, rb, nrb = geometry(x, tune)
     n = outer * inner
@@ -491,27 +528,31 @@ def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stat
         y2 = y.reshape(outer, lanes)
         for t in prange(nt):
             forward_tile(
-                x2, y2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, gamma, beta, stats
+                x2, y2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, gamma, beta, rmax,
+                dmax, running_mean, running_var, relu, thr, stats,
             )
     else:
         k, s1, s2 = sums_phase(x, tune)
-        forward_channels(k, s1, s2, n, eps, gamma, stats)
-        write_phase(x, stats, beta, y, tune)
-    rescue(x, stats, eps, beta, y)
-    update_running(stats, n, momentum, running_mean, running_var)
+        forward_channels(k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var,
+                         stats)
+        write_phase(x, stats, relu, thr, y, tune)
+    rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu, thr, y)
+    update_running(stats, n, momentum, unbiased, running_mean, running_var)
 
 
-@parallel_kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")
-def normalize(x, running_mean, running_var, gamma, beta, eps, stats, y, tune):
-    """Inference: ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
-    inference_channels(running_mean, running_var, eps, gamma, stats)
-    write_phase(x, stats, beta, y, tune)
+@parallel_kernel(*NORMALIZE)
+def normalize(x, running_mean, running_var, gamma, beta, eps, relu, thr, stats, y, tune):
+    """Inference: ``y = activation(gamma * (x - running_mean) / sqrt(running_var + eps) +
+    beta)``."""
+    inference_channels(running_mean, running_var, eps, gamma, beta, stats)
+    write_phase(x, stats, relu, thr, y, tune)
 
 
-@parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
-def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
-    """Training backward: sums of dy and dy*(x - mean), the per-channel coefficients
-    (``backward_channels``), then dx; fused per tile when a strip of every row fits."""
+@parallel_kernel(*BACKWARD)
+def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
+    """Training backward: sums of dy and dy*(x - mean) (dy behind the activation's mask), the
+    per-channel coefficients (``backward_channels``), then dx; fused per tile when a strip of
+    every row fits."""
     outer, channels, inner = x.shape
     lanes, tile, nt, rb, nrb = geometry(x, tune)
     n = outer * inner
@@ -521,26 +562,26 @@ def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
     if nrb == 1:
         for t in prange(nt):
             backward_tile(
-                x2, g2, d2, inner, n, t * tile, min(lanes, (t + 1) * tile), stats, dgamma, dbeta
+                x2, g2, d2, inner, n, t * tile, min(lanes, (t + 1) * tile), stats, relu, thr,
+                dgamma, dbeta,
             )
     else:
         p1 = np.empty((nrb, lanes))
         p2 = np.empty((nrb, lanes))
         for task in prange(nt * nrb):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
-            gradient_sums_task(x2, g2, inner, stats, r0, r1, l0, l1, p1[task // nt], p2[task // nt])
+            gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p1[task // nt],
+                               p2[task // nt])
         s1, s2 = partials_per_channel(p1, p2, inner, 0, channels)
         coef = np.empty((3, channels))
         backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-        for task in prange(nt * nrb):
-            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
-            gradient_task(x2, g2, d2, inner, stats, coef, r0, r1, l0, l1)
+        gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune)
 
 
-@parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
-def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
-    """Frozen-statistics backward: ``dx = gamma * invstd * dy`` (never reads x) and the sums
-    for dgamma, dbeta, in one pass."""
+@parallel_kernel(*BACKWARD)
+def backward_frozen(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
+    """Frozen-statistics backward: ``dx = scale * dy`` (behind the activation's mask) and the
+    sums for dgamma, dbeta, in one pass."""
     outer, channels, inner = x.shape
     lanes, tile, nt, rb, nrb = geometry(x, tune)
     x2 = x.reshape(outer, lanes)
@@ -548,15 +589,47 @@ def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
     d2 = dx.reshape(outer, lanes)
     if nrb == 1:
         for t in prange(nt):
-            frozen_tile(
-                x2, g2, d2, inner, t * tile, min(lanes, (t + 1) * tile), stats, dgamma, dbeta
-            )
+            frozen_tile(x2, g2, d2, inner, t * tile, min(lanes, (t + 1) * tile), stats, relu,
+                        thr, dgamma, dbeta)
     else:
         p1 = np.empty((nrb, lanes))
         p2 = np.empty((nrb, lanes))
         for task in prange(nt * nrb):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
             b = task // nt
-            frozen_task(x2, g2, d2, inner, stats, r0, r1, l0, l1, p1[b, l0:l1], p2[b, l0:l1])
+            frozen_task(x2, g2, d2, inner, stats, relu, thr, r0, r1, l0, l1, p1[b, l0:l1],
+                        p2[b, l0:l1])
         s1, s2 = partials_per_channel(p1, p2, inner, 0, channels)
         frozen_channels(s1, s2, stats, dgamma, dbeta)
+
+
+@parallel_kernel(*BACKWARD_INPUT)
+def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
+    """Cache-free training backward: the batch statistics and both gradient sums from one read
+    of x and dy, then dx; fused per tile when a strip of every row fits, else two passes (the
+    sums' partials, then dx)."""
+    outer, channels, inner = x.shape
+    lanes, tile, nt, rb, nrb = geometry(x, tune)
+    n = outer * inner
+    x2 = x.reshape(outer, lanes)
+    g2 = dy.reshape(outer, lanes)
+    d2 = dx.reshape(outer, lanes)
+    if nrb == 1:
+        for t in prange(nt):
+            input_tile(x2, g2, d2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, gamma,
+                       dgamma, dbeta)
+    else:
+        k = channel_shifts(x2, inner, channels)
+        p = np.empty((4, nrb, lanes))
+        for task in prange(nt * nrb):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
+            b = task // nt
+            input_sums(x2, g2, expand(k, inner, l0 // inner, l1 - l0), r0, r1, l0, l1,
+                       p[0, b, l0:l1], p[1, b, l0:l1], p[2, b, l0:l1], p[3, b, l0:l1])
+        s1, s2 = partials_per_channel(p[0], p[1], inner, 0, channels)
+        s3, s4 = partials_per_channel(p[2], p[3], inner, 0, channels)
+        stats = np.empty((STATS_ROWS, channels))
+        input_channels(k, s1, s2, s3, s4, n, eps, gamma, stats)
+        coef = np.empty((3, channels))
+        backward_channels(s3, s4, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
+        gradient_write_phase(x, dy, stats, 0, 0.0, coef, dx, tune)

@@ -16,8 +16,9 @@ vector only, so results do not depend on the thread count:
   its output (y, or dx) while the slice is still in L2, so x (and dy) are read from memory once
   instead of twice.
 
-Memory beyond the outputs: two float64 per (block, channel) (at most x/16 of float32 x, since
-a block holds at least one outer index of inner >= 64 values per channel) and four per channel.
+Memory beyond the outputs: two float64 per (block, channel), four for the cache-free backward
+(at most x/8 of float32 x, since a block holds at least one outer index of inner >= 64 values
+per channel), and at most sixteen per channel.
 """
 
 from __future__ import annotations
@@ -25,20 +26,38 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import MIN_TASKS, TUNE_BLOCK, TUNE_FUSE, helper, parallel_kernel, phase
+from ._jit import (
+    BACKWARD,
+    BACKWARD_INPUT,
+    FORWARD_TRAIN,
+    MIN_TASKS,
+    MOMENTS,
+    NORMALIZE,
+    TUNE_BLOCK,
+    TUNE_FUSE,
+    helper,
+    parallel_kernel,
+    phase,
+)
 from .common import (
     MEAN,
+    SCALE,
+    SHIFT,
+    STATS_ROWS,
+    activate,
     backward_channels,
     forward_channels,
     frozen_channels,
     inference_channels,
+    input_channels,
     moments_channels,
+    passes,
     rescue,
     rescue_moments,
     row_frozen,
     row_grad_sums,
+    row_input_sums,
     row_moment_sums,
-    scale_of,
     update_running,
 )
 
@@ -69,16 +88,14 @@ def fused(x, tune):
 
 
 @helper
-def combine(part, s1, s2):
-    """Per channel, the partials of every block added in block order (from 0.0)."""
-    for c in range(part.shape[1]):
-        t1 = 0.0
-        t2 = 0.0
-        for b in range(part.shape[0]):
-            t1 += part[b, c, 0]
-            t2 += part[b, c, 1]
-        s1[c] = t1
-        s2[c] = t2
+def combine(part, s):
+    """``s[i, c]``: the partials ``part[b, c, i]`` of every block added in block order."""
+    for i in range(s.shape[0]):
+        for c in range(part.shape[1]):
+            t = 0.0
+            for b in range(part.shape[0]):
+                t += part[b, c, i]
+            s[i, c] = t
 
 
 @helper
@@ -103,57 +120,77 @@ def moment_task(x, k, o0, o1, c0, c1, part):
 
 
 @helper
-def gradient_task(x, dy, stats, o0, o1, c0, c1, part):
-    """``sum(dy)``, ``sum(dy * (x - mean))`` of rows o0:o1, channels c0:c1, into ``part[c]``."""
+def gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part):
+    """``sum(dy)``, ``sum(dy * (x - mean))`` (dy behind the activation's mask) of rows o0:o1,
+    channels c0:c1, into ``part[c]``."""
     for c in range(c0, c1):
         part[c, 0] = 0.0
         part[c, 1] = 0.0
     for o in range(o0, o1):
         for c in range(c0, c1):
-            a, b = row_grad_sums(x[o, c], dy[o, c], stats[MEAN, c])
+            a, b = row_grad_sums(x[o, c], dy[o, c], stats[MEAN, c], stats[SCALE, c],
+                                 stats[SHIFT, c], relu, thr)
             part[c, 0] += a
             part[c, 1] += b
 
 
 @helper
-def frozen_task(x, dy, dx, stats, o0, o1, c0, c1, part):
+def frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part):
     """The frozen backward of rows o0:o1, channels c0:c1: dx and the gradient sums."""
     for c in range(c0, c1):
         part[c, 0] = 0.0
         part[c, 1] = 0.0
     for o in range(o0, o1):
         for c in range(c0, c1):
-            a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], scale_of(stats, c))
+            a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], stats[SCALE, c],
+                              stats[SHIFT, c], relu, thr)
             part[c, 0] += a
             part[c, 1] += b
 
 
 @helper
-def normalize_row(xr, yr, m, s, b):
-    for i in range(xr.shape[0]):
-        yr[i] = (xr[i] - m) * s + b
-
-
-@helper
-def write_task(x, stats, beta, o0, o1, c0, c1, y):
+def input_task(x, dy, k, o0, o1, c0, c1, part):
+    """The cache-free backward's four sums of rows o0:o1, channels c0:c1, into ``part[c]``."""
+    for c in range(c0, c1):
+        for i in range(4):
+            part[c, i] = 0.0
     for o in range(o0, o1):
         for c in range(c0, c1):
-            normalize_row(x[o, c], y[o, c], stats[MEAN, c], scale_of(stats, c), np.float64(beta[c]))
+            a, b, e, f = row_input_sums(x[o, c], dy[o, c], k[c])
+            part[c, 0] += a
+            part[c, 1] += b
+            part[c, 2] += e
+            part[c, 3] += f
 
 
 @helper
-def grad_input_row(xr, gr, dr, m, kc, c1c, c0c):
+def normalize_row(xr, yr, m, s, b, relu, thr):
     for i in range(xr.shape[0]):
-        dr[i] = kc * gr[i] - c1c * (xr[i] - m) + c0c
+        yr[i] = activate((xr[i] - m) * s + b, relu, thr)
 
 
 @helper
-def grad_input_task(x, dy, stats, coef, o0, o1, c0, c1, dx):
+def write_task(x, stats, relu, thr, o0, o1, c0, c1, y):
     for o in range(o0, o1):
         for c in range(c0, c1):
-            grad_input_row(
-                x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], coef[0, c], coef[1, c], coef[2, c]
-            )
+            normalize_row(x[o, c], y[o, c], stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c],
+                          relu, thr)
+
+
+@helper
+def grad_input_row(xr, gr, dr, m, s, b, relu, thr, kc, c1c, c0c):
+    for i in range(xr.shape[0]):
+        d = xr[i] - m
+        e = np.float64(gr[i]) if passes(d * s + b, relu, thr) else 0.0
+        dr[i] = kc * e - c1c * d + c0c
+
+
+@helper
+def grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx):
+    for o in range(o0, o1):
+        for c in range(c0, c1):
+            grad_input_row(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], stats[SCALE, c],
+                           stats[SHIFT, c], relu, thr, coef[0, c], coef[1, c], coef[2, c])
 
 
 @helper
@@ -169,14 +206,21 @@ def channel_sums(x, c, k):
 
 
 @helper
-def channel_gradient_sums(x, dy, c, m):
+def channel_gradient_sums(x, dy, stats, relu, thr, c):
     s1 = 0.0
     s2 = 0.0
     for o in range(x.shape[0]):
-        a, b = row_grad_sums(x[o, c], dy[o, c], m)
+        a, b = row_grad_sums(x[o, c], dy[o, c], stats[MEAN, c], stats[SCALE, c],
+                             stats[SHIFT, c], relu, thr)
         s1 += a
         s2 += b
     return s1, s2
+
+
+@helper
+def running_slice(running, c):
+    """Channel c of a running array, or the empty array that means none."""
+    return running[c:c + 1] if running.shape[0] > 0 else running
 
 
 # --- Phases shared by the kernels (prange loops, inlined into each kernel).
@@ -192,25 +236,32 @@ def sums_phase(x, tune):
     for t in prange(nb * ng):
         b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
         moment_task(x, k, o0, o1, c0, c1, part[b])
-    s1 = np.empty(channels)
-    s2 = np.empty(channels)
-    combine(part, s1, s2)
-    return k, s1, s2
+    s = np.empty((2, channels))
+    combine(part, s)
+    return k, s[0], s[1]
 
 
 @phase
-def write_phase(x, stats, beta, y, tune):
-    """``y = (x - mean) * gamma * invstd + beta`` per channel, in memory order."""
+def write_phase(x, stats, relu, thr, y, tune):
+    """``y = activation((x - mean) * scale + shift)`` per channel, in memory order."""
     rb, nb, cg, ng = grid(x, tune)
     for t in prange(nb * ng):
         b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-        write_task(x, stats, beta, o0, o1, c0, c1, y)
+        write_task(x, stats, relu, thr, o0, o1, c0, c1, y)
+
+
+@phase
+def gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune):
+    rb, nb, cg, ng = grid(x, tune)
+    for t in prange(nb * ng):
+        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+        grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx)
 
 
 # --- Kernels.
 
 
-@parallel_kernel("x", "p_out", "p_out", "tune")
+@parallel_kernel(*MOMENTS)
 def moments(x, mean, var, tune):
     """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
     k, s1, s2 = sums_phase(x, tune)
@@ -218,8 +269,11 @@ def moments(x, mean, var, tune):
     rescue_moments(x, mean, var)
 
 
-@parallel_kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
-def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
+@parallel_kernel(*FORWARD_TRAIN)
+def forward_train(
+    x, gamma, beta, eps, momentum, unbiased, rmax, dmax, relu, thr, running_mean, running_var,
+    stats, y, tune,
+):
     """Training forward: batch statistics, the per-channel epilogue (``forward_channels``), then
     ``y``; with :func:`fused` shapes each channel is one task (its rows summed in order, then
     normalized from cache)."""
@@ -227,83 +281,90 @@ def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stat
     n = outer * inner
     if fused(x, tune):
         k = shifts(x)
-        s1 = np.empty(channels)
-        s2 = np.empty(channels)
+        s = np.empty((2, channels))
         for c in prange(channels):
-            s1[c], s2[c] = channel_sums(x, c, k[c])
+            s[0, c], s[1, c] = channel_sums(x, c, k[c])
             forward_channels(
-                k[c : c + 1],
-                s1[c : c + 1],
-                s2[c : c + 1],
-                n,
-                eps,
-                gamma[c : c + 1],
-                stats[:, c : c + 1],
+                k[c:c + 1], s[0, c:c + 1], s[1, c:c + 1], n, eps, gamma[c:c + 1], beta[c:c + 1],
+                rmax, dmax, running_slice(running_mean, c), running_slice(running_var, c),
+                stats[:, c:c + 1],
             )
-            write_task(x, stats, beta, 0, outer, c, c + 1, y)
+            write_task(x, stats, relu, thr, 0, outer, c, c + 1, y)
     else:
         k, s1, s2 = sums_phase(x, tune)
-        forward_channels(k, s1, s2, n, eps, gamma, stats)
-        write_phase(x, stats, beta, y, tune)
-    rescue(x, stats, eps, beta, y)
-    update_running(stats, n, momentum, running_mean, running_var)
+        forward_channels(k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var,
+                         stats)
+        write_phase(x, stats, relu, thr, y, tune)
+    rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu, thr, y)
+    update_running(stats, n, momentum, unbiased, running_mean, running_var)
 
 
-@parallel_kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")
-def normalize(x, running_mean, running_var, gamma, beta, eps, stats, y, tune):
-    """Inference: ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
-    inference_channels(running_mean, running_var, eps, gamma, stats)
-    write_phase(x, stats, beta, y, tune)
+@parallel_kernel(*NORMALIZE)
+def normalize(x, running_mean, running_var, gamma, beta, eps, relu, thr, stats, y, tune):
+    """Inference: ``y = activation(gamma * (x - running_mean) / sqrt(running_var + eps) +
+    beta)``."""
+    inference_channels(running_mean, running_var, eps, gamma, beta, stats)
+    write_phase(x, stats, relu, thr, y, tune)
 
 
-@parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
-def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
+@parallel_kernel(*BACKWARD)
+def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
     """Training backward: the two sums, the per-channel coefficients (``backward_channels``),
     then dx; per channel from cache when :func:`fused`."""
     outer, channels, inner = x.shape
     n = outer * inner
-    s1 = np.empty(channels)
-    s2 = np.empty(channels)
+    s = np.empty((2, channels))
     coef = np.empty((3, channels))
     if fused(x, tune):
         for c in prange(channels):
-            s1[c], s2[c] = channel_gradient_sums(x, dy, c, stats[MEAN, c])
+            s[0, c], s[1, c] = channel_gradient_sums(x, dy, stats, relu, thr, c)
             backward_channels(
-                s1[c : c + 1],
-                s2[c : c + 1],
-                n,
-                stats[:, c : c + 1],
-                dgamma[c : c + 1],
-                dbeta[c : c + 1],
-                coef[0, c : c + 1],
-                coef[1, c : c + 1],
-                coef[2, c : c + 1],
+                s[0, c:c + 1], s[1, c:c + 1], n, stats[:, c:c + 1], dgamma[c:c + 1],
+                dbeta[c:c + 1], coef[0, c:c + 1], coef[1, c:c + 1], coef[2, c:c + 1],
             )
-            grad_input_task(x, dy, stats, coef, 0, outer, c, c + 1, dx)
+            grad_input_task(x, dy, stats, relu, thr, coef, 0, outer, c, c + 1, dx)
     else:
         rb, nb, cg, ng = grid(x, tune)
         part = np.empty((nb, channels, 2))
         for t in prange(nb * ng):
             b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-            gradient_task(x, dy, stats, o0, o1, c0, c1, part[b])
-        combine(part, s1, s2)
-        backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-        for t in prange(nb * ng):
-            b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-            grad_input_task(x, dy, stats, coef, o0, o1, c0, c1, dx)
+            gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
+        combine(part, s)
+        backward_channels(s[0], s[1], n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
+        gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune)
 
 
-@parallel_kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
-def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
-    """Frozen-statistics backward: ``dx = gamma * invstd * dy`` (never reads x) and the sums
-    for dgamma, dbeta, in one pass in memory order."""
+@parallel_kernel(*BACKWARD)
+def backward_frozen(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
+    """Frozen-statistics backward: ``dx = scale * dy`` (behind the activation's mask) and the
+    sums for dgamma, dbeta, in one pass in memory order."""
     channels = x.shape[1]
     rb, nb, cg, ng = grid(x, tune)
     part = np.empty((nb, channels, 2))
     for t in prange(nb * ng):
         b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-        frozen_task(x, dy, dx, stats, o0, o1, c0, c1, part[b])
-    s1 = np.empty(channels)
-    s2 = np.empty(channels)
-    combine(part, s1, s2)
-    frozen_channels(s1, s2, stats, dgamma, dbeta)
+        frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part[b])
+    s = np.empty((2, channels))
+    combine(part, s)
+    frozen_channels(s[0], s[1], stats, dgamma, dbeta)
+
+
+@parallel_kernel(*BACKWARD_INPUT)
+def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
+    """Cache-free training backward: the batch statistics and both gradient sums from one read
+    of x and dy (memory order), then dx."""
+    outer, channels, inner = x.shape
+    n = outer * inner
+    rb, nb, cg, ng = grid(x, tune)
+    k = shifts(x)
+    part = np.empty((nb, channels, 4))
+    for t in prange(nb * ng):
+        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+        input_task(x, dy, k, o0, o1, c0, c1, part[b])
+    s = np.empty((4, channels))
+    combine(part, s)
+    stats = np.empty((STATS_ROWS, channels))
+    input_channels(k, s[0], s[1], s[2], s[3], n, eps, gamma, stats)
+    coef = np.empty((3, channels))
+    backward_channels(s[2], s[3], n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
+    gradient_write_phase(x, dy, stats, 0, 0.0, coef, dx, tune)

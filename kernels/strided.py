@@ -29,33 +29,45 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import helper, kernel
+from ._jit import BACKWARD, BACKWARD_INPUT, FORWARD_TRAIN, MOMENTS, NORMALIZE, helper, kernel
 from .common import (
     MEAN,
+    SCALE,
+    SHIFT,
+    STATS_ROWS,
+    activate,
     backward_channels,
     forward_channels,
     frozen_channels,
     inference_channels,
+    input_channels,
     moments_channels,
+    passes,
     rescue,
     rescue_moments,
     row_frozen,
     row_grad_sums,
+    row_input_sums,
     row_moment_sums,
-    scale_of,
     update_running,
 )
+
+
+@helper
+def shifts(x):
+    k = np.empty(x.shape[1])
+    for c in range(x.shape[1]):
+        k[c] = x[0, c, 0]
+    return k
 
 
 @helper
 def moment_sums(x):
     """Per channel: the shift (first value) and the shifted sums, in one read of x."""
     outer, channels, inner = x.shape
-    shift = np.empty(channels)
+    shift = shifts(x)
     s1 = np.zeros(channels)
     s2 = np.zeros(channels)
-    for c in range(channels):
-        shift[c] = x[0, c, 0]
     if inner == 1:
         for o in range(outer):
             for c in range(channels):
@@ -72,40 +84,46 @@ def moment_sums(x):
 
 
 @helper
-def gradient_sums(x, dy, stats):
-    """Per channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+def gradient_sums(x, dy, stats, relu, thr):
+    """Per channel ``sum(dy)`` and ``sum(dy * (x - mean))``, dy behind the activation's mask."""
     outer, channels, inner = x.shape
     s1 = np.zeros(channels)
     s2 = np.zeros(channels)
-    if inner == 1:
-        for o in range(outer):
-            for c in range(channels):
-                g = np.float64(dy[o, c, 0])
-                s1[c] += g
-                s2[c] += g * (x[o, c, 0] - stats[MEAN, c])
-    else:
-        for o in range(outer):
-            for c in range(channels):
-                a, b = row_grad_sums(x[o, c], dy[o, c], stats[MEAN, c])
-                s1[c] += a
-                s2[c] += b
+    for o in range(outer):
+        for c in range(channels):
+            a, b = row_grad_sums(x[o, c], dy[o, c], stats[MEAN, c], stats[SCALE, c],
+                                 stats[SHIFT, c], relu, thr)
+            s1[c] += a
+            s2[c] += b
     return s1, s2
 
 
 @helper
-def write(x, stats, beta, y):
-    """``y = (x - mean) * gamma * invstd + beta``: one read of x, one write of y."""
+def write(x, stats, relu, thr, y):
+    """``y = activation((x - mean) * scale + shift)``: one read of x, one write of y."""
     outer, channels, inner = x.shape
     for o in range(outer):
         for c in range(channels):
-            m = stats[MEAN, c]
-            s = scale_of(stats, c)
-            b = np.float64(beta[c])
+            m, s, b = stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c]
             for i in range(inner):
-                y[o, c, i] = (x[o, c, i] - m) * s + b
+                y[o, c, i] = activate((x[o, c, i] - m) * s + b, relu, thr)
 
 
-@kernel("x", "p_out", "p_out", "tune")
+@helper
+def gradient_write(x, dy, stats, relu, thr, coef, dx):
+    """``dx = k*dy - c1*(x - mean) + c0`` per channel, dy behind the activation's mask."""
+    outer, channels, inner = x.shape
+    for o in range(outer):
+        for c in range(channels):
+            m, s, b = stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c]
+            kc, c1c, c0c = coef[0, c], coef[1, c], coef[2, c]
+            for i in range(inner):
+                d = x[o, c, i] - m
+                e = np.float64(dy[o, c, i]) if passes(d * s + b, relu, thr) else 0.0
+                dx[o, c, i] = kc * e - c1c * d + c0c
+
+
+@kernel(*MOMENTS)
 def moments(x, mean, var, tune):
     """Per-channel mean and biased variance of ``x`` (outer, C, inner); needs outer*inner >= 1.
 
@@ -116,49 +134,73 @@ def moments(x, mean, var, tune):
     rescue_moments(x, mean, var)
 
 
-@kernel("x", "p", "p", "scalar", "scalar", "p_out", "p_out", "stats_out", "out", "tune")
-def forward_train(x, gamma, beta, eps, momentum, running_mean, running_var, stats, y, tune):
-    """Training forward: the shifted sums, the per-channel epilogue, then y."""
+@kernel(*FORWARD_TRAIN)
+def forward_train(
+    x, gamma, beta, eps, momentum, unbiased, rmax, dmax, relu, thr, running_mean, running_var,
+    stats, y, tune,
+):
+    """Training forward: the shifted sums, the per-channel epilogue, y, the rescue, then the
+    running averages."""
     shift, s1, s2 = moment_sums(x)
     n = x.shape[0] * x.shape[2]
-    forward_channels(shift, s1, s2, n, eps, gamma, stats)
-    write(x, stats, beta, y)
-    rescue(x, stats, eps, beta, y)
-    update_running(stats, n, momentum, running_mean, running_var)
+    forward_channels(shift, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var,
+                     stats)
+    write(x, stats, relu, thr, y)
+    rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu, thr, y)
+    update_running(stats, n, momentum, unbiased, running_mean, running_var)
 
 
-@kernel("x", "p", "p", "p", "p", "scalar", "stats_out", "out", "tune")
-def normalize(x, running_mean, running_var, gamma, beta, eps, stats, y, tune):
-    """Inference: ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
-    inference_channels(running_mean, running_var, eps, gamma, stats)
-    write(x, stats, beta, y)
+@kernel(*NORMALIZE)
+def normalize(x, running_mean, running_var, gamma, beta, eps, relu, thr, stats, y, tune):
+    """Inference: ``y = activation(gamma * (x - running_mean) / sqrt(running_var + eps) +
+    beta)``."""
+    inference_channels(running_mean, running_var, eps, gamma, beta, stats)
+    write(x, stats, relu, thr, y)
 
 
 # Backward: two reductions in one read of x and dy, then one pass for dx.
-@kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
-def backward_train(x, dy, stats, dgamma, dbeta, dx, tune):
+@kernel(*BACKWARD)
+def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
     """Training backward: the sums, the per-channel coefficients, then dx."""
     outer, channels, inner = x.shape
-    s1, s2 = gradient_sums(x, dy, stats)
+    s1, s2 = gradient_sums(x, dy, stats, relu, thr)
     coef = np.empty((3, channels))
     backward_channels(s1, s2, outer * inner, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-    for o in range(outer):
-        for c in range(channels):
-            kc, c1c, c0c, m = coef[0, c], coef[1, c], coef[2, c], stats[MEAN, c]
-            for i in range(inner):
-                dx[o, c, i] = kc * dy[o, c, i] - c1c * (x[o, c, i] - m) + c0c
+    gradient_write(x, dy, stats, relu, thr, coef, dx)
 
 
-@kernel("x", "x", "stats", "p_out", "p_out", "out", "tune")
-def backward_frozen(x, dy, stats, dgamma, dbeta, dx, tune):
-    """Frozen-statistics backward in one pass: ``dx = gamma * invstd * dy`` (never reads x)
-    and the sums for dgamma, dbeta."""
+@kernel(*BACKWARD)
+def backward_frozen(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
+    """Frozen-statistics backward in one pass: ``dx = scale * dy`` (behind the activation's
+    mask) and the sums for dgamma, dbeta."""
     outer, channels, inner = x.shape
     s1 = np.zeros(channels)
     s2 = np.zeros(channels)
     for o in range(outer):
         for c in range(channels):
-            a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], scale_of(stats, c))
+            a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], stats[SCALE, c],
+                              stats[SHIFT, c], relu, thr)
             s1[c] += a
             s2[c] += b
     frozen_channels(s1, s2, stats, dgamma, dbeta)
+
+
+@kernel(*BACKWARD_INPUT)
+def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
+    """Cache-free training backward: statistics and both gradient sums in one read of x and
+    dy, then dx."""
+    outer, channels, inner = x.shape
+    k = shifts(x)
+    s = np.zeros((4, channels))
+    for o in range(outer):
+        for c in range(channels):
+            a, b, e, f = row_input_sums(x[o, c], dy[o, c], k[c])
+            s[0, c] += a
+            s[1, c] += b
+            s[2, c] += e
+            s[3, c] += f
+    stats = np.empty((STATS_ROWS, channels))
+    input_channels(k, s[0], s[1], s[2], s[3], outer * inner, eps, gamma, stats)
+    coef = np.empty((3, channels))
+    backward_channels(s[2], s[3], outer * inner, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
+    gradient_write(x, dy, stats, 0, 0.0, coef, dx)

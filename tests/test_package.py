@@ -37,14 +37,27 @@ def test_py_typed_is_shipped():
     assert (Path(bnfast.__file__).parent / "py.typed").is_file()
 
 
-@pytest.mark.parametrize("module", ["bnfast._core", "bnfast._layer", "bnfast.reference"])
+@pytest.mark.parametrize(
+    "module", ["bnfast._core", "bnfast._layer", "bnfast._fold", "bnfast.reference"]
+)
 def test_doctests(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
 
 
 def test_public_surface():
-    assert set(bnfast.__all__) == {"BatchNorm", "BatchNormCache", "backward", "forward", "moments"}
+    assert set(bnfast.__all__) == {
+        "BatchNorm",
+        "BatchNormCache",
+        "backward",
+        "backward_from_input",
+        "fold_into_conv",
+        "fold_into_linear",
+        "forward",
+        "moments",
+        "momentum_from_decay",
+    }
+    assert all(callable(getattr(bnfast, name)) for name in bnfast.__all__)
 
 
 def test_declared_signatures_compile():

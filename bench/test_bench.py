@@ -25,6 +25,7 @@ import numba
 import numpy as np
 import pytest
 
+import bnfast
 from bnfast import _compare as cmp
 from bnfast import _machine
 
@@ -65,6 +66,48 @@ def test_bench(benchmark, op, case, threads, impl):
         numba.set_num_threads(previous)
         if impl == "pytorch":
             torch.set_num_threads(torch_threads)
+
+
+# The batch-norm family beside plain batch norm (issue 9): one group per (shape, pass,
+# threads), so pytest-benchmark's table shows each feature's cost against plain BN.
+FAMILY_CASES = [cmp._2d(512, 1024), cmp._nchw(32, 64, 56, 56), cmp._nhwc(32, 64, 56, 56)]
+FAMILY = {
+    "forward": {
+        "plain": {},
+        "relu": dict(activation="relu"),
+        "renorm": dict(renorm=(3.0, 5.0)),
+        "ghost": dict(virtual_batch_size=8),
+    },
+    "backward": {"plain": {}, "relu": dict(activation="relu"), "from_input": None},
+}
+
+
+def _family_call(case, kind, variant):
+    inp = _inputs(case)
+    x, dy, g, b, axis = inp["x"], inp["dy"], inp["gamma"], inp["beta"], case.axis
+    kwargs = FAMILY[kind][variant]
+    rm, rv = inp["running_mean"].copy(), inp["running_var"].copy()
+    if kind == "forward":
+        return lambda: bnfast.forward(x, g, b, axis=axis, running_mean=rm, running_var=rv, **kwargs)
+    if kwargs is None:
+        return lambda: bnfast.backward_from_input(dy, x, g, axis=axis)
+    _, cache = bnfast.forward(x, g, b, axis=axis, **kwargs)
+    return lambda: bnfast.backward(dy, cache)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=[c.label for c in FAMILY_CASES])
+@pytest.mark.parametrize("kind,variant", [(k, v) for k in FAMILY for v in FAMILY[k]])
+def test_bench_family(benchmark, kind, variant, case, threads):
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        fn = _family_call(case, kind, variant)
+        fn()
+        benchmark.group = f"family {kind} {case.label} float32 {threads} thread(s)"
+        benchmark(fn)
+    finally:
+        numba.set_num_threads(previous)
 
 
 STEP = textwrap.dedent("""

@@ -71,10 +71,10 @@ def fold_into_linear(W, b, bn) -> tuple[np.ndarray, np.ndarray]:
     >>> np.allclose(x @ W2 + b2, bn.eval()(x @ W + b), rtol=1e-12, atol=1e-12)
     True
     """
+    s, t = _affine_of(bn)
     W = _weights(W, "W")
     if W.ndim != 2 or W.shape[1] != bn.num_features:
         raise ValueError(f"W has shape {W.shape}; expected (in, {bn.num_features}) for bn")
-    s, t = _affine_of(bn)
     b64 = _bias(b, bn.num_features, "b")
     return (W.astype(np.float64) * s).astype(W.dtype), (b64 * s + t).astype(W.dtype)
 
@@ -92,12 +92,12 @@ def fold_into_conv(W, b, bn) -> tuple[np.ndarray, np.ndarray]:
     >>> b2.shape, W2.shape
     ((2,), (2, 1, 3, 3))
     """
+    s, t = _affine_of(bn)
     W = _weights(W, "W")
     if W.ndim < 2 or W.shape[0] != bn.num_features:
         raise ValueError(
             f"W has shape {W.shape}; expected ({bn.num_features}, in_channels, *kernel) for bn"
         )
-    s, t = _affine_of(bn)
     b64 = _bias(b, bn.num_features, "b")
     scale = s.reshape((-1,) + (1,) * (W.ndim - 1))
     return (W.astype(np.float64) * scale).astype(W.dtype), (b64 * s + t).astype(W.dtype)

@@ -86,8 +86,23 @@ TUNE_SIZE = 4
 
 # The parameter kinds of the kernels every family has (kernels/__init__.py describes them).
 MOMENTS = ("x", "p_out", "p_out", "tune")
-FORWARD_TRAIN = ("x", "p", "p", "scalar", "scalar", "flag", "scalar", "scalar", "flag", "scalar",
-                 "p_out", "p_out", "stats_out", "out", "tune")
+FORWARD_TRAIN = (
+    "x",
+    "p",
+    "p",
+    "scalar",
+    "scalar",
+    "flag",
+    "scalar",
+    "scalar",
+    "flag",
+    "scalar",
+    "p_out",
+    "p_out",
+    "stats_out",
+    "out",
+    "tune",
+)
 NORMALIZE = ("x", "p", "p", "p", "p", "scalar", "flag", "scalar", "stats_out", "out", "tune")
 BACKWARD = ("x", "x", "stats", "flag", "scalar", "p_out", "p_out", "out", "tune")
 BACKWARD_INPUT = ("x", "x", "p", "scalar", "p_out", "p_out", "out", "tune")

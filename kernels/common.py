@@ -76,11 +76,18 @@ def finish_channels(stats, eps, gamma, beta, rmax, dmax, running_mean, running_v
         gammas[j] = gamma[j]
     if rmax > 0.0:
         for j in range(means.shape[0]):
-            rs[j] = clip(np.sqrt(variances[j] + eps) / np.sqrt(np.float64(running_var[j]) + eps),
-                         1.0 / rmax, rmax)
+            rs[j] = clip(
+                np.sqrt(variances[j] + eps) / np.sqrt(np.float64(running_var[j]) + eps),
+                1.0 / rmax,
+                rmax,
+            )
         for j in range(means.shape[0]):
-            ds[j] = clip((means[j] - np.float64(running_mean[j]))
-                         / np.sqrt(np.float64(running_var[j]) + eps), -dmax, dmax)
+            ds[j] = clip(
+                (means[j] - np.float64(running_mean[j]))
+                / np.sqrt(np.float64(running_var[j]) + eps),
+                -dmax,
+                dmax,
+            )
         for j in range(means.shape[0]):
             shifts[j] = gammas[j] * ds[j] + beta[j]
     else:
@@ -95,8 +102,7 @@ def finish_channels(stats, eps, gamma, beta, rmax, dmax, running_mean, running_v
 
 
 @helper
-def forward_channels(k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var,
-                     stats):
+def forward_channels(k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var, stats):
     """Channels of a training forward, from their shifted sums over n values: the statistics
     block (the running averages are updated by :func:`update_running`, after :func:`rescue`)."""
     moments_channels(k, s1, s2, n, stats[MEAN], stats[VAR])
@@ -116,8 +122,9 @@ def update_running(stats, n, momentum, unbiased, running_mean, running_var):
     for c in range(means.shape[0]):
         running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * means[c]
     for c in range(means.shape[0]):
-        running_var[c] = ((1.0 - momentum) * np.float64(running_var[c])
-                          + momentum * (variances[c] * unbias))
+        running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * (
+            variances[c] * unbias
+        )
 
 
 @helper
@@ -263,10 +270,11 @@ def rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, re
         f, mean, var = rescued_moments(x, c)
         means[c] = mean
         variances[c] = var
-        rm = running_mean[c:c + 1] if running_mean.shape[0] > 0 else running_mean
-        rv = running_var[c:c + 1] if running_var.shape[0] > 0 else running_var
-        finish_channels(stats[:, c:c + 1], eps, gamma[c:c + 1], beta[c:c + 1], rmax, dmax, rm,
-                        rv)
+        rm = running_mean[c : c + 1] if running_mean.shape[0] > 0 else running_mean
+        rv = running_var[c : c + 1] if running_var.shape[0] > 0 else running_var
+        finish_channels(
+            stats[:, c : c + 1], eps, gamma[c : c + 1], beta[c : c + 1], rmax, dmax, rm, rv
+        )
         s = stats[SCALE, c]
         b = stats[SHIFT, c]
         g = 1.0 if f == 0.0 else f

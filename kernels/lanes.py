@@ -101,6 +101,7 @@ def span(task, nt, tile, lanes, rb, outer):
 # --- Loops over a tile (lanes l0:l1; per-lane vectors indexed from 0). The activation flag
 # ``relu`` is the same for every element of a call, so the branches on it are loop-invariant.
 
+
 @helper
 def moment_sums(x2, k, r0, r1, l0, l1, a1, a2):
     """``a1[j], a2[j] = sum(x - k[j]), sum((x - k[j])**2)`` over rows r0:r1 of lane l0 + j."""
@@ -133,23 +134,25 @@ def moment_sums(x2, k, r0, r1, l0, l1, a1, a2):
 @helper
 def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
     """``a1[j], a2[j] = sum(dy), sum(dy * (x - m[j]))`` over rows r0:r1 of lane l0 + j, dy
-    behind the activation's mask (``(x - m) * s + b`` recomputed from x)."""
+    behind the activation's mask (``(x - m) * s + b`` recomputed from x); four rows at a time,
+    as the moment sums (the accumulators loaded and stored once per four rows)."""
     w = l1 - l0
     for j in range(w):
         a1[j] = 0.0
         a2[j] = 0.0
     r = r0
-    while not relu and r + 4 <= r1:
+    while r + 4 <= r1:
         x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
         g0, g1, g2_, g3 = g2[r, l0:l1], g2[r + 1, l0:l1], g2[r + 2, l0:l1], g2[r + 3, l0:l1]
         for j in range(w):
-            mj = m[j]
-            e0, e1 = np.float64(g0[j]), np.float64(g1[j])
-            e2, e3 = np.float64(g2_[j]), np.float64(g3[j])
+            mj, sj, bj = m[j], s[j], b[j]
+            d0, d1, d2, d3 = x0[j] - mj, x1[j] - mj, x2_[j] - mj, x3[j] - mj
+            e0 = np.float64(g0[j]) if passes(d0 * sj + bj, relu, thr) else 0.0
+            e1 = np.float64(g1[j]) if passes(d1 * sj + bj, relu, thr) else 0.0
+            e2 = np.float64(g2_[j]) if passes(d2 * sj + bj, relu, thr) else 0.0
+            e3 = np.float64(g3[j]) if passes(d3 * sj + bj, relu, thr) else 0.0
             a1[j] += (e0 + e1) + (e2 + e3)
-            a2[j] += (e0 * (x0[j] - mj) + e1 * (x1[j] - mj)) + (
-                e2 * (x2_[j] - mj) + e3 * (x3[j] - mj)
-            )
+            a2[j] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)
         r += 4
     while r < r1:
         xr, gr = x2[r, l0:l1], g2[r, l0:l1]
@@ -164,14 +167,30 @@ def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
 @helper
 def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4):
     """The cache-free backward's one read of x and dy: per lane ``sum(x - k)``,
-    ``sum((x - k)**2)``, ``sum(dy)``, ``sum(dy * (x - k))`` over rows r0:r1."""
+    ``sum((x - k)**2)``, ``sum(dy)``, ``sum(dy * (x - k))`` over rows r0:r1, four rows at a
+    time (one row at a time, loading and storing four accumulators per element, made it slower
+    than a forward and a backward together: float32 (512, 1024), 979 against 572 us)."""
     w = l1 - l0
     for j in range(w):
         a1[j] = 0.0
         a2[j] = 0.0
         a3[j] = 0.0
         a4[j] = 0.0
-    for r in range(r0, r1):
+    r = r0
+    while r + 4 <= r1:
+        x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
+        g0, g1, g2_, g3 = g2[r, l0:l1], g2[r + 1, l0:l1], g2[r + 2, l0:l1], g2[r + 3, l0:l1]
+        for j in range(w):
+            kj = k[j]
+            d0, d1, d2, d3 = x0[j] - kj, x1[j] - kj, x2_[j] - kj, x3[j] - kj
+            e0, e1 = np.float64(g0[j]), np.float64(g1[j])
+            e2, e3 = np.float64(g2_[j]), np.float64(g3[j])
+            a1[j] += (d0 + d1) + (d2 + d3)
+            a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            a3[j] += (e0 + e1) + (e2 + e3)
+            a4[j] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)
+        r += 4
+    while r < r1:
         xr, gr = x2[r, l0:l1], g2[r, l0:l1]
         for j in range(w):
             d = xr[j] - k[j]
@@ -180,6 +199,7 @@ def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4):
             a2[j] += d * d
             a3[j] += e
             a4[j] += e * d
+        r += 1
 
 
 @helper
@@ -358,8 +378,22 @@ def write_task(x2, y2, inner, stats, relu, thr, r0, r1, l0, l1):
 
 @helper
 def forward_tile(
-    x2, y2, inner, n, l0, l1, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu,
-    thr, stats,
+    x2,
+    y2,
+    inner,
+    n,
+    l0,
+    l1,
+    eps,
+    gamma,
+    beta,
+    rmax,
+    dmax,
+    running_mean,
+    running_var,
+    relu,
+    thr,
+    stats,
 ):
     """The fused training forward of one tile: every row reduced, its channels finished, then
     written while the tile is in cache."""
@@ -368,8 +402,18 @@ def forward_tile(
     rm = running_mean[c0:c1] if running_mean.shape[0] > 0 else running_mean
     rv = running_var[c0:c1] if running_var.shape[0] > 0 else running_var
     forward_channels(
-        k, fold(a1, inner), fold(a2, inner), n, eps, gamma[c0:c1], beta[c0:c1], rmax, dmax, rm,
-        rv, stats[:, c0:c1],
+        k,
+        fold(a1, inner),
+        fold(a2, inner),
+        n,
+        eps,
+        gamma[c0:c1],
+        beta[c0:c1],
+        rmax,
+        dmax,
+        rm,
+        rv,
+        stats[:, c0:c1],
     )
     write_task(x2, y2, inner, stats, relu, thr, 0, x2.shape[0], l0, l1)
 
@@ -386,8 +430,21 @@ def gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1):
     c0, w = l0 // inner, l1 - l0
     m, s, b = coefficients(stats, inner, c0, w)
     gradient_rows(
-        x2, g2, d2, m, s, b, relu, thr, expand(coef[0], inner, c0, w),
-        expand(coef[1], inner, c0, w), expand(coef[2], inner, c0, w), r0, r1, l0, l1,
+        x2,
+        g2,
+        d2,
+        m,
+        s,
+        b,
+        relu,
+        thr,
+        expand(coef[0], inner, c0, w),
+        expand(coef[1], inner, c0, w),
+        expand(coef[2], inner, c0, w),
+        r0,
+        r1,
+        l0,
+        l1,
     )
 
 
@@ -402,12 +459,32 @@ def backward_tile(x2, g2, d2, inner, n, l0, l1, stats, relu, thr, dgamma, dbeta)
     gradient_sums(x2, g2, m, s, b, relu, thr, 0, x2.shape[0], l0, l1, a1, a2)
     coef = np.empty((3, c1 - c0))
     backward_channels(
-        fold(a1, inner), fold(a2, inner), n, stats[:, c0:c1], dgamma[c0:c1], dbeta[c0:c1],
-        coef[0], coef[1], coef[2],
+        fold(a1, inner),
+        fold(a2, inner),
+        n,
+        stats[:, c0:c1],
+        dgamma[c0:c1],
+        dbeta[c0:c1],
+        coef[0],
+        coef[1],
+        coef[2],
     )
     gradient_rows(
-        x2, g2, d2, m, s, b, relu, thr, expand(coef[0], inner, 0, w),
-        expand(coef[1], inner, 0, w), expand(coef[2], inner, 0, w), 0, x2.shape[0], l0, l1,
+        x2,
+        g2,
+        d2,
+        m,
+        s,
+        b,
+        relu,
+        thr,
+        expand(coef[0], inner, 0, w),
+        expand(coef[1], inner, 0, w),
+        expand(coef[2], inner, 0, w),
+        0,
+        x2.shape[0],
+        l0,
+        l1,
     )
 
 
@@ -424,8 +501,7 @@ def frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, dgamma, dbeta):
     a2 = np.empty(l1 - l0)
     frozen_task(x2, g2, d2, inner, stats, relu, thr, 0, x2.shape[0], l0, l1, a1, a2)
     c0, c1 = l0 // inner, l1 // inner
-    frozen_channels(fold(a1, inner), fold(a2, inner), stats[:, c0:c1], dgamma[c0:c1],
-                    dbeta[c0:c1])
+    frozen_channels(fold(a1, inner), fold(a2, inner), stats[:, c0:c1], dgamma[c0:c1], dbeta[c0:c1])
 
 
 @helper
@@ -443,8 +519,21 @@ def input_tile(x2, g2, d2, inner, n, l0, l1, eps, gamma, dgamma, dbeta):
     backward_channels(s3, s4, n, stats, dgamma[c0:c1], dbeta[c0:c1], coef[0], coef[1], coef[2])
     m, s, b = coefficients(stats, inner, 0, w)
     gradient_rows(
-        x2, g2, d2, m, s, b, 0, 0.0, expand(coef[0], inner, 0, w), expand(coef[1], inner, 0, w),
-        expand(coef[2], inner, 0, w), 0, x2.shape[0], l0, l1,
+        x2,
+        g2,
+        d2,
+        m,
+        s,
+        b,
+        0,
+        0.0,
+        expand(coef[0], inner, 0, w),
+        expand(coef[1], inner, 0, w),
+        expand(coef[2], inner, 0, w),
+        0,
+        x2.shape[0],
+        l0,
+        l1,
     )
 
 
@@ -503,8 +592,7 @@ def moments(x, mean, var, tune):
     if nrb == 1:
         x2 = x.reshape(outer, lanes)
         for t in prange(nt):
-            tile_moments(x2, inner, outer * inner, t * tile, min(lanes, (t + 1) * tile), mean,
-                         var)
+            tile_moments(x2, inner, outer * inner, t * tile, min(lanes, (t + 1) * tile), mean, var)
     else:
         k, s1, s2 = sums_phase(x, tune)
         moments_channels(k, s1, s2, outer * inner, mean, var)
@@ -513,8 +601,21 @@ def moments(x, mean, var, tune):
 
 @parallel_kernel(*FORWARD_TRAIN)
 def forward_train(
-    x, gamma, beta, eps, momentum, unbiased, rmax, dmax, relu, thr, running_mean, running_var,
-    stats, y, tune,
+    x,
+    gamma,
+    beta,
+    eps,
+    momentum,
+    unbiased,
+    rmax,
+    dmax,
+    relu,
+    thr,
+    running_mean,
+    running_var,
+    stats,
+    y,
+    tune,
 ):
     """Training forward: batch statistics, the per-channel epilogue (``forward_channels``: the
     statistics block, renormalized when ``rmax > 0``), ``y`` (with the activation), the rescue
@@ -528,13 +629,28 @@ def forward_train(
         y2 = y.reshape(outer, lanes)
         for t in prange(nt):
             forward_tile(
-                x2, y2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, gamma, beta, rmax,
-                dmax, running_mean, running_var, relu, thr, stats,
+                x2,
+                y2,
+                inner,
+                n,
+                t * tile,
+                min(lanes, (t + 1) * tile),
+                eps,
+                gamma,
+                beta,
+                rmax,
+                dmax,
+                running_mean,
+                running_var,
+                relu,
+                thr,
+                stats,
             )
     else:
         k, s1, s2 = sums_phase(x, tune)
-        forward_channels(k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var,
-                         stats)
+        forward_channels(
+            k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var, stats
+        )
         write_phase(x, stats, relu, thr, y, tune)
     rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu, thr, y)
     update_running(stats, n, momentum, unbiased, running_mean, running_var)
@@ -562,16 +678,27 @@ def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
     if nrb == 1:
         for t in prange(nt):
             backward_tile(
-                x2, g2, d2, inner, n, t * tile, min(lanes, (t + 1) * tile), stats, relu, thr,
-                dgamma, dbeta,
+                x2,
+                g2,
+                d2,
+                inner,
+                n,
+                t * tile,
+                min(lanes, (t + 1) * tile),
+                stats,
+                relu,
+                thr,
+                dgamma,
+                dbeta,
             )
     else:
         p1 = np.empty((nrb, lanes))
         p2 = np.empty((nrb, lanes))
         for task in prange(nt * nrb):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
-            gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p1[task // nt],
-                               p2[task // nt])
+            gradient_sums_task(
+                x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p1[task // nt], p2[task // nt]
+            )
         s1, s2 = partials_per_channel(p1, p2, inner, 0, channels)
         coef = np.empty((3, channels))
         backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
@@ -589,16 +716,28 @@ def backward_frozen(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
     d2 = dx.reshape(outer, lanes)
     if nrb == 1:
         for t in prange(nt):
-            frozen_tile(x2, g2, d2, inner, t * tile, min(lanes, (t + 1) * tile), stats, relu,
-                        thr, dgamma, dbeta)
+            frozen_tile(
+                x2,
+                g2,
+                d2,
+                inner,
+                t * tile,
+                min(lanes, (t + 1) * tile),
+                stats,
+                relu,
+                thr,
+                dgamma,
+                dbeta,
+            )
     else:
         p1 = np.empty((nrb, lanes))
         p2 = np.empty((nrb, lanes))
         for task in prange(nt * nrb):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
             b = task // nt
-            frozen_task(x2, g2, d2, inner, stats, relu, thr, r0, r1, l0, l1, p1[b, l0:l1],
-                        p2[b, l0:l1])
+            frozen_task(
+                x2, g2, d2, inner, stats, relu, thr, r0, r1, l0, l1, p1[b, l0:l1], p2[b, l0:l1]
+            )
         s1, s2 = partials_per_channel(p1, p2, inner, 0, channels)
         frozen_channels(s1, s2, stats, dgamma, dbeta)
 
@@ -616,16 +755,38 @@ def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
     d2 = dx.reshape(outer, lanes)
     if nrb == 1:
         for t in prange(nt):
-            input_tile(x2, g2, d2, inner, n, t * tile, min(lanes, (t + 1) * tile), eps, gamma,
-                       dgamma, dbeta)
+            input_tile(
+                x2,
+                g2,
+                d2,
+                inner,
+                n,
+                t * tile,
+                min(lanes, (t + 1) * tile),
+                eps,
+                gamma,
+                dgamma,
+                dbeta,
+            )
     else:
         k = channel_shifts(x2, inner, channels)
         p = np.empty((4, nrb, lanes))
         for task in prange(nt * nrb):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, outer)
             b = task // nt
-            input_sums(x2, g2, expand(k, inner, l0 // inner, l1 - l0), r0, r1, l0, l1,
-                       p[0, b, l0:l1], p[1, b, l0:l1], p[2, b, l0:l1], p[3, b, l0:l1])
+            input_sums(
+                x2,
+                g2,
+                expand(k, inner, l0 // inner, l1 - l0),
+                r0,
+                r1,
+                l0,
+                l1,
+                p[0, b, l0:l1],
+                p[1, b, l0:l1],
+                p[2, b, l0:l1],
+                p[3, b, l0:l1],
+            )
         s1, s2 = partials_per_channel(p[0], p[1], inner, 0, channels)
         s3, s4 = partials_per_channel(p[2], p[3], inner, 0, channels)
         stats = np.empty((STATS_ROWS, channels))

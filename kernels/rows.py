@@ -128,8 +128,9 @@ def gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part):
         part[c, 1] = 0.0
     for o in range(o0, o1):
         for c in range(c0, c1):
-            a, b = row_grad_sums(x[o, c], dy[o, c], stats[MEAN, c], stats[SCALE, c],
-                                 stats[SHIFT, c], relu, thr)
+            a, b = row_grad_sums(
+                x[o, c], dy[o, c], stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c], relu, thr
+            )
             part[c, 0] += a
             part[c, 1] += b
 
@@ -142,8 +143,16 @@ def frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part):
         part[c, 1] = 0.0
     for o in range(o0, o1):
         for c in range(c0, c1):
-            a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], stats[SCALE, c],
-                              stats[SHIFT, c], relu, thr)
+            a, b = row_frozen(
+                x[o, c],
+                dy[o, c],
+                dx[o, c],
+                stats[MEAN, c],
+                stats[SCALE, c],
+                stats[SHIFT, c],
+                relu,
+                thr,
+            )
             part[c, 0] += a
             part[c, 1] += b
 
@@ -173,8 +182,9 @@ def normalize_row(xr, yr, m, s, b, relu, thr):
 def write_task(x, stats, relu, thr, o0, o1, c0, c1, y):
     for o in range(o0, o1):
         for c in range(c0, c1):
-            normalize_row(x[o, c], y[o, c], stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c],
-                          relu, thr)
+            normalize_row(
+                x[o, c], y[o, c], stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c], relu, thr
+            )
 
 
 @helper
@@ -189,8 +199,19 @@ def grad_input_row(xr, gr, dr, m, s, b, relu, thr, kc, c1c, c0c):
 def grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx):
     for o in range(o0, o1):
         for c in range(c0, c1):
-            grad_input_row(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], stats[SCALE, c],
-                           stats[SHIFT, c], relu, thr, coef[0, c], coef[1, c], coef[2, c])
+            grad_input_row(
+                x[o, c],
+                dy[o, c],
+                dx[o, c],
+                stats[MEAN, c],
+                stats[SCALE, c],
+                stats[SHIFT, c],
+                relu,
+                thr,
+                coef[0, c],
+                coef[1, c],
+                coef[2, c],
+            )
 
 
 @helper
@@ -210,8 +231,9 @@ def channel_gradient_sums(x, dy, stats, relu, thr, c):
     s1 = 0.0
     s2 = 0.0
     for o in range(x.shape[0]):
-        a, b = row_grad_sums(x[o, c], dy[o, c], stats[MEAN, c], stats[SCALE, c],
-                             stats[SHIFT, c], relu, thr)
+        a, b = row_grad_sums(
+            x[o, c], dy[o, c], stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c], relu, thr
+        )
         s1 += a
         s2 += b
     return s1, s2
@@ -220,7 +242,7 @@ def channel_gradient_sums(x, dy, stats, relu, thr, c):
 @helper
 def running_slice(running, c):
     """Channel c of a running array, or the empty array that means none."""
-    return running[c:c + 1] if running.shape[0] > 0 else running
+    return running[c : c + 1] if running.shape[0] > 0 else running
 
 
 # --- Phases shared by the kernels (prange loops, inlined into each kernel).
@@ -271,8 +293,21 @@ def moments(x, mean, var, tune):
 
 @parallel_kernel(*FORWARD_TRAIN)
 def forward_train(
-    x, gamma, beta, eps, momentum, unbiased, rmax, dmax, relu, thr, running_mean, running_var,
-    stats, y, tune,
+    x,
+    gamma,
+    beta,
+    eps,
+    momentum,
+    unbiased,
+    rmax,
+    dmax,
+    relu,
+    thr,
+    running_mean,
+    running_var,
+    stats,
+    y,
+    tune,
 ):
     """Training forward: batch statistics, the per-channel epilogue (``forward_channels``), then
     ``y``; with :func:`fused` shapes each channel is one task (its rows summed in order, then
@@ -285,15 +320,25 @@ def forward_train(
         for c in prange(channels):
             s[0, c], s[1, c] = channel_sums(x, c, k[c])
             forward_channels(
-                k[c:c + 1], s[0, c:c + 1], s[1, c:c + 1], n, eps, gamma[c:c + 1], beta[c:c + 1],
-                rmax, dmax, running_slice(running_mean, c), running_slice(running_var, c),
-                stats[:, c:c + 1],
+                k[c : c + 1],
+                s[0, c : c + 1],
+                s[1, c : c + 1],
+                n,
+                eps,
+                gamma[c : c + 1],
+                beta[c : c + 1],
+                rmax,
+                dmax,
+                running_slice(running_mean, c),
+                running_slice(running_var, c),
+                stats[:, c : c + 1],
             )
             write_task(x, stats, relu, thr, 0, outer, c, c + 1, y)
     else:
         k, s1, s2 = sums_phase(x, tune)
-        forward_channels(k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var,
-                         stats)
+        forward_channels(
+            k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var, stats
+        )
         write_phase(x, stats, relu, thr, y, tune)
     rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu, thr, y)
     update_running(stats, n, momentum, unbiased, running_mean, running_var)
@@ -319,8 +364,15 @@ def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
         for c in prange(channels):
             s[0, c], s[1, c] = channel_gradient_sums(x, dy, stats, relu, thr, c)
             backward_channels(
-                s[0, c:c + 1], s[1, c:c + 1], n, stats[:, c:c + 1], dgamma[c:c + 1],
-                dbeta[c:c + 1], coef[0, c:c + 1], coef[1, c:c + 1], coef[2, c:c + 1],
+                s[0, c : c + 1],
+                s[1, c : c + 1],
+                n,
+                stats[:, c : c + 1],
+                dgamma[c : c + 1],
+                dbeta[c : c + 1],
+                coef[0, c : c + 1],
+                coef[1, c : c + 1],
+                coef[2, c : c + 1],
             )
             grad_input_task(x, dy, stats, relu, thr, coef, 0, outer, c, c + 1, dx)
     else:

@@ -91,8 +91,9 @@ def gradient_sums(x, dy, stats, relu, thr):
     s2 = np.zeros(channels)
     for o in range(outer):
         for c in range(channels):
-            a, b = row_grad_sums(x[o, c], dy[o, c], stats[MEAN, c], stats[SCALE, c],
-                                 stats[SHIFT, c], relu, thr)
+            a, b = row_grad_sums(
+                x[o, c], dy[o, c], stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c], relu, thr
+            )
             s1[c] += a
             s2[c] += b
     return s1, s2
@@ -136,15 +137,29 @@ def moments(x, mean, var, tune):
 
 @kernel(*FORWARD_TRAIN)
 def forward_train(
-    x, gamma, beta, eps, momentum, unbiased, rmax, dmax, relu, thr, running_mean, running_var,
-    stats, y, tune,
+    x,
+    gamma,
+    beta,
+    eps,
+    momentum,
+    unbiased,
+    rmax,
+    dmax,
+    relu,
+    thr,
+    running_mean,
+    running_var,
+    stats,
+    y,
+    tune,
 ):
     """Training forward: the shifted sums, the per-channel epilogue, y, the rescue, then the
     running averages."""
     shift, s1, s2 = moment_sums(x)
     n = x.shape[0] * x.shape[2]
-    forward_channels(shift, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var,
-                     stats)
+    forward_channels(
+        shift, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var, stats
+    )
     write(x, stats, relu, thr, y)
     rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu, thr, y)
     update_running(stats, n, momentum, unbiased, running_mean, running_var)
@@ -178,8 +193,16 @@ def backward_frozen(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
     s2 = np.zeros(channels)
     for o in range(outer):
         for c in range(channels):
-            a, b = row_frozen(x[o, c], dy[o, c], dx[o, c], stats[MEAN, c], stats[SCALE, c],
-                              stats[SHIFT, c], relu, thr)
+            a, b = row_frozen(
+                x[o, c],
+                dy[o, c],
+                dx[o, c],
+                stats[MEAN, c],
+                stats[SCALE, c],
+                stats[SHIFT, c],
+                relu,
+                thr,
+            )
             s1[c] += a
             s2[c] += b
     frozen_channels(s1, s2, stats, dgamma, dbeta)

@@ -76,6 +76,7 @@ JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=KERNEL_
 ROWS_MIN = 64  # inner >= ROWS_MIN: the rows family (each (o, c) row contiguous and long)
 BLOCK_ROWS_MIN = 64  # lanes family: a row block has >= 64 rows, so its partials are <= x/16
 FUSE_LANES_MIN = 256  # lanes family: a fused strip is at least 256 lanes wide (see lanes.py)
+WIDE_LANES = 64  # lanes family: rows narrower than this are viewed k at a time (lanes.replicas)
 MIN_TASKS = 16  # rows family: split channels into groups when fewer outer blocks than this
 
 # The tuning vector's entries (values: ``bnfast._machine``, derived from this CPU's caches).

@@ -15,6 +15,8 @@ import pytest
 import bnfast
 from bnfast import _threading
 from bnfast import reference as ref
+from bnfast._machine import TUNE
+from bnfast.kernels._jit import TUNE_STRIP
 from conftest import assert_channels_close, backward_tolerance, describe, forward_tolerance
 
 
@@ -26,10 +28,23 @@ def _parallel_size(shape, axis):
     return tuple(n * max(1, k) if i == a else n for i, n in enumerate(shape))
 
 
+def _two_pass_rows(lanes):
+    """Rows of ``lanes`` float32 lanes making x twice the lanes family's fused strip budget
+    (``TUNE_STRIP``, from this machine's L2), a multiple of 60, so the two-pass route runs."""
+    rows = 2 * int(TUNE[TUNE_STRIP]) // (4 * lanes)
+    return rows // 60 * 60 + 60
+
+
 # One per family and layout kind, scaled above SERIAL_BELOW.
 CASES = [
     (label, _parallel_size(shape, axis), axis)
     for label, shape, axis in [
+        # Rows narrower than WIDE_LANES, read k at a time (lanes.replicas): fused and two-pass,
+        # with inner > 1, and with a prime row count (no k divides it: rows stay narrow).
+        ("lanes narrow rows, fused", (6000, 5), 1),
+        ("lanes narrow rows, two-pass", (_two_pass_rows(5), 5), 1),
+        ("lanes narrow rows, inner > 1", (_two_pass_rows(15), 3, 5), 1),
+        ("lanes narrow rows, prime count", (104729, 5), 1),
         ("rows NCHW", (8, 8, 48, 50), 1),
         ("rows 3-D", (3, 5, 12000), 1),
         ("rows, unfused (C < 4)", (2, 3, 40000), 1),

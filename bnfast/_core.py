@@ -20,7 +20,6 @@ import numpy as np
 
 from . import _checks as chk
 from . import _threading
-from ._machine import TUNE
 from .kernels.common import GAMMA, INVSTD, MEAN, STATS_ROWS, VAR
 
 _NO_RUNNING = {
@@ -183,7 +182,7 @@ def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
     var = np.empty(layout.channels, x.dtype)
     if layout.channels:
         x3 = layout.view3(x)
-        _threading.kernels_for(x3).moments(x3, mean, var, TUNE)
+        _threading.kernels_for(x3).moments(x3, mean, var, _threading.tune(x3))
     return mean, var
 
 
@@ -408,7 +407,7 @@ def _run_forward(
             rv,
             stats,
             y3,
-            TUNE,
+            _threading.tune(x3),
         )
         if tracking and not direct:  # float64 math, rounded once into the running arrays
             unbias = count / (count - 1) if unbiased else 1.0
@@ -424,7 +423,7 @@ def _run_forward(
         rv = running_var if running_var.dtype == dtype else running_var.astype(dtype)
         x3 = layout.view3(x)
         _threading.kernels_for(x3, y3).normalize(
-            x3, rm, rv, gamma, beta, eps, int(relu), thr, stats, y3, TUNE
+            x3, rm, rv, gamma, beta, eps, int(relu), thr, stats, y3, _threading.tune(x3)
         )
     stats.flags.writeable = False
     return stats
@@ -557,7 +556,17 @@ def _run_backward(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None:
     run = _threading.kernels_for(x3, dy3, dx3)
     kernel = run.backward_train if cache.training else run.backward_frozen
     relu = int(cache.activation == "relu")
-    kernel(x3, dy3, cache._stats, relu, RELU_THRESHOLD[x3.dtype], dgamma, dbeta, dx3, TUNE)
+    kernel(
+        x3,
+        dy3,
+        cache._stats,
+        relu,
+        RELU_THRESHOLD[x3.dtype],
+        dgamma,
+        dbeta,
+        dx3,
+        _threading.tune(x3),
+    )
 
 
 def backward_from_input(
@@ -623,7 +632,7 @@ def backward_from_input(
     else:
         x3, dy3 = layout.view3(x), layout.view3(dy)
         _threading.kernels_for(x3, dy3, dx3).backward_input(
-            x3, dy3, gamma, eps, dgamma, dbeta, dx3, TUNE
+            x3, dy3, gamma, eps, dgamma, dbeta, dx3, _threading.tune(x3)
         )
     layout.finish_output(dx, dx3)
     return dx, dgamma, dbeta

@@ -29,7 +29,6 @@ from ._core import (
     backward,
     forward,
 )
-from ._machine import TUNE
 from .kernels._jit import ROWS_MIN
 from .kernels.common import STATS_ROWS
 
@@ -377,13 +376,23 @@ class BatchNorm:
                 rv,
                 stats,
                 y3,
-                TUNE,
+                _threading.tune(x3),
             )
             if self.track_running_stats:
                 self.num_batches_tracked += 1
         else:
             run.normalize(
-                x3, rows[2], rows[3], p.gamma, p.beta, self.eps, p.relu, p.thr, stats, y3, TUNE
+                x3,
+                rows[2],
+                rows[3],
+                p.gamma,
+                p.beta,
+                self.eps,
+                p.relu,
+                p.thr,
+                stats,
+                y3,
+                _threading.tune(x3),
             )
         stats.flags.writeable = False
         self._cache = BatchNormCache(
@@ -457,7 +466,7 @@ class BatchNorm:
             self._rows[4],
             self._rows[5],
             dx3,
-            TUNE,
+            _threading.tune(x3),
         )
         return dx
 

@@ -24,10 +24,14 @@ else ``os.sysconf``, else the defaults named below):
   a fixed time while a serial pass grows with the array; the launch pays once the array is
   larger than half of one core's L2 (measured on the old kernels, float32 C = 64, two threads:
   break-even near 2**17 values = 512 KiB = L2/2; see ``_threading``).
+- ``TUNE_THREADS``: 1 in ``TUNE``; ``with_threads(n)`` is ``TUNE`` for a parallel call on n
+  threads (``_threading.tune``), so ``lanes.geometry`` can give each thread a fused tile
+  (calling ``numba.get_num_threads()`` inside a kernel would stop numba caching it).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -121,6 +125,7 @@ def tuning(caches: dict) -> np.ndarray:
     tune[_jit.TUNE_BLOCK] = max(64 * 1024, caches["L2"] // 4)
     tune[_jit.TUNE_FUSE] = max(64 * 1024, caches["L2"] // 2)
     tune[_jit.TUNE_STRIP] = max(256 * 1024, 4 * caches["L2"])
+    tune[_jit.TUNE_THREADS] = 1
     tune.flags.writeable = False
     return tune
 
@@ -128,6 +133,15 @@ def tuning(caches: dict) -> np.ndarray:
 CACHES = cache_sizes()
 TUNE = tuning(CACHES)
 SERIAL_BELOW = CACHES["L2"] // 2
+
+
+@functools.cache
+def with_threads(threads: int) -> np.ndarray:
+    """``TUNE`` for a call that runs on ``threads`` threads (read-only, one per count)."""
+    tune = TUNE.copy()
+    tune[_jit.TUNE_THREADS] = threads
+    tune.flags.writeable = False
+    return tune
 
 
 def describe() -> str:

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from . import kernels
-from ._machine import SERIAL_BELOW
+from ._machine import SERIAL_BELOW, TUNE, with_threads
 from ._tbb import TBB_LOADED  # noqa: F401  (re-exported for tests and the main job)
 from .kernels._jit import ROWS_MIN, Launcher
 
@@ -101,6 +101,14 @@ def family(rows: bool, nbytes: int):
     if _thread_safe_layer:
         return _PARALLEL[name]
     return _GUARDED[name]
+
+
+def tune(x: np.ndarray) -> np.ndarray:
+    """The tuning vector for a call on x: ``TUNE`` with the thread count the parallel kernels
+    run on (``numba.get_num_threads()``, 0.7 us, asked only for arrays at least SERIAL_BELOW)."""
+    if _serial_only or x.nbytes < SERIAL_BELOW:
+        return TUNE
+    return with_threads(numba.get_num_threads())
 
 
 def kernels_for(*arrays: np.ndarray):

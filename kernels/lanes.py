@@ -46,10 +46,12 @@ from ._jit import (
     BLOCK_ROWS_MIN,
     FORWARD_TRAIN,
     FUSE_LANES_MIN,
+    FUSE_TASKS_PER_THREAD,
     MOMENTS,
     NORMALIZE,
     TUNE_BLOCK,
     TUNE_STRIP,
+    TUNE_THREADS,
     TUNE_TILE,
     WIDE_LANES,
     helper,
@@ -109,8 +111,19 @@ def geometry(x, tune):
     tile) is one tile, ``nt == 1``, so a tile holds every replica of its channels.
     Fused route (``nrb == 1``) when a strip of at least ``FUSE_LANES_MIN`` lanes over every row
     fits ``TUNE_STRIP`` bytes: the tile is then the widest such strip (a multiple of inner, at
-    most ``TUNE_TILE``; the whole row when ``k > 1``). Otherwise tiles of ``TUNE_TILE`` lanes
-    and row blocks of ``TUNE_BLOCK`` bytes (at least ``BLOCK_ROWS_MIN`` rows).
+    most ``TUNE_TILE``; the whole row when ``k > 1``); when the call runs on n > 1 threads
+    (``TUNE_THREADS``), halved while there are fewer than ``FUSE_TASKS_PER_THREAD * n`` tiles
+    and it stays at least ``FUSE_LANES_MIN`` lanes. A fused tile is one task: one tile leaves
+    the second core idle, and exactly one tile per thread was slow too. Float32, Zen 4, 2
+    threads, tbb, min us of interleaved rounds, tiles of 1 / 2 / 4 per call: forward
+    (512, 1024) 254 / 564 / 252, (1024, 1024) 451 / 1078 / 401, (2048, 1024) 1546 / (2 x 512
+    lanes) / 770; backward (1024, 1024) 749 / 649 / 499, (512, 2048) 4 tiles against 2:
+    forward 205 / 233, backward 309 / 393; omp alike (forward (1024, 1024) 426 / 664 / 422).
+    Eight tiles gained nothing more at (512, 2048). On one thread the split only costs
+    ((1024, 1024) forward 366 us as one tile, 470 as four), so serial calls keep the widest.
+    Each lane's sums run over the rows in the same order whatever the tile, so the split
+    leaves results bitwise unchanged (tests/test_parallel.py, 1 to 8 threads). Otherwise tiles of
+    ``TUNE_TILE`` lanes and row blocks of ``TUNE_BLOCK`` bytes (at least ``BLOCK_ROWS_MIN`` rows).
     """
     outer, channels, inner = x.shape
     k = replicas(outer, channels * inner, tune[TUNE_TILE])
@@ -118,6 +131,9 @@ def geometry(x, tune):
     tile = min(lanes, max(1, tune[TUNE_TILE] // inner) * inner)
     strip = tile
     while k == 1 and strip > inner and rows * strip * x.itemsize > tune[TUNE_STRIP]:
+        strip = max(inner, strip // 2 // inner * inner)
+    tasks = 1 if tune[TUNE_THREADS] == 1 else FUSE_TASKS_PER_THREAD * tune[TUNE_THREADS]
+    while k == 1 and (lanes + strip - 1) // strip < tasks and strip >= 2 * FUSE_LANES_MIN:
         strip = max(inner, strip // 2 // inner * inner)
     if rows * strip * x.itemsize <= tune[TUNE_STRIP] and strip >= min(lanes, FUSE_LANES_MIN):
         return rows, lanes, strip, (lanes + strip - 1) // strip, max(1, rows), 1

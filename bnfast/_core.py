@@ -19,8 +19,8 @@ import operator
 import numpy as np
 
 from . import _checks as chk
-from . import _threading
-from .kernels.common import GAMMA, INVSTD, MEAN, STATS_ROWS, VAR
+from . import _sync, _threading
+from .kernels.common import GAMMA, INVSTD, MEAN, STATS_ROWS, VAR, inference_channels
 
 _NO_RUNNING = {
     np.dtype(np.float32): np.empty(0, np.float32),
@@ -60,12 +60,20 @@ class BatchNormCache(tuple):
     parts : tuple
         With ``virtual_batch_size``: ``(start, stop, cache)`` of each virtual batch along axis
         0; empty otherwise.
+    comm : communicator or None
+        The communicator of a synchronized training forward (backward reduces over it too).
+    total : int
+        With ``comm``: the values per channel over all ranks.
     """
 
     __slots__ = ()
 
-    def __new__(cls, x, stats, axis, training, layout, x3, activation=None, parts=()):
-        return tuple.__new__(cls, (x, stats, axis, training, layout, x3, activation, parts))
+    def __new__(
+        cls, x, stats, axis, training, layout, x3, activation=None, parts=(), comm=None, total=0
+    ):
+        return tuple.__new__(
+            cls, (x, stats, axis, training, layout, x3, activation, parts, comm, total)
+        )
 
     x = property(operator.itemgetter(0))
     _stats = property(operator.itemgetter(1))
@@ -75,6 +83,8 @@ class BatchNormCache(tuple):
     _x3 = property(operator.itemgetter(5))
     activation = property(operator.itemgetter(6))
     parts = property(operator.itemgetter(7))
+    comm = property(operator.itemgetter(8))
+    total = property(operator.itemgetter(9))
 
     @property
     def mean(self) -> np.ndarray:
@@ -178,8 +188,15 @@ def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
             f"x has shape {x.shape}: no values per channel along axis {axis}; "
             "moments need at least one"
         )
-    mean = np.empty(layout.channels, x.dtype)
-    var = np.empty(layout.channels, x.dtype)
+    mean, var = _moments64(x, layout)
+    return mean.astype(x.dtype), var.astype(x.dtype)  # one rounding of the float64 results
+
+
+def _moments64(x, layout) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance in float64 (the ``moments`` kernel; needs a value
+    per channel)."""
+    mean = np.empty(layout.channels)
+    var = np.empty(layout.channels)
     if layout.channels:
         x3 = layout.view3(x)
         _threading.kernels_for(x3).moments(x3, mean, var, _threading.tune(x3))
@@ -202,6 +219,7 @@ def forward(
     renorm: tuple[float, float] | None = None,
     virtual_batch_size: int | None = None,
     unbiased: bool = True,
+    comm=None,
 ) -> tuple[np.ndarray, BatchNormCache]:
     """Batch-normalize ``x`` over every axis but ``axis``: ``y = gamma * xhat + beta``.
 
@@ -251,6 +269,14 @@ def forward(
         batch axis (not ``axis``) and divisible by it.
     unbiased : bool, default True
         The running variance is unbiased (PyTorch) or biased (Keras, Flax, numpy-ml).
+    comm : mpi4py communicator, optional
+        Synchronized batch norm (data parallelism): while training, x is this rank's shard of
+        the global batch and is normalized with the global batch's statistics (one
+        ``Allreduce`` of 3 float64 per channel; shards may differ in size, a rank may hold a
+        single sample or none), the running arrays get the same bits on every rank, and
+        :func:`backward` reduces over the same communicator. Every rank of ``comm`` must make
+        the call. Ignored in inference (no collective). Not combined with ``renorm`` or
+        ``virtual_batch_size``. See ``bnfast._sync`` for what mismatches are detected.
 
     Returns
     -------
@@ -301,6 +327,14 @@ def forward(
         )
         running_var = chk.channel_vector(running_var, "running_var", channels, writeable=training)
     groups = 1
+    if comm is not None:
+        comm = _sync.checked(comm)
+        if not training:
+            comm = None  # inference makes no collective
+        elif renorm is not None or virtual_batch_size is not None:
+            raise ValueError(
+                "comm= (synchronized batch norm) does not combine with renorm or virtual_batch_size"
+            )
     if training:
         momentum = chk.unit_momentum(momentum)
         if renorm is not None and not tracking:
@@ -309,7 +343,7 @@ def forward(
             )
         if virtual_batch_size is not None:
             groups = _virtual_groups(virtual_batch_size, x.shape, axis)
-        if count and count // groups == 1:
+        if count and count // groups == 1 and comm is None:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input of shape "
                 f"{x.shape} with channel axis {axis} (1 per channel"
@@ -341,7 +375,15 @@ def forward(
 
     y, y3 = layout.output(out, dtype)
     settings = (eps, relu, RELU_THRESHOLD[dtype], rmax, dmax, unbiased)
-    if groups > 1:
+    if comm is not None:
+        stats, total = _run_forward_synced(
+            comm, x, layout, y3, gamma, beta, running_mean, running_var, momentum, settings
+        )
+        layout.finish_output(y, y3)
+        cache = BatchNormCache(
+            x, stats, axis, True, layout, layout.view3(x), "relu" if relu else None, (), comm, total
+        )
+    elif groups > 1:
         cache = _ghost_forward(
             x, y, axis, gamma, beta, running_mean, running_var, momentum, groups, settings
         )
@@ -354,6 +396,53 @@ def forward(
             x, stats, axis, training, layout, layout.view3(x), "relu" if relu else None
         )
     return y, cache
+
+
+def _update_running(running_mean, running_var, momentum, stats, count, unbiased) -> None:
+    """The running averages in float64 NumPy math, rounded once into the running arrays (their
+    dtype differs from x's, or the statistics are a synchronized forward's)."""
+    unbias = count / (count - 1) if unbiased else 1.0
+    with _after_write():
+        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * stats[
+            MEAN
+        ]
+        running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + (
+            momentum * unbias
+        ) * stats[VAR]
+
+
+def _run_forward_synced(
+    comm, x, layout, y3, gamma, beta, running_mean, running_var, momentum, settings
+) -> tuple[np.ndarray, int]:
+    """A synchronized training forward on checked arguments: this rank's float64 moments, the
+    global ones (``_sync``: one collective), their statistics block (``inference_channels``,
+    the kernels' own helper), y from it (``normalize_block``) and the running averages;
+    returns the block and the global count. Raises on every rank, before any write, when the
+    ranks disagree or the global batch has one value per channel."""
+    eps, relu, thr, _, _, unbiased = settings
+    dtype, channels, count = x.dtype, layout.channels, layout.count
+    local = count > 0 and channels > 0
+    mean, var = _moments64(x, layout) if local else (np.zeros(channels), np.zeros(channels))
+    total, mean, var = _sync.global_moments(comm, count, mean, var, dtype, eps, momentum)
+    if total == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got 1 over all ranks of "
+            f"comm (this rank's input has shape {x.shape}, channel axis {layout.axis})"
+        )
+    stats = np.empty((STATS_ROWS, channels))
+    if total == 0 or channels == 0:
+        stats[...] = np.nan
+        return stats, total
+    inference_channels(mean, var, eps, gamma, beta, stats)  # the kernels' per-channel math
+    if local:
+        x3 = layout.view3(x)
+        _threading.kernels_for(x3, y3).normalize_block(
+            x3, stats, int(relu), thr, y3, _threading.tune(x3)
+        )
+    if running_mean is not None:
+        _update_running(running_mean, running_var, momentum, stats, total, unbiased)
+    stats.flags.writeable = False
+    return stats, total
 
 
 def _virtual_groups(k, shape, axis) -> int:
@@ -409,15 +498,8 @@ def _run_forward(
             y3,
             _threading.tune(x3),
         )
-        if tracking and not direct:  # float64 math, rounded once into the running arrays
-            unbias = count / (count - 1) if unbiased else 1.0
-            with _after_write():
-                running_mean[...] = (1.0 - momentum) * running_mean.astype(
-                    np.float64
-                ) + momentum * stats[MEAN]
-                running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + (
-                    momentum * unbias
-                ) * stats[VAR]
+        if tracking and not direct:
+            _update_running(running_mean, running_var, momentum, stats, count, unbiased)
     else:
         rm = running_mean if running_mean.dtype == dtype else running_mean.astype(dtype)
         rv = running_var if running_var.dtype == dtype else running_var.astype(dtype)
@@ -545,9 +627,46 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
     return dx, dgamma, dbeta
 
 
+def _run_backward_synced(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None:
+    """A synchronized training backward: this rank's two float64 sums (``backward_sums``),
+    summed over the ranks (one collective), dx from the global sums and count
+    (``backward_apply``). dgamma and dbeta are this rank's share (its own sums), as every
+    other parameter's gradient in data parallelism: averaging or summing them over the ranks
+    with the rest gives the global batch's."""
+    layout, x3, stats = cache._layout, cache._x3, cache._stats
+    local = layout.count > 0 and layout.channels > 0
+    sums = np.zeros((2, layout.channels))
+    relu, thr = int(cache.activation == "relu"), RELU_THRESHOLD[x3.dtype]
+    if local:
+        run = _threading.kernels_for(x3, dy3, dx3)
+        run.backward_sums(x3, dy3, stats, relu, thr, sums[0], sums[1], _threading.tune(x3))
+    total = _sync.global_sums(cache.comm, sums)
+    if local:
+        run.backward_apply(
+            x3,
+            dy3,
+            stats,
+            relu,
+            thr,
+            total[0],
+            total[1],
+            float(cache.total),
+            dgamma,
+            dbeta,
+            dx3,
+            _threading.tune(x3),
+        )
+    with _after_write():
+        dgamma[...] = sums[1] * stats[INVSTD]  # dgamma_of with r = 1, d = 0: this rank's share
+        dbeta[...] = sums[0]
+
+
 def _run_backward(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None:
     """The backward kernel of one (not ghost) cache on checked arguments."""
     layout = cache._layout
+    if cache.comm is not None:
+        _run_backward_synced(cache, dy3, dgamma, dbeta, dx3)
+        return
     if layout.count == 0 or layout.channels == 0:
         dgamma[...] = 0.0
         dbeta[...] = 0.0

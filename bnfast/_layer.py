@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from . import _checks as chk
-from . import _threading
+from . import _sync, _threading
 from ._core import (
     RELU_THRESHOLD,
     BatchNormCache,
@@ -76,6 +77,11 @@ class BatchNorm:
         Ghost batches while training (``bnfast.forward``'s ``virtual_batch_size``).
     unbiased : bool, default True
         The running variance unbiased (PyTorch) or biased (Keras, Flax, numpy-ml).
+    comm : mpi4py communicator, optional
+        Synchronized batch norm (PyTorch's ``SyncBatchNorm``): in training mode each forward
+        normalizes this rank's shard with the global batch's statistics and each backward
+        reduces over ``comm`` (``bnfast.forward``'s ``comm``); eval mode makes no collective.
+        ``dgamma``/``dbeta`` are this rank's share, to be averaged with the other gradients.
 
     Examples
     --------
@@ -96,6 +102,7 @@ class BatchNorm:
     axis: int
     eps: float
     momentum: float | None
+    comm: Any
     affine: bool
     center: bool
     scale: bool
@@ -134,6 +141,7 @@ class BatchNorm:
         renorm: tuple[float, float] | None = None,
         virtual_batch_size: int | None = None,
         unbiased: bool = True,
+        comm=None,
     ) -> None:
         if isinstance(num_features, (bool, np.bool_)) or not isinstance(
             num_features, numbers.Integral
@@ -172,6 +180,14 @@ class BatchNorm:
             raise ValueError(f"virtual_batch_size must be an int >= 1, got {virtual_batch_size!r}")
         self.virtual_batch_size = virtual_batch_size
         self.unbiased = chk.flag(unbiased, "unbiased")
+        if comm is not None:
+            comm = _sync.checked(comm)
+            if renorm is not None or virtual_batch_size is not None:
+                raise ValueError(
+                    "comm= (synchronized batch norm) does not combine with renorm or "
+                    "virtual_batch_size"
+                )
+        self.comm = comm
         self.dtype = dtype
         self.training = True
         c = self.num_features
@@ -337,6 +353,7 @@ class BatchNorm:
             renorm=self.renorm if update else None,
             virtual_batch_size=self.virtual_batch_size if use_batch_stats else None,
             unbiased=self.unbiased,
+            comm=self.comm if self.training else None,  # eval: no collective (as PyTorch)
         )
         if update:
             self.num_batches_tracked += 1
@@ -410,6 +427,7 @@ class BatchNorm:
             out is None
             and not self.reuse_buffers
             and not cache.parts
+            and cache.comm is None
             and type(dy) is np.ndarray
             and dy.shape == x.shape
             and dy.strides == x.strides
@@ -597,6 +615,7 @@ class _Plan:
         if (
             type(x) is not np.ndarray
             or bn.reuse_buffers
+            or bn.comm is not None
             or cache.parts
             or x.dtype is not bn.dtype
             or not bn._own_rows()

@@ -49,8 +49,8 @@ class ReLU:
 class BatchNorm:
     """bnfast.BatchNorm as a trainer layer; ``learn_affine=False`` freezes gamma=1, beta=0."""
 
-    def __init__(self, n, *, dtype=np.float64, learn_affine=True, momentum=0.1):
-        self.bn = bnfast.BatchNorm(n, dtype=dtype, momentum=momentum)
+    def __init__(self, n, *, dtype=np.float64, learn_affine=True, momentum=0.1, comm=None):
+        self.bn = bnfast.BatchNorm(n, dtype=dtype, momentum=momentum, comm=comm)
         self.learn_affine = learn_affine
 
     def forward(self, x, train=True):
@@ -94,6 +94,7 @@ class MLP:
         learn_affine=True,
         seed=0,
         dtype=np.float64,
+        comm=None,
     ):
         rng = np.random.default_rng(seed)
         self.layers = []
@@ -101,7 +102,9 @@ class MLP:
         for _ in range(depth):
             self.layers.append(Linear(n, width, rng, bias=(not bn) or bias_before_bn, dtype=dtype))
             if bn:
-                self.layers.append(BatchNorm(width, dtype=dtype, learn_affine=learn_affine))
+                self.layers.append(
+                    BatchNorm(width, dtype=dtype, learn_affine=learn_affine, comm=comm)
+                )
             self.layers.append(ReLU())
             n = width
         self.layers.append(Linear(n, n_out, rng, dtype=dtype))

@@ -1,4 +1,4 @@
-"""Jitted loops of bnfast: three layout families with the same five kernels each.
+"""Jitted loops of bnfast: three layout families with the same kernels each.
 
 Every kernel works on the canonical 3-D view ``(outer, C, inner)`` that ``bnfast`` makes of any
 array (the channel axis in the middle, every other axis merged before or after it), takes its
@@ -15,7 +15,8 @@ Kernels in each family (one call per public operation; the per-channel arithmeti
 running-average update included, happens inside the call, in ``common``; parameter kinds in
 ``_jit``):
 
-- ``moments(x, mean, var, tune)``: per-channel mean and biased variance, one read of x.
+- ``moments(x, mean, var, tune)``: per-channel mean and biased variance (float64), one read of
+  x.
 - ``forward_train(x, gamma, beta, eps, momentum, unbiased, rmax, dmax, relu, thr,
   running_mean, running_var, stats, y, tune)``: batch statistics, the (8, C) float64
   statistics block (``common.MEAN`` ... ``D``; Batch Renormalization when ``rmax > 0``), y with
@@ -29,8 +30,15 @@ running-average update included, happens inside the call, in ``common``; paramet
   which reads x only for the mask, with dgamma and dbeta, in one pass.
 - ``backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune)``: the training gradient without
   a cache: statistics and both sums from one read of x and dy, then dx.
+- ``normalize_block(x, stats, relu, thr, y, tune)``: y from a given statistics block (the
+  synchronized forward's, from the global batch's statistics).
+- ``backward_sums(x, dy, stats, relu, thr, s1, s2, tune)`` and ``backward_apply(x, dy, stats,
+  relu, thr, s1, s2, n, dgamma, dbeta, dx, tune)``: ``backward_train`` in two calls, for the
+  synchronized backward (``bnfast._sync``), which reduces the float64 sums across processes
+  between them; n is the global count.
 
-Per-channel vectors (gamma, beta, running statistics, dgamma, dbeta) are in the data's dtype;
+Per-channel vectors are in the data's dtype (gamma, beta, running statistics, dgamma, dbeta)
+or float64 (``moments``' outputs, the gradient sums);
 ``tune`` is the machine's tuning vector (``_jit.TUNE_*``).
 """
 
@@ -45,6 +53,9 @@ KERNELS = (
     "backward_train",
     "backward_frozen",
     "backward_input",
+    "normalize_block",
+    "backward_sums",
+    "backward_apply",
 )
 
 

@@ -89,7 +89,7 @@ TUNE_THREADS = 4  # threads the call runs on (1 for a serial twin; set per call 
 TUNE_SIZE = 5
 
 # The parameter kinds of the kernels every family has (kernels/__init__.py describes them).
-MOMENTS = ("x", "p_out", "p_out", "tune")
+MOMENTS = ("x", "vec_out", "vec_out", "tune")
 FORWARD_TRAIN = (
     "x",
     "p",
@@ -108,7 +108,23 @@ FORWARD_TRAIN = (
     "tune",
 )
 NORMALIZE = ("x", "p", "p", "p", "p", "scalar", "flag", "scalar", "stats_out", "out", "tune")
+NORMALIZE_BLOCK = ("x", "stats", "flag", "scalar", "out", "tune")
 BACKWARD = ("x", "x", "stats", "flag", "scalar", "p_out", "p_out", "out", "tune")
+BACKWARD_SUMS = ("x", "x", "stats", "flag", "scalar", "vec_out", "vec_out", "tune")
+BACKWARD_APPLY = (
+    "x",
+    "x",
+    "stats",
+    "flag",
+    "scalar",
+    "vec",
+    "vec",
+    "scalar",
+    "p_out",
+    "p_out",
+    "out",
+    "tune",
+)
 BACKWARD_INPUT = ("x", "x", "p", "scalar", "p_out", "p_out", "out", "tune")
 
 
@@ -125,6 +141,8 @@ def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
         return types.Array(types.float64, 2, "C", readonly=True)
     if kind == "stats_out":
         return types.Array(types.float64, 2, "C")
+    if kind == "vec":
+        return types.Array(types.float64, 1, "C", readonly=True)
     if kind == "vec_out":
         return types.Array(types.float64, 1, "C")
     if kind == "scalar":
@@ -175,7 +193,11 @@ def compile_declared(dispatcher, dtype=None) -> int:
 class Launcher:
     """Calls a locked kernel dispatcher; compiles its declared signatures for the data's dtype
     when a call finds none yet (numba's "No matching definition" ``TypeError``), then calls
-    again. A declared type never misses twice, so any second ``TypeError`` is a real one."""
+    again. A declared type never misses twice, so any second ``TypeError`` is a real one.
+    Numba's "compilation disabled" ``RuntimeError`` is the same miss seen by a second thread
+    while another compiles the kernel (the dispatcher allows compiling only inside
+    ``compile_declared``): it waits for that compile the same way (seen: two threads' first
+    synchronized forward calls at once)."""
 
     __slots__ = ("dispatcher",)
 
@@ -185,7 +207,9 @@ class Launcher:
     def __call__(self, *args):
         try:
             return self.dispatcher(*args)
-        except TypeError:
+        except (TypeError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "compilation disabled" not in str(e):
+                raise
             if not compile_declared(self.dispatcher, args[0].dtype):
                 raise
             return self.dispatcher(*args)

@@ -42,13 +42,16 @@ from numba import prange
 
 from ._jit import (
     BACKWARD,
+    BACKWARD_APPLY,
     BACKWARD_INPUT,
+    BACKWARD_SUMS,
     BLOCK_ROWS_MIN,
     FORWARD_TRAIN,
     FUSE_LANES_MIN,
     FUSE_TASKS_PER_THREAD,
     MOMENTS,
     NORMALIZE,
+    NORMALIZE_BLOCK,
     TUNE_BLOCK,
     TUNE_STRIP,
     TUNE_THREADS,
@@ -827,6 +830,41 @@ def backward_frozen(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
             )
         s1, s2 = partials_per_channel(p1, p2, inner, channels)
         frozen_channels(s1, s2, stats, dgamma, dbeta)
+
+
+@parallel_kernel(*NORMALIZE_BLOCK)
+def normalize_block(x, stats, relu, thr, y, tune):
+    """``y`` from a given statistics block (a synchronized forward's global statistics)."""
+    write_phase(x, stats, relu, thr, y, tune)
+
+
+@parallel_kernel(*BACKWARD_SUMS)
+def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
+    """The training gradient's two sums alone (``s1 = sum(dy)``, ``s2 = sum(dy * (x - mean))``,
+    dy behind the activation's mask), float64: a synchronized backward reduces them across
+    processes, then calls :func:`backward_apply`."""
+    outer, channels, inner = x.shape
+    rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
+    x2 = x.reshape(rows, lanes)
+    g2 = dy.reshape(rows, lanes)
+    p1 = np.empty((nrb, lanes))
+    p2 = np.empty((nrb, lanes))
+    for task in prange(nt * nrb):
+        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+        gradient_sums_task(
+            x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p1[task // nt], p2[task // nt]
+        )
+    t1, t2 = partials_per_channel(p1, p2, inner, channels)
+    s1[:] = t1
+    s2[:] = t2
+
+
+@parallel_kernel(*BACKWARD_APPLY)
+def backward_apply(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
+    """The training gradient from given sums over n values (:func:`backward_sums`, reduced)."""
+    coef = np.empty((3, x.shape[1]))
+    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
+    gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune)
 
 
 @parallel_kernel(*BACKWARD_INPUT)

@@ -28,11 +28,14 @@ from numba import prange
 
 from ._jit import (
     BACKWARD,
+    BACKWARD_APPLY,
     BACKWARD_INPUT,
+    BACKWARD_SUMS,
     FORWARD_TRAIN,
     MIN_TASKS,
     MOMENTS,
     NORMALIZE,
+    NORMALIZE_BLOCK,
     TUNE_BLOCK,
     TUNE_FUSE,
     helper,
@@ -399,6 +402,37 @@ def backward_frozen(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
     s = np.empty((2, channels))
     combine(part, s)
     frozen_channels(s[0], s[1], stats, dgamma, dbeta)
+
+
+@parallel_kernel(*NORMALIZE_BLOCK)
+def normalize_block(x, stats, relu, thr, y, tune):
+    """``y`` from a given statistics block (a synchronized forward's global statistics)."""
+    write_phase(x, stats, relu, thr, y, tune)
+
+
+@parallel_kernel(*BACKWARD_SUMS)
+def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
+    """The training gradient's two sums alone (``s1 = sum(dy)``, ``s2 = sum(dy * (x - mean))``,
+    dy behind the activation's mask), float64: a synchronized backward reduces them across
+    processes, then calls :func:`backward_apply`."""
+    outer, channels, inner = x.shape
+    rb, nb, cg, ng = grid(x, tune)
+    part = np.empty((nb, channels, 2))
+    for t in prange(nb * ng):
+        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+        gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
+    s = np.empty((2, channels))
+    combine(part, s)
+    s1[:] = s[0]
+    s2[:] = s[1]
+
+
+@parallel_kernel(*BACKWARD_APPLY)
+def backward_apply(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
+    """The training gradient from given sums over n values (:func:`backward_sums`, reduced)."""
+    coef = np.empty((3, x.shape[1]))
+    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
+    gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune)
 
 
 @parallel_kernel(*BACKWARD_INPUT)

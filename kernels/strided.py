@@ -29,7 +29,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import BACKWARD, BACKWARD_INPUT, FORWARD_TRAIN, MOMENTS, NORMALIZE, helper, kernel
+from ._jit import (
+    BACKWARD,
+    BACKWARD_APPLY,
+    BACKWARD_INPUT,
+    BACKWARD_SUMS,
+    FORWARD_TRAIN,
+    MOMENTS,
+    NORMALIZE,
+    NORMALIZE_BLOCK,
+    helper,
+    kernel,
+)
 from .common import (
     MEAN,
     SCALE,
@@ -181,6 +192,28 @@ def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
     s1, s2 = gradient_sums(x, dy, stats, relu, thr)
     coef = np.empty((3, channels))
     backward_channels(s1, s2, outer * inner, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
+    gradient_write(x, dy, stats, relu, thr, coef, dx)
+
+
+@kernel(*NORMALIZE_BLOCK)
+def normalize_block(x, stats, relu, thr, y, tune):
+    """``y`` from a given statistics block (a synchronized forward's global statistics)."""
+    write(x, stats, relu, thr, y)
+
+
+@kernel(*BACKWARD_SUMS)
+def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
+    """The training gradient's two sums alone (float64; see the rows family)."""
+    t1, t2 = gradient_sums(x, dy, stats, relu, thr)
+    s1[:] = t1
+    s2[:] = t2
+
+
+@kernel(*BACKWARD_APPLY)
+def backward_apply(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
+    """The training gradient from given sums over n values."""
+    coef = np.empty((3, x.shape[1]))
+    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
     gradient_write(x, dy, stats, relu, thr, coef, dx)
 
 

@@ -522,8 +522,9 @@ def _held(cache) -> int:
 def test_extra_memory_of_every_operation_is_bounded(shape, axis):
     """Traced peak during a call, minus what it returns (y or dx, the (4, C) float64 block, C
     values of dgamma and dbeta): at most x/4 + 1 MiB (the lanes family's two-pass partials and
-    per-channel scratch are at most x/4 for float32; the README states the bound). (2, 2e6)
-    used to take +168 MB in forward and +107 MB in backward: per-lane partials."""
+    per-channel scratch are at most x/4 for float32; the README states the bound), plus, for
+    moments, its float64 results before rounding (16 bytes per channel). (2, 2e6) used to take
+    +168 MB in forward and +107 MB in backward: per-lane partials."""
     import tracemalloc
 
     x = np.random.default_rng(12).normal(size=shape).astype(np.float32)
@@ -559,6 +560,8 @@ def test_extra_memory_of_every_operation_is_bounded(shape, axis):
         kept = sum(a.nbytes for a in arrays)
         kept += sum(_held(r) for r in result if isinstance(r, bnfast.BatchNormCache))
         extra = peak - before - kept
+        if name == "moments":
+            extra -= 16 * c
         assert extra <= bound, (
             f"{name} {shape}: {extra / 1e6:.1f} MB beyond its outputs, "
             f"bound {bound / 1e6:.1f} MB (x is {x.nbytes / 1e6:.1f} MB)"

@@ -27,6 +27,8 @@ else ``os.sysconf``, else the defaults named below):
 - ``TUNE_THREADS``: 1 in ``TUNE``; ``with_threads(n)`` is ``TUNE`` for a parallel call on n
   threads (``_threading.tune``), so ``lanes.geometry`` can give each thread a fused tile
   (calling ``numba.get_num_threads()`` inside a kernel would stop numba caching it).
+- ``TUNE_L2``: one core's L2 in bytes (``lanes.geometry`` splits a fused strip for threads
+  only into tiles that fit it).
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def tuning(caches: dict) -> np.ndarray:
     tune[_jit.TUNE_FUSE] = max(64 * 1024, caches["L2"] // 2)
     tune[_jit.TUNE_STRIP] = max(256 * 1024, 4 * caches["L2"])
     tune[_jit.TUNE_THREADS] = 1
+    tune[_jit.TUNE_L2] = caches["L2"]
     tune.flags.writeable = False
     return tune
 

@@ -76,7 +76,7 @@ JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=KERNEL_
 ROWS_MIN = 64  # inner >= ROWS_MIN: the rows family (each (o, c) row contiguous and long)
 BLOCK_ROWS_MIN = 64  # lanes family: a row block has >= 64 rows, so its partials are <= x/16
 FUSE_LANES_MIN = 256  # lanes family: a fused strip is at least 256 lanes wide (see lanes.py)
-FUSE_TASKS_PER_THREAD = 2  # lanes family: a parallel fused call has >= 2 tiles per thread
+FUSE_TASKS_PER_THREAD = 2  # lanes family: a parallel fused call aims at 2 tiles per thread
 WIDE_LANES = 64  # lanes family: rows narrower than this are viewed k at a time (lanes.replicas)
 MIN_TASKS = 16  # rows family: split channels into groups when fewer outer blocks than this
 
@@ -86,7 +86,8 @@ TUNE_BLOCK = 1  # bytes of x per task of a parallel partition
 TUNE_FUSE = 2  # rows family: a channel's slice this small is reduced, then written from L2
 TUNE_STRIP = 3  # lanes family: a strip of rows this small is reduced, then written from cache
 TUNE_THREADS = 4  # threads the call runs on (1 for a serial twin; set per call by _threading.tune)
-TUNE_SIZE = 5
+TUNE_L2 = 5  # bytes of one core's L2
+TUNE_SIZE = 6
 
 # The parameter kinds of the kernels every family has (kernels/__init__.py describes them).
 MOMENTS = ("x", "vec_out", "vec_out", "tune")

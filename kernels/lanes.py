@@ -53,6 +53,7 @@ from ._jit import (
     NORMALIZE,
     NORMALIZE_BLOCK,
     TUNE_BLOCK,
+    TUNE_L2,
     TUNE_STRIP,
     TUNE_THREADS,
     TUNE_TILE,
@@ -116,14 +117,17 @@ def geometry(x, tune):
     fits ``TUNE_STRIP`` bytes: the tile is then the widest such strip (a multiple of inner, at
     most ``TUNE_TILE``; the whole row when ``k > 1``); when the call runs on n > 1 threads
     (``TUNE_THREADS``), halved while there are fewer than ``FUSE_TASKS_PER_THREAD * n`` tiles
-    and it stays at least ``FUSE_LANES_MIN`` lanes. A fused tile is one task: one tile leaves
-    the second core idle, and exactly one tile per thread was slow too. Float32, Zen 4, 2
-    threads, tbb, min us of interleaved rounds, tiles of 1 / 2 / 4 per call: forward
-    (512, 1024) 254 / 564 / 252, (1024, 1024) 451 / 1078 / 401, (2048, 1024) 1546 / (2 x 512
-    lanes) / 770; backward (1024, 1024) 749 / 649 / 499, (512, 2048) 4 tiles against 2:
-    forward 205 / 233, backward 309 / 393; omp alike (forward (1024, 1024) 426 / 664 / 422).
-    Eight tiles gained nothing more at (512, 2048). On one thread the split only costs
-    ((1024, 1024) forward 366 us as one tile, 470 as four), so serial calls keep the widest.
+    and the tile stays at least ``FUSE_LANES_MIN`` lanes; once there is a tile per thread, only
+    if half a tile fits one core's L2 (``TUNE_L2``: the write pass then rereads it from L2).
+    A fused tile is one task: one tile leaves the second core idle. Float32, Zen 4 (1 MiB L2),
+    2 threads, tbb, medians of interleaved rounds in three processes each, tiles of 1 / 2 / 4
+    (us): forward (512, 1024) 192-205 / 168-213 / 134-141, backward 335-345 / 155-208 /
+    178-180; (1024, 1024) forward 426-517 / 302-355 / 246-266, backward 709-917 / 339-508 /
+    378-413; (512, 2048) as 2 tiles of 1024 / 4 of 512: forward 241-281 / 217-264, backward
+    395-415 / 316-356. (2048, 1024), 2 tiles of 512 from the strip budget, lost as 4 of 256
+    (2 MiB each, beyond L2): forward 487-561 / 575-625, backward 1044-1312 / 1210-1641. On one
+    thread a split only costs ((1024, 1024) forward 366 us as one tile, 470 as four), so serial
+    calls keep the widest.
     Each lane's sums run over the rows in the same order whatever the tile, so the split
     leaves results bitwise unchanged (tests/test_parallel.py, 1 to 8 threads). Otherwise tiles of
     ``TUNE_TILE`` lanes and row blocks of ``TUNE_BLOCK`` bytes (at least ``BLOCK_ROWS_MIN`` rows).
@@ -135,8 +139,13 @@ def geometry(x, tune):
     strip = tile
     while k == 1 and strip > inner and rows * strip * x.itemsize > tune[TUNE_STRIP]:
         strip = max(inner, strip // 2 // inner * inner)
-    tasks = 1 if tune[TUNE_THREADS] == 1 else FUSE_TASKS_PER_THREAD * tune[TUNE_THREADS]
+    threads = tune[TUNE_THREADS]
+    tasks = 1 if threads == 1 else FUSE_TASKS_PER_THREAD * threads
     while k == 1 and (lanes + strip - 1) // strip < tasks and strip >= 2 * FUSE_LANES_MIN:
+        if (lanes + strip - 1) // strip >= threads and rows * (strip // 2) * x.itemsize > tune[
+            TUNE_L2
+        ]:
+            break  # a tile per thread already, and half a tile would still not fit L2
         strip = max(inner, strip // 2 // inner * inner)
     if rows * strip * x.itemsize <= tune[TUNE_STRIP] and strip >= min(lanes, FUSE_LANES_MIN):
         return rows, lanes, strip, (lanes + strip - 1) // strip, max(1, rows), 1

@@ -44,7 +44,7 @@ for c in (64, 1024):
     mean, var = np.zeros(c), np.ones(c)
     rows.append(
         (
-            f"forward merge, C={c} ({3 * (c + 2) * 8} B)",
+            f"forward merge, C={c} ({3 * (c + 4) * 8} B)",
             median_us(
                 lambda m=mean, v=var: _sync.global_moments(comm, 16, m, v, np.float32, 1e-5, 0.1)
             ),

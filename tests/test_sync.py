@@ -285,3 +285,27 @@ def test_data_parallel_example_matches_one_process():
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 ranks: validation accuracy" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_synced_fused_relu_equals_the_whole_batch(dtype):
+    """activation="relu" under comm=: the mask is recomputed from each rank's x and the global
+    statistics, so y and dx equal the whole batch's."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(1.0, 2.0, (14, 6, 5)).astype(dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    y, cache = bnfast.forward(x, activation="relu")
+    dx, _, _ = bnfast.backward(dy, cache)
+
+    def work(rank, comm, shard):
+        sy, sc = bnfast.forward(x[shard], activation="relu", comm=comm)
+        return sy, bnfast.backward(dy[shard], sc)[0]
+
+    results, errors, _ = _run_ranks([3, 11], work)
+    assert not errors, errors
+    tol = 1e-12 if dtype == np.float64 else 2.4e-7
+    for got, want in (
+        (np.concatenate([r[0] for r in results]), y),
+        (np.concatenate([r[1] for r in results]), dx),
+    ):
+        assert np.all(np.abs(got - want) <= tol * np.maximum(np.abs(want), 1.0))

@@ -20,7 +20,15 @@ import numpy as np
 
 from . import _checks as chk
 from . import _sync, _threading
-from .kernels.common import GAMMA, INVSTD, MEAN, STATS_ROWS, VAR, inference_channels
+from .kernels.common import (
+    GAMMA,
+    INVSTD,
+    MEAN,
+    STATS_ROWS,
+    VAR,
+    frozen_channels,
+    inference_channels,
+)
 
 _NO_RUNNING = {
     np.dtype(np.float32): np.empty(0, np.float32),
@@ -656,9 +664,8 @@ def _run_backward_synced(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None
             dx3,
             _threading.tune(x3),
         )
-    with _after_write():
-        dgamma[...] = sums[1] * stats[INVSTD]  # dgamma_of with r = 1, d = 0: this rank's share
-        dbeta[...] = sums[0]
+    # this rank's share, by the kernels' own rule (frozen_channels: dgamma_of, dbeta = s1)
+    frozen_channels(sums[0], sums[1], stats, dgamma, dbeta)
 
 
 def _run_backward(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None:

@@ -81,7 +81,8 @@ class BatchNorm:
         Synchronized batch norm (PyTorch's ``SyncBatchNorm``): in training mode each forward
         normalizes this rank's shard with the global batch's statistics and each backward
         reduces over ``comm`` (``bnfast.forward``'s ``comm``); eval mode makes no collective.
-        ``dgamma``/``dbeta`` are this rank's share, to be averaged with the other gradients.
+        ``dgamma``/``dbeta`` are this rank's share: the gradient Allreduce done for the other
+        parameters (a sum or an average, the same as for them) completes them.
 
     Examples
     --------

@@ -93,10 +93,15 @@ class _Guarded:
 _GUARDED = {name: _Guarded(name) for name in ("rows", "lanes")}
 
 
+def _serial(nbytes: int) -> bool:
+    """Does a C-contiguous call on nbytes of x run the serial twins?"""
+    return _serial_only or nbytes < SERIAL_BELOW
+
+
 def family(rows: bool, nbytes: int):
     """The kernels of a C-contiguous call: the rows or lanes family, serial or parallel."""
     name = "rows" if rows else "lanes"
-    if _serial_only or nbytes < SERIAL_BELOW:
+    if _serial(nbytes):
         return _SERIAL[name]
     if _thread_safe_layer:
         return _PARALLEL[name]
@@ -105,8 +110,8 @@ def family(rows: bool, nbytes: int):
 
 def tune(x: np.ndarray) -> np.ndarray:
     """The tuning vector for a call on x: ``TUNE`` with the thread count the parallel kernels
-    run on (``numba.get_num_threads()``, 0.7 us, asked only for arrays at least SERIAL_BELOW)."""
-    if _serial_only or x.nbytes < SERIAL_BELOW:
+    run on (``numba.get_num_threads()``, 0.7 us, asked only where ``family`` runs them)."""
+    if _serial(x.nbytes):
         return TUNE
     return with_threads(numba.get_num_threads())
 

@@ -668,9 +668,30 @@ def write_phase(x, stats, relu, thr, y, tune):
 
 
 @phase
-def gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune):
-    """dx from the per-channel ``coef`` rows k, c1, c0, over the task grid."""
+def gradient_sums_phase(x, dy, stats, relu, thr, tune):
+    """The two-pass route's gradient sums: per channel ``sum(dy)`` and ``sum(dy * (x -
+    mean))`` (dy behind the activation's mask), from per-block partials in a fixed order."""
     outer, channels, inner = x.shape
+    rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
+    x2 = x.reshape(rows, lanes)
+    g2 = dy.reshape(rows, lanes)
+    p1 = np.empty((nrb, lanes))
+    p2 = np.empty((nrb, lanes))
+    for task in prange(nt * nrb):
+        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+        gradient_sums_task(
+            x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p1[task // nt], p2[task // nt]
+        )
+    return partials_per_channel(p1, p2, inner, channels)
+
+
+@phase
+def gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
+    """The training gradient from its sums over n values: the per-channel coefficients and
+    dgamma, dbeta (``backward_channels``), then dx over the task grid."""
+    outer, channels, inner = x.shape
+    coef = np.empty((3, channels))
+    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     x2 = x.reshape(rows, lanes)
     g2 = dy.reshape(rows, lanes)
@@ -791,17 +812,8 @@ def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
                 dbeta,
             )
     else:
-        p1 = np.empty((nrb, lanes))
-        p2 = np.empty((nrb, lanes))
-        for task in prange(nt * nrb):
-            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-            gradient_sums_task(
-                x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p1[task // nt], p2[task // nt]
-            )
-        s1, s2 = partials_per_channel(p1, p2, inner, channels)
-        coef = np.empty((3, channels))
-        backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-        gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune)
+        s1, s2 = gradient_sums_phase(x, dy, stats, relu, thr, tune)
+        gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune)
 
 
 @parallel_kernel(*BACKWARD)
@@ -852,18 +864,7 @@ def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
     """The training gradient's two sums alone (``s1 = sum(dy)``, ``s2 = sum(dy * (x - mean))``,
     dy behind the activation's mask), float64: a synchronized backward reduces them across
     processes, then calls :func:`backward_apply`."""
-    outer, channels, inner = x.shape
-    rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
-    x2 = x.reshape(rows, lanes)
-    g2 = dy.reshape(rows, lanes)
-    p1 = np.empty((nrb, lanes))
-    p2 = np.empty((nrb, lanes))
-    for task in prange(nt * nrb):
-        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-        gradient_sums_task(
-            x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p1[task // nt], p2[task // nt]
-        )
-    t1, t2 = partials_per_channel(p1, p2, inner, channels)
+    t1, t2 = gradient_sums_phase(x, dy, stats, relu, thr, tune)
     s1[:] = t1
     s2[:] = t2
 
@@ -871,9 +872,7 @@ def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
 @parallel_kernel(*BACKWARD_APPLY)
 def backward_apply(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
     """The training gradient from given sums over n values (:func:`backward_sums`, reduced)."""
-    coef = np.empty((3, x.shape[1]))
-    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-    gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune)
+    gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune)
 
 
 @parallel_kernel(*BACKWARD_INPUT)
@@ -925,6 +924,4 @@ def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
         s3, s4 = partials_per_channel(p[2], p[3], inner, channels)
         stats = np.empty((STATS_ROWS, channels))
         input_channels(k, s1, s2, s3, s4, n, eps, gamma, stats)
-        coef = np.empty((3, channels))
-        backward_channels(s3, s4, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-        gradient_write_phase(x, dy, stats, 0, 0.0, coef, dx, tune)
+        gradient_phase(x, dy, stats, 0, 0.0, s3, s4, n, dgamma, dbeta, dx, tune)

@@ -276,7 +276,26 @@ def write_phase(x, stats, relu, thr, y, tune):
 
 
 @phase
-def gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune):
+def gradient_sums_phase(x, dy, stats, relu, thr, tune):
+    """Per channel ``sum(dy)`` and ``sum(dy * (x - mean))`` (dy behind the activation's mask)
+    over the memory-order grid, partials combined in block order."""
+    channels = x.shape[1]
+    rb, nb, cg, ng = grid(x, tune)
+    part = np.empty((nb, channels, 2))
+    for t in prange(nb * ng):
+        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+        gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
+    s = np.empty((2, channels))
+    combine(part, s)
+    return s[0], s[1]
+
+
+@phase
+def gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
+    """The training gradient from its sums over n values: the per-channel coefficients and
+    dgamma, dbeta (``backward_channels``), then dx in memory order."""
+    coef = np.empty((3, x.shape[1]))
+    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
     rb, nb, cg, ng = grid(x, tune)
     for t in prange(nb * ng):
         b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
@@ -361,9 +380,9 @@ def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
     then dx; per channel from cache when :func:`fused`."""
     outer, channels, inner = x.shape
     n = outer * inner
-    s = np.empty((2, channels))
-    coef = np.empty((3, channels))
     if fused(x, tune):
+        s = np.empty((2, channels))
+        coef = np.empty((3, channels))
         for c in prange(channels):
             s[0, c], s[1, c] = channel_gradient_sums(x, dy, stats, relu, thr, c)
             backward_channels(
@@ -379,14 +398,8 @@ def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
             )
             grad_input_task(x, dy, stats, relu, thr, coef, 0, outer, c, c + 1, dx)
     else:
-        rb, nb, cg, ng = grid(x, tune)
-        part = np.empty((nb, channels, 2))
-        for t in prange(nb * ng):
-            b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-            gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
-        combine(part, s)
-        backward_channels(s[0], s[1], n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-        gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune)
+        s1, s2 = gradient_sums_phase(x, dy, stats, relu, thr, tune)
+        gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune)
 
 
 @parallel_kernel(*BACKWARD)
@@ -415,24 +428,15 @@ def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
     """The training gradient's two sums alone (``s1 = sum(dy)``, ``s2 = sum(dy * (x - mean))``,
     dy behind the activation's mask), float64: a synchronized backward reduces them across
     processes, then calls :func:`backward_apply`."""
-    outer, channels, inner = x.shape
-    rb, nb, cg, ng = grid(x, tune)
-    part = np.empty((nb, channels, 2))
-    for t in prange(nb * ng):
-        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-        gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
-    s = np.empty((2, channels))
-    combine(part, s)
-    s1[:] = s[0]
-    s2[:] = s[1]
+    t1, t2 = gradient_sums_phase(x, dy, stats, relu, thr, tune)
+    s1[:] = t1
+    s2[:] = t2
 
 
 @parallel_kernel(*BACKWARD_APPLY)
 def backward_apply(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
     """The training gradient from given sums over n values (:func:`backward_sums`, reduced)."""
-    coef = np.empty((3, x.shape[1]))
-    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-    gradient_write_phase(x, dy, stats, relu, thr, coef, dx, tune)
+    gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune)
 
 
 @parallel_kernel(*BACKWARD_INPUT)
@@ -451,6 +455,4 @@ def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
     combine(part, s)
     stats = np.empty((STATS_ROWS, channels))
     input_channels(k, s[0], s[1], s[2], s[3], n, eps, gamma, stats)
-    coef = np.empty((3, channels))
-    backward_channels(s[2], s[3], n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-    gradient_write_phase(x, dy, stats, 0, 0.0, coef, dx, tune)
+    gradient_phase(x, dy, stats, 0, 0.0, s[2], s[3], n, dgamma, dbeta, dx, tune)

@@ -122,9 +122,13 @@ def write(x, stats, relu, thr, y):
 
 
 @helper
-def gradient_write(x, dy, stats, relu, thr, coef, dx):
-    """``dx = k*dy - c1*(x - mean) + c0`` per channel, dy behind the activation's mask."""
+def gradient(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx):
+    """The training gradient from its sums over n values: the per-channel coefficients and
+    dgamma, dbeta (``backward_channels``), then ``dx = k*dy - c1*(x - mean) + c0`` per channel,
+    dy behind the activation's mask."""
     outer, channels, inner = x.shape
+    coef = np.empty((3, channels))
+    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
     for o in range(outer):
         for c in range(channels):
             m, s, b = stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c]
@@ -188,11 +192,8 @@ def normalize(x, running_mean, running_var, gamma, beta, eps, relu, thr, stats, 
 @kernel(*BACKWARD)
 def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
     """Training backward: the sums, the per-channel coefficients, then dx."""
-    outer, channels, inner = x.shape
     s1, s2 = gradient_sums(x, dy, stats, relu, thr)
-    coef = np.empty((3, channels))
-    backward_channels(s1, s2, outer * inner, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-    gradient_write(x, dy, stats, relu, thr, coef, dx)
+    gradient(x, dy, stats, relu, thr, s1, s2, x.shape[0] * x.shape[2], dgamma, dbeta, dx)
 
 
 @kernel(*NORMALIZE_BLOCK)
@@ -212,9 +213,7 @@ def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
 @kernel(*BACKWARD_APPLY)
 def backward_apply(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
     """The training gradient from given sums over n values."""
-    coef = np.empty((3, x.shape[1]))
-    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-    gradient_write(x, dy, stats, relu, thr, coef, dx)
+    gradient(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx)
 
 
 @kernel(*BACKWARD)
@@ -257,6 +256,4 @@ def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
             s[3, c] += f
     stats = np.empty((STATS_ROWS, channels))
     input_channels(k, s[0], s[1], s[2], s[3], outer * inner, eps, gamma, stats)
-    coef = np.empty((3, channels))
-    backward_channels(s[2], s[3], outer * inner, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
-    gradient_write(x, dy, stats, 0, 0.0, coef, dx)
+    gradient(x, dy, stats, 0, 0.0, s[2], s[3], outer * inner, dgamma, dbeta, dx)

@@ -14,7 +14,7 @@ one kernel call. The math they implement is written out in ``bnfast.reference``.
 from __future__ import annotations
 
 import numbers
-import operator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,25 +44,28 @@ RELU_THRESHOLD = {
 ACTIVATIONS = (None, "relu")
 
 
-class BatchNormCache(tuple):
-    """What :func:`backward` needs from one :func:`forward` call. Immutable (a tuple: building
-    one costs 0.2 us, against 0.6 us for a frozen class with six attributes).
+class BatchNormCache(NamedTuple):
+    """What :func:`backward` needs from one :func:`forward` call: an immutable named tuple,
+    built by keyword, that pickles and deep-copies (a trainer checkpoints a layer mid-training
+    or keeps an EMA copy of it with ``copy.deepcopy``); backward on a copy gives the same bits.
 
     Attributes
     ----------
     x : ndarray
         The forward input (a reference, not a copy: do not modify it before backward).
-    mean, invstd : ndarray
-        float64, shape ``(C,)``, read-only: the statistics that normalized ``x`` (the batch's
-        when ``training``, the running ones otherwise); ``invstd = 1/sqrt(var + eps)``. With
-        ``virtual_batch_size``, those of the first virtual batch (``parts`` has all).
-    gamma : ndarray
-        float64, shape ``(C,)``, read-only: the scale, rounded to x's dtype (ones when none was
-        given).
+    stats : ndarray
+        The float64 ``(8, C)`` statistics block the forward wrote (rows ``MEAN``, ``INVSTD``,
+        ``GAMMA``, ``VAR``, ``SCALE``, ``SHIFT``, ``R``, ``D`` of ``bnfast.kernels.common``),
+        read-only.
     axis : int
         The channel axis, non-negative.
     training : bool
         True: batch statistics, full gradient. False: running statistics, frozen-BN gradient.
+    layout : Layout
+        How x maps to the canonical ``(outer, C, inner)`` view.
+    view : ndarray or None
+        That view of x (a view, or a copy where none exists); rebuilt from x when a cache is
+        unpickled or copied, so a copy holds x once.
     activation : str or None
         The fused activation (``"relu"``), whose mask backward recomputes from x.
     parts : tuple
@@ -72,43 +75,52 @@ class BatchNormCache(tuple):
         The communicator of a synchronized training forward (backward reduces over it too).
     total : int
         With ``comm``: the values per channel over all ranks.
+
+    ``mean``, ``invstd`` (``1/sqrt(var + eps)``) and ``gamma`` (rounded to x's dtype) are
+    float64 rows of ``stats``: the statistics that normalized x (with ``virtual_batch_size``,
+    those of the first virtual batch; ``parts`` has all).
     """
 
-    __slots__ = ()
-
-    def __new__(
-        cls, x, stats, axis, training, layout, x3, activation=None, parts=(), comm=None, total=0
-    ):
-        return tuple.__new__(
-            cls, (x, stats, axis, training, layout, x3, activation, parts, comm, total)
-        )
-
-    x = property(operator.itemgetter(0))
-    _stats = property(operator.itemgetter(1))
-    axis = property(operator.itemgetter(2))
-    training = property(operator.itemgetter(3))
-    _layout = property(operator.itemgetter(4))
-    _x3 = property(operator.itemgetter(5))
-    activation = property(operator.itemgetter(6))
-    parts = property(operator.itemgetter(7))
-    comm = property(operator.itemgetter(8))
-    total = property(operator.itemgetter(9))
+    x: np.ndarray
+    stats: np.ndarray
+    axis: int
+    training: bool
+    layout: chk.Layout
+    view: Any = None  # an ndarray; None only in the outer cache of virtual batches
+    activation: str | None = None
+    parts: tuple = ()
+    comm: Any = None
+    total: int = 0
 
     @property
     def mean(self) -> np.ndarray:
-        return self._stats[MEAN]
+        return self.stats[MEAN]
 
     @property
     def invstd(self) -> np.ndarray:
-        return self._stats[INVSTD]
+        return self.stats[INVSTD]
 
     @property
     def gamma(self) -> np.ndarray:
-        return self._stats[GAMMA]
+        return self.stats[GAMMA]
 
     def __repr__(self) -> str:
         mode = "training" if self.training else "inference"
         return f"BatchNormCache({mode}, x shape {self.x.shape} {self.x.dtype}, axis={self.axis})"
+
+    def __reduce__(self):
+        """Pickle and copy without the view of x (rebuilt from x, so x is stored once)."""
+        fields = self._asdict()
+        fields["view"] = None
+        return _rebuild_cache, (fields, self.view is not None)
+
+
+def _rebuild_cache(fields: dict, has_view: bool) -> BatchNormCache:
+    if has_view:
+        fields["view"] = fields["layout"].view3(fields["x"])
+    if isinstance(fields["stats"], np.ndarray):
+        fields["stats"].flags.writeable = False
+    return BatchNormCache(**fields)
 
 
 def _after_write():
@@ -126,21 +138,46 @@ def _after_write():
 
 
 def _activation(activation) -> bool:
-    if activation not in ACTIVATIONS:
+    """Is the fused activation ReLU? None and "relu" are accepted (an array, even of "relu"
+    strings, is a TypeError naming the argument, not NumPy's truth-value error)."""
+    if activation is None:
+        return False
+    if not isinstance(activation, str):
+        raise TypeError(
+            f"activation must be None or 'relu', got {activation!r} of type "
+            f"{type(activation).__name__}"
+        )
+    if activation != "relu":
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    return activation == "relu"
+    return True
 
 
 def _renorm(renorm) -> tuple[float, float]:
-    """``(rmax, dmax)`` of Batch Renormalization, or ``(0.0, 0.0)`` for none."""
+    """``(rmax, dmax)`` of Batch Renormalization, or ``(0.0, 0.0)`` for none. Accepted: a tuple
+    or list of two real numbers, or an ndarray of shape (2,); anything else (a set, whose
+    order is arbitrary; a dict, which iterates over its keys; a string) is refused."""
     if renorm is None:
         return 0.0, 0.0
-    try:
-        rmax, dmax = renorm
-    except (TypeError, ValueError):
-        raise TypeError(f"renorm must be None or a pair (rmax, dmax), got {renorm!r}") from None
-    rmax = chk.real(rmax, "renorm's rmax", "finite and >= 1")
-    dmax = chk.real(dmax, "renorm's dmax", "finite and >= 0")
+    accepted = (
+        "None or a pair (rmax, dmax): a tuple or list of two real numbers, "
+        "or an array of shape (2,)"
+    )
+    if isinstance(renorm, np.ndarray):
+        if renorm.shape != (2,):
+            raise ValueError(f"renorm has shape {renorm.shape}; accepted: {accepted}")
+        pair = renorm.tolist()
+    elif isinstance(renorm, (tuple, list)):
+        if len(renorm) != 2:
+            raise ValueError(
+                f"renorm has {len(renorm)} entries, got {renorm!r}; accepted: {accepted}"
+            )
+        pair = renorm
+    else:
+        raise TypeError(
+            f"renorm must be {accepted}; got {renorm!r} of type {type(renorm).__name__}"
+        )
+    rmax = chk.real(pair[0], "renorm's rmax", "finite and >= 1")
+    dmax = chk.real(pair[1], "renorm's dmax", "finite and >= 0")
     if not (np.isfinite(rmax) and rmax >= 1.0):
         raise ValueError(f"renorm's rmax must be finite and >= 1, got {rmax!r}")
     if not (np.isfinite(dmax) and dmax >= 0.0):
@@ -335,6 +372,8 @@ def forward(
         )
         running_var = chk.channel_vector(running_var, "running_var", channels, writeable=training)
     groups = 1
+    if virtual_batch_size is not None:  # checked in inference too, where it is not used
+        _virtual_batch_size(virtual_batch_size)
     if comm is not None:
         comm = _sync.checked(comm)
         if not training:
@@ -362,6 +401,7 @@ def forward(
             "training=False normalizes with running statistics: pass running_mean and running_var"
         )
     if out is not None:
+        given = out
         out = chk.output_array(out, "out", x.shape, dtype)
     if training:  # x is also kept for backward, so even out=x is refused
         chk.disjoint(
@@ -389,9 +429,17 @@ def forward(
         )
         layout.finish_output(y, y3)
         cache = BatchNormCache(
-            x, stats, axis, True, layout, layout.view3(x), "relu" if relu else None, (), comm, total
+            x=x,
+            stats=stats,
+            axis=axis,
+            training=True,
+            layout=layout,
+            view=layout.view3(x),
+            activation="relu" if relu else None,
+            comm=comm,
+            total=total,
         )
-    elif groups > 1:
+    elif groups > 1 and count > 0 and channels > 0:  # else: nothing to normalize, as below
         cache = _ghost_forward(
             x, y, axis, gamma, beta, running_mean, running_var, momentum, groups, settings
         )
@@ -401,9 +449,15 @@ def forward(
         )
         layout.finish_output(y, y3)
         cache = BatchNormCache(
-            x, stats, axis, training, layout, layout.view3(x), "relu" if relu else None
+            x=x,
+            stats=stats,
+            axis=axis,
+            training=training,
+            layout=layout,
+            view=layout.view3(x),
+            activation="relu" if relu else None,
         )
-    return y, cache
+    return (y if out is None else given), cache
 
 
 def _update_running(running_mean, running_var, momentum, stats, count, unbiased) -> None:
@@ -453,12 +507,18 @@ def _run_forward_synced(
     return stats, total
 
 
-def _virtual_groups(k, shape, axis) -> int:
-    """How many virtual batches of k samples axis 0 holds (checked)."""
+def _virtual_batch_size(k) -> int:
+    """A virtual batch size: an int >= 1."""
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
         raise TypeError(f"virtual_batch_size must be an int, got {k!r}")
     if k < 1:
         raise ValueError(f"virtual_batch_size must be >= 1, got {k}")
+    return int(k)
+
+
+def _virtual_groups(k, shape, axis) -> int:
+    """How many virtual batches of k samples axis 0 holds (checked)."""
+    k = _virtual_batch_size(k)
     if axis == 0:
         raise ValueError(
             "virtual_batch_size splits axis 0, the batch axis: the channel axis must be another"
@@ -538,14 +598,20 @@ def _ghost_forward(
         stats = _run_forward(xg, layout, yg3, gamma, beta, True, rm, rv, 0.0, settings)
         layout.finish_output(yg, yg3)
         part = BatchNormCache(
-            xg, stats, axis, True, layout, layout.view3(xg), "relu" if relu else None
+            x=xg,
+            stats=stats,
+            axis=axis,
+            training=True,
+            layout=layout,
+            view=layout.view3(xg),
+            activation="relu" if relu else None,
         )
         parts.append((g * k, (g + 1) * k, part))
     if tracking:
-        per_group = parts[0][2]._layout.count
+        per_group = parts[0][2].layout.count
         unbias = per_group / (per_group - 1) if unbiased else 1.0
-        means = np.mean([p[2]._stats[MEAN] for p in parts], axis=0)
-        variances = np.mean([p[2]._stats[VAR] for p in parts], axis=0) * unbias
+        means = np.mean([p[2].stats[MEAN] for p in parts], axis=0)
+        variances = np.mean([p[2].stats[VAR] for p in parts], axis=0) * unbias
         with _after_write():
             running_mean[...] = (1.0 - momentum) * running_mean.astype(
                 np.float64
@@ -555,7 +621,13 @@ def _ghost_forward(
             ) + momentum * variances
     first = parts[0][2]
     return BatchNormCache(
-        x, first._stats, axis, True, chk.Layout.of(x, axis), None, first.activation, tuple(parts)
+        x=x,
+        stats=first.stats,
+        axis=axis,
+        training=True,
+        layout=chk.Layout.of(x, axis),
+        activation=first.activation,
+        parts=tuple(parts),
     )
 
 
@@ -600,7 +672,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
             f"cache must be the BatchNormCache returned by bnfast.forward, got "
             f"{type(cache).__name__}"
         )
-    x, layout = cache.x, cache._layout
+    x, layout = cache.x, cache.layout
     dy = chk.as_array(dy, "dy")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}; expected {x.dtype}, the forward input's dtype")
@@ -610,6 +682,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
             f"shape {x.shape}; pass the gradient of that call's output"
         )
     if out is not None:
+        given = out
         out = chk.output_array(out, "out", x.shape, x.dtype)
         chk.disjoint({"out": out}, {"dy": dy, "x": x}, in_place=(("out", "dy"),))
 
@@ -618,21 +691,19 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
     dgamma = np.empty(channels, x.dtype)
     dbeta = np.empty(channels, x.dtype)
     if cache.parts:  # virtual batches: each part's gradient; dgamma, dbeta summed in float64
-        sum_dgamma, sum_dbeta = np.zeros(channels), np.zeros(channels)
+        sums64 = np.zeros((2, channels))
         for start, stop, part in cache.parts:
             dxg = dx[start:stop]
-            dxg3 = part._layout.output(dxg, x.dtype)[1]
-            _run_backward(part, part._layout.view3(dy[start:stop]), dgamma, dbeta, dxg3)
-            part._layout.finish_output(dxg, dxg3)
-            sum_dgamma += dgamma
-            sum_dbeta += dbeta
+            dxg3 = part.layout.output(dxg, x.dtype)[1]
+            _run_backward_part(part, part.layout.view3(dy[start:stop]), sums64, dxg3)
+            part.layout.finish_output(dxg, dxg3)
         with _after_write():
-            dgamma[...] = sum_dgamma
-            dbeta[...] = sum_dbeta
+            dgamma[...] = sums64[0]
+            dbeta[...] = sums64[1]
     else:
         _run_backward(cache, layout.view3(dy), dgamma, dbeta, dx3)
         layout.finish_output(dx, dx3)
-    return dx, dgamma, dbeta
+    return (dx if out is None else given), dgamma, dbeta
 
 
 def _run_backward_synced(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None:
@@ -641,7 +712,7 @@ def _run_backward_synced(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None
     (``backward_apply``). dgamma and dbeta are this rank's share (its own sums), as every
     other parameter's gradient in data parallelism: averaging or summing them over the ranks
     with the rest gives the global batch's."""
-    layout, x3, stats = cache._layout, cache._x3, cache._stats
+    layout, x3, stats = cache.layout, cache.view, cache.stats
     local = layout.count > 0 and layout.channels > 0
     sums = np.zeros((2, layout.channels))
     relu, thr = int(cache.activation == "relu"), RELU_THRESHOLD[x3.dtype]
@@ -668,9 +739,42 @@ def _run_backward_synced(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None
     frozen_channels(sums[0], sums[1], stats, dgamma, dbeta)
 
 
+def _run_backward_part(part: BatchNormCache, dy3, sums64, dx3) -> None:
+    """One virtual batch's training gradient: its two float64 sums (``backward_sums``), dx from
+    them (``backward_apply``), and its float64 dgamma and dbeta added to ``sums64`` (rows
+    dgamma, dbeta) by the kernels' own rule (``frozen_channels``), so that the sum over the
+    parts is rounded once (rounding each part's first left float32 dgamma 127 ulps off at
+    (4096, 96) in 8 parts)."""
+    x3, stats = part.view, part.stats
+    channels = stats.shape[1]
+    s = np.zeros((2, channels))
+    relu, thr = int(part.activation == "relu"), RELU_THRESHOLD[x3.dtype]
+    run = _threading.kernels_for(x3, dy3, dx3)
+    tune = _threading.tune(x3)
+    run.backward_sums(x3, dy3, stats, relu, thr, s[0], s[1], tune)
+    scratch = np.empty((2, channels), x3.dtype)
+    run.backward_apply(
+        x3,
+        dy3,
+        stats,
+        relu,
+        thr,
+        s[0],
+        s[1],
+        float(part.layout.count),
+        scratch[0],
+        scratch[1],
+        dx3,
+        tune,
+    )
+    g = np.empty((2, channels))
+    frozen_channels(s[0], s[1], stats, g[0], g[1])
+    sums64 += g
+
+
 def _run_backward(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None:
     """The backward kernel of one (not ghost) cache on checked arguments."""
-    layout = cache._layout
+    layout = cache.layout
     if cache.comm is not None:
         _run_backward_synced(cache, dy3, dgamma, dbeta, dx3)
         return
@@ -678,14 +782,14 @@ def _run_backward(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None:
         dgamma[...] = 0.0
         dbeta[...] = 0.0
         return
-    x3 = cache._x3
+    x3 = cache.view
     run = _threading.kernels_for(x3, dy3, dx3)
     kernel = run.backward_train if cache.training else run.backward_frozen
     relu = int(cache.activation == "relu")
     kernel(
         x3,
         dy3,
-        cache._stats,
+        cache.stats,
         relu,
         RELU_THRESHOLD[x3.dtype],
         dgamma,
@@ -747,6 +851,7 @@ def backward_from_input(
             f"{x.shape} with channel axis {axis} (1 per channel)"
         )
     if out is not None:
+        given = out
         out = chk.output_array(out, "out", x.shape, x.dtype)
         chk.disjoint({"out": out}, {"dy": dy, "x": x, "gamma": gamma}, in_place=(("out", "dy"),))
     dx, dx3 = layout.output(out, x.dtype)
@@ -761,4 +866,4 @@ def backward_from_input(
             x3, dy3, gamma, eps, dgamma, dbeta, dx3, _threading.tune(x3)
         )
     layout.finish_output(dx, dx3)
-    return dx, dgamma, dbeta
+    return (dx if out is None else given), dgamma, dbeta

@@ -24,6 +24,11 @@ def _affine_of(bn) -> tuple[np.ndarray, np.ndarray]:
             "bn does not track running statistics: in eval mode it normalizes with each batch's "
             "own, which no fixed linear layer can reproduce"
         )
+    if bn.training:
+        raise ValueError(
+            "bn is in training mode, where it normalizes with each batch's statistics; folding "
+            "is for inference only: call bn.eval() first"
+        )
     rm, rv = bn._running()
     gamma = np.ones(bn.num_features) if bn.gamma is None else bn.gamma.astype(np.float64)
     beta = np.zeros(bn.num_features) if bn.beta is None else bn.beta.astype(np.float64)
@@ -35,6 +40,10 @@ def _bias(b, channels: int, name: str) -> np.ndarray:
     if b is None:
         return np.zeros(channels)
     b = chk.as_array(b, name)
+    if b.dtype.kind not in "fiu":
+        raise TypeError(
+            f"{name} has dtype {b.dtype}; expected real numbers (a float or integer dtype)"
+        )
     if b.shape != (channels,):
         raise ValueError(f"{name} has shape {b.shape}; expected ({channels},)")
     return b.astype(np.float64)
@@ -57,7 +66,8 @@ def fold_into_linear(W, b, bn) -> tuple[np.ndarray, np.ndarray]:
         ``W.T``).
     b : ndarray of shape (out,) or None
     bn : BatchNorm
-        Over ``out`` channels, tracking running statistics. Its activation, if any, is not
+        Over ``out`` channels, tracking running statistics, in eval mode (a layer in training
+        mode is refused, as PyTorch's fusion refuses it). Its activation, if any, is not
         folded: apply it after the folded layer.
 
     Examples
@@ -67,8 +77,8 @@ def fold_into_linear(W, b, bn) -> tuple[np.ndarray, np.ndarray]:
     >>> W, b, x = rng.normal(size=(4, 3)), rng.normal(size=3), rng.normal(size=(5, 4))
     >>> bn = bnfast.BatchNorm(3, dtype=np.float64)
     >>> _ = bn(rng.normal(2.0, 3.0, (64, 3)))        # some running statistics
-    >>> W2, b2 = bnfast.fold_into_linear(W, b, bn)
-    >>> np.allclose(x @ W2 + b2, bn.eval()(x @ W + b), rtol=1e-12, atol=1e-12)
+    >>> W2, b2 = bnfast.fold_into_linear(W, b, bn.eval())
+    >>> np.allclose(x @ W2 + b2, bn(x @ W + b), rtol=1e-12, atol=1e-12)
     True
     """
     s, t = _affine_of(bn)
@@ -87,7 +97,7 @@ def fold_into_conv(W, b, bn) -> tuple[np.ndarray, np.ndarray]:
     Examples
     --------
     >>> import numpy as np, bnfast
-    >>> bn = bnfast.BatchNorm(2, dtype=np.float64)
+    >>> bn = bnfast.BatchNorm(2, dtype=np.float64).eval()
     >>> W2, b2 = bnfast.fold_into_conv(np.ones((2, 1, 3, 3)), None, bn)
     >>> b2.shape, W2.shape
     ((2,), (2, 1, 3, 3))

@@ -162,17 +162,17 @@ class BatchNorm:
         self.eps = chk.checked_eps(eps, training=False)  # > 0 is checked when training
         self.momentum = None if momentum is None else chk.unit_momentum(momentum)
         self.affine = chk.flag(affine, "affine")
-        self.center = self.affine and chk.flag(center, "center")
-        self.scale = self.affine and chk.flag(scale, "scale")
+        center, scale = chk.flag(center, "center"), chk.flag(scale, "scale")  # checked always
+        self.center = self.affine and center
+        self.scale = self.affine and scale
         self.track_running_stats = chk.flag(track_running_stats, "track_running_stats")
-        _activation(activation)
-        self.activation = activation
-        _renorm(renorm)
+        self.activation = "relu" if _activation(activation) else None
+        pair = _renorm(renorm)
         if renorm is not None and not self.track_running_stats:
             raise ValueError(
                 "renorm needs track_running_stats=True (r and d use the running statistics)"
             )
-        self.renorm = None if renorm is None else (float(renorm[0]), float(renorm[1]))
+        self.renorm = None if renorm is None else pair  # the checked pair, as floats
         if virtual_batch_size is not None and (
             isinstance(virtual_batch_size, (bool, np.bool_))
             or not isinstance(virtual_batch_size, numbers.Integral)
@@ -205,6 +205,7 @@ class BatchNorm:
         self.num_batches_tracked = 0
         self.reuse_buffers = chk.flag(reuse_buffers, "reuse_buffers")
         self._buffers: dict[str, np.ndarray] = {}
+        self._kept: dict[str, tuple] = {}  # the planned path's buffers: (layout, array, view)
         self._cache: BatchNormCache | None = None
         self._plan: _Plan | None = None
 
@@ -226,6 +227,31 @@ class BatchNorm:
             f"momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}{extra})"
         )
+
+    def __getstate__(self) -> dict:
+        """Pickle and ``copy.deepcopy``: the block once, which public arrays are its rows (a
+        replaced one travels as itself), no plan or kept buffers (rebuilt on the next call)."""
+        state = self.__dict__.copy()
+        rows = state.pop("_rows")
+        state["_row_names"] = tuple(
+            name
+            for name, i in _ROW_OF.items()
+            if state[name] is not None and state[name] is rows[i]
+        )
+        for name in state["_row_names"]:
+            state[name] = None
+        state["_plan"] = None
+        state["_buffers"] = {}
+        state["_kept"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        names = state.pop("_row_names")
+        self.__dict__.update(state)
+        self._rows = tuple(self._block)
+        for name in names:
+            setattr(self, name, self._rows[_ROW_OF[name]])
 
     def train(self, mode: bool = True) -> BatchNorm:
         """Training mode (batch statistics, running averages updated); returns self. ``mode``
@@ -260,6 +286,44 @@ class BatchNorm:
         ):
             buf = self._buffers[kind] = layout.output(None, like.dtype)[0]
         return buf
+
+    def _planned_output(self, kind: str, p: _Plan, *avoid: np.ndarray):
+        """``(array, its canonical view)`` for a planned call to write: with ``reuse_buffers``
+        the kept buffer of this kind while it has the plan's layout and overlaps none of
+        ``avoid`` (else a new one is kept), otherwise a fresh array laid out canonically."""
+        layout = p.layout
+        if self.reuse_buffers:
+            kept = self._kept.get(kind)
+            if (
+                kept is None
+                or kept[0] is not layout
+                or kept[1].dtype != p.dtype
+                or any(np.may_share_memory(kept[1], a) for a in avoid)
+            ):
+                buf = self._buffers.get(kind)  # the checked path's, if it fits
+                if (
+                    buf is None
+                    or buf.shape != p.shape
+                    or buf.dtype != p.dtype
+                    or chk.Layout.of(buf, layout.axis).order != layout.order
+                    or any(np.may_share_memory(buf, a) for a in avoid)
+                ):
+                    buf = self._buffers[kind] = layout.output(None, p.dtype)[0]
+                kept = self._kept[kind] = (layout, buf, layout.view3(buf))
+            return kept[1], kept[2]
+        if layout.transposed:
+            return layout.output(None, p.dtype)
+        out = np.empty(p.shape, p.dtype)  # no transposes: a fresh array is canonical
+        return out, out.reshape(layout.canon)
+
+    def _plan_of(self, cache: BatchNormCache) -> _Plan:
+        """A plan for the backward of ``cache`` (its input's layout and dtype)."""
+        p = self._plan
+        if p is not None and p.layout is cache.layout and p.dtype is cache.x.dtype:
+            return p
+        q = _Plan()
+        q.layout, q.dtype, q.shape = cache.layout, cache.x.dtype, cache.x.shape
+        return q
 
     def _own_rows(self) -> bool:
         """Are the layer's arrays still the rows of its block (none replaced by assignment)?"""
@@ -367,13 +431,8 @@ class BatchNorm:
     def _forward_planned(self, x: np.ndarray, p: _Plan) -> np.ndarray:
         """The planned call: what :func:`bnfast.forward` does once its checks have passed."""
         layout = p.layout
-        if layout.transposed:
-            x3 = layout.view3(x)
-            y, y3 = layout.output(None, p.dtype)
-        else:  # a view (the plan saw these strides give one) and a fresh output, no transposes
-            x3 = x.reshape(layout.canon)
-            y = np.empty(p.shape, p.dtype)
-            y3 = y.reshape(layout.canon)
+        x3 = layout.view3(x) if layout.transposed else x.reshape(layout.canon)
+        y, y3 = self._planned_output("y", p, x)
         stats = np.empty((STATS_ROWS, self.num_features))
         run = _threading.family(p.rows, p.nbytes) if p.contiguous else _threading._STRIDED
         rows = self._rows
@@ -414,7 +473,13 @@ class BatchNorm:
             )
         stats.flags.writeable = False
         self._cache = BatchNormCache(
-            x, stats, layout.axis, p.batch_stats, layout, x3, self.activation if p.relu else None
+            x=x,
+            stats=stats,
+            axis=layout.axis,
+            training=p.batch_stats,
+            layout=layout,
+            view=x3,
+            activation=self.activation if p.relu else None,
         )
         return y
 
@@ -426,7 +491,6 @@ class BatchNorm:
         x = cache.x
         if (
             out is None
-            and not self.reuse_buffers
             and not cache.parts
             and cache.comm is None
             and type(dy) is np.ndarray
@@ -458,18 +522,16 @@ class BatchNorm:
     def _backward_planned(self, dy: np.ndarray, cache: BatchNormCache) -> np.ndarray:
         """The planned call: what :func:`bnfast.backward` does once its checks have passed,
         dgamma and dbeta written straight into the layer's rows."""
-        layout, x3 = cache._layout, cache._x3
+        layout, x3 = cache.layout, cache.view
         if layout.count == 0 or layout.channels == 0:
             self._rows[4][...] = 0.0
             self._rows[5][...] = 0.0
             return layout.output(None, self.dtype)[0]
         if layout.transposed or not x3.flags.c_contiguous:
-            dx, dx3 = layout.output(None, self.dtype)
             dy3 = layout.view3(dy)
         else:  # dy has x's strides: a view too
-            dx = np.empty(dy.shape, self.dtype)
-            dx3 = dx.reshape(layout.canon)
             dy3 = dy.reshape(layout.canon)
+        dx, dx3 = self._planned_output("dx", self._plan_of(cache), cache.x, dy)
         if x3.flags.c_contiguous and dy3.flags.c_contiguous:
             run = _threading.family(x3.shape[2] >= ROWS_MIN, x3.nbytes)
         else:
@@ -479,7 +541,7 @@ class BatchNorm:
         kernel(
             x3,
             dy3,
-            cache._stats,
+            cache.stats,
             relu,
             RELU_THRESHOLD[x3.dtype],
             self._rows[4],
@@ -561,6 +623,15 @@ class BatchNorm:
             self.num_batches_tracked = int(arrays["num_batches_tracked"])
 
 
+# the layer's public arrays that are rows of its block, and their row
+_ROW_OF = {
+    "gamma": 0,
+    "beta": 1,
+    "running_mean": 2,
+    "running_var": 3,
+    "dgamma": 4,
+    "dbeta": 5,
+}
 _MAX_FEATURES = 2**40  # 8 TiB of float64 per vector: any larger request is a mistake
 _NONE = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
 _DEFAULTS = {
@@ -615,21 +686,20 @@ class _Plan:
         """The plan for inputs like ``x``, or None where only the checked path applies."""
         if (
             type(x) is not np.ndarray
-            or bn.reuse_buffers
             or bn.comm is not None
             or cache.parts
             or x.dtype is not bn.dtype
             or not bn._own_rows()
-            or cache._layout.count < 2
-            or cache._layout.channels == 0
+            or cache.layout.count < 2
+            or cache.layout.channels == 0
         ):
             return None
         p = cls()
         p.shape, p.strides, p.dtype = x.shape, x.strides, x.dtype
         p.mode = bn._mode()
         p.batch_stats = bn.training or not bn.track_running_stats
-        p.layout = cache._layout
-        x3 = cache._x3
+        p.layout = cache.layout
+        x3 = cache.view
         p.rows, p.nbytes, p.contiguous = (
             x3.shape[2] >= ROWS_MIN,
             x3.nbytes,

@@ -34,6 +34,8 @@ in-process communicator does this).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 _DTYPE_CODE = {np.dtype(np.float32): 32.0, np.dtype(np.float64): 64.0}
@@ -93,9 +95,16 @@ def _mpi_ops():
     return _MPI
 
 
+def _is_mpi4py(comm) -> bool:
+    """Is ``comm`` an mpi4py communicator, a user's subclass of one included? (An mpi4py
+    communicator means mpi4py.MPI is imported already; nothing is imported here.)"""
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is not None and isinstance(comm, mpi.Comm)
+
+
 def _allreduce(comm, send: np.ndarray, merged: bool) -> np.ndarray:
     recv = np.empty_like(send)
-    if type(comm).__module__.startswith("mpi4py"):
+    if _is_mpi4py(comm):
         ops = _mpi_ops()
         if merged:
             comm.Allreduce([send, ops["triple"]], [recv, ops["triple"]], op=ops["merge"])

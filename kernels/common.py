@@ -27,6 +27,15 @@ STATS_ROWS = 8
 
 
 @helper
+def copy_into(src, dst):
+    """``dst[:] = src`` as a loop. Kernels never assign array slices: numba compiles a
+    formatted shape-mismatch error for each (str, repr and string concatenation of ints), which
+    took ~3 s of a cold first training step; kernels raise nothing (see ``_jit``)."""
+    for i in range(src.shape[0]):
+        dst[i] = src[i]
+
+
+@helper
 def moments_from_sums(k, s1, s2, n):
     """``(mean, var)`` from sums around the shift k: ``mean = k + s1/n``,
     ``var = (s2 - s1**2/n)/n``.
@@ -166,13 +175,17 @@ def backward_channels(s1, s2, n, stats, dgamma, dbeta, k, c1, c0):
     """Channels of the training gradient, from ``s1 = sum(dy)`` and ``s2 = sum(dy*(x-mean))``
     (dy behind the activation's mask), as ``dx = k*dy - c1*(x - mean) + c0``: ``k = SCALE``
     (gamma * invstd * r: Batch Renormalization's r and d are constants),
-    ``c1 = k*invstd*(s2*invstd)/n``, ``c0 = -k*s1/n``; dgamma and dbeta rounded into their
+    ``c1 = k*(invstd*(s2*invstd/n))``, ``c0 = -k*s1/n``; dgamma and dbeta rounded into their
     arrays."""
     invstds, scales, rs, ds = stats[INVSTD], stats[SCALE], stats[R], stats[D]
     for j in range(s1.shape[0]):
         k[j] = scales[j]
+    # k * (invstd * (s2 * invstd / n)), not (k * invstd) * ...: with eps below ~1e-308 a
+    # constant channel has invstd ~1e155 and s2 == 0 exactly; k * invstd overflows to inf and
+    # inf * 0 made dx NaN. This order gives c1 = 0 there (and the same value to a few float64
+    # ulps elsewhere, invisible after the one rounding into float32).
     for j in range(s1.shape[0]):
-        c1[j] = k[j] * invstds[j] * (s2[j] * invstds[j]) / n
+        c1[j] = k[j] * (invstds[j] * (s2[j] * invstds[j] / n))
     for j in range(s1.shape[0]):
         c0[j] = -k[j] * s1[j] / n
     for j in range(s1.shape[0]):

@@ -69,6 +69,7 @@ from .common import (
     STATS_ROWS,
     activate,
     backward_channels,
+    copy_into,
     forward_channels,
     frozen_channels,
     inference_channels,
@@ -443,8 +444,9 @@ def tile_sums(x2, inner, channels, r0, r1, l0, l1):
 @helper
 def block_sums_task(x2, inner, channels, r0, r1, l0, l1, p1, p2):
     k, a1, a2 = tile_sums(x2, inner, channels, r0, r1, l0, l1)
-    p1[l0:l1] = a1
-    p2[l0:l1] = a2
+    for j in range(l1 - l0):  # a loop: slice assignment compiles numba's shape-error
+        p1[l0 + j] = a1[j]  # message (str/repr/concat of ints: ~3 s of a cold first step)
+        p2[l0 + j] = a2[j]
 
 
 @helper
@@ -865,8 +867,8 @@ def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
     dy behind the activation's mask), float64: a synchronized backward reduces them across
     processes, then calls :func:`backward_apply`."""
     t1, t2 = gradient_sums_phase(x, dy, stats, relu, thr, tune)
-    s1[:] = t1
-    s2[:] = t2
+    copy_into(t1, s1)
+    copy_into(t2, s2)
 
 
 @parallel_kernel(*BACKWARD_APPLY)

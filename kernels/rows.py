@@ -49,6 +49,7 @@ from .common import (
     STATS_ROWS,
     activate,
     backward_channels,
+    copy_into,
     forward_channels,
     frozen_channels,
     inference_channels,
@@ -429,8 +430,8 @@ def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
     dy behind the activation's mask), float64: a synchronized backward reduces them across
     processes, then calls :func:`backward_apply`."""
     t1, t2 = gradient_sums_phase(x, dy, stats, relu, thr, tune)
-    s1[:] = t1
-    s2[:] = t2
+    copy_into(t1, s1)
+    copy_into(t2, s2)
 
 
 @parallel_kernel(*BACKWARD_APPLY)

@@ -48,6 +48,7 @@ from .common import (
     STATS_ROWS,
     activate,
     backward_channels,
+    copy_into,
     forward_channels,
     frozen_channels,
     inference_channels,
@@ -206,8 +207,8 @@ def normalize_block(x, stats, relu, thr, y, tune):
 def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
     """The training gradient's two sums alone (float64; see the rows family)."""
     t1, t2 = gradient_sums(x, dy, stats, relu, thr)
-    s1[:] = t1
-    s2[:] = t2
+    copy_into(t1, s1)
+    copy_into(t2, s2)
 
 
 @kernel(*BACKWARD_APPLY)

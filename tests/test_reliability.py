@@ -503,7 +503,7 @@ def test_eps_zero_in_eval_mode():
 
 def _held(cache) -> int:
     """Bytes of statistics a cache keeps alive (its float64 block, or its separate vectors)."""
-    block = getattr(cache, "_stats", None)
+    block = getattr(cache, "stats", None)
     if block is not None:
         return block.nbytes
     return sum(getattr(cache, k).nbytes for k in ("mean", "invstd", "gamma"))

@@ -265,7 +265,7 @@ def test_real_mpi_ranks_match_the_whole_batch(ranks):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     # ranks share stdout, so lines may interleave: count the reports, not the lines
-    assert r.stdout.count("OK rank") == ranks * (6 + 2 + 1), r.stdout + r.stderr
+    assert r.stdout.count("OK rank") == ranks * (6 + 2 + 1 + 1), r.stdout + r.stderr
 
 
 @pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))

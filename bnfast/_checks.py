@@ -324,22 +324,48 @@ class Layout:
         return self.canon[0] * self.canon[2]
 
     def view3(self, a: np.ndarray) -> np.ndarray:
-        """``a`` (of this layout's shape) as (outer, C, inner): a view, or a copy where no view
-        exists."""
+        """``a`` (of this layout's shape) as a C-contiguous (outer, C, inner) array, the form
+        every kernel takes: a view for contiguous arrays of every layout (a transposed NCHW
+        too), else one copy (sliced, negative-stride, broadcast or Fortran-ordered views).
+
+        One copy and the parallel kernels replace the serial strided family of 0.2: MEASURE."""
         v = a.transpose(self.order) if self.transposed else a
         try:
-            return v.reshape(self.canon, copy=False)
+            v = v.reshape(self.canon, copy=False)
         except ValueError:
             return np.ascontiguousarray(v).reshape(self.canon)
+        return v if v.flags.c_contiguous else np.ascontiguousarray(v)
+
+    def is_view(self, a: np.ndarray) -> bool:
+        """Is :meth:`view3` of ``a`` a view (no copy)? Shape and strides decide it."""
+        return self._views(a.strides)
+
+    def _views(self, strides: tuple) -> bool:
+        view = _VIEWS.get((self, strides))
+        if view is None:
+            probe = np.lib.stride_tricks.as_strided(np.empty(1, np.uint8), self.shape, strides)
+            v = probe.transpose(self.order) if self.transposed else probe
+            try:
+                view = v.reshape(self.canon, copy=False).flags.c_contiguous
+            except ValueError:
+                view = False
+            if len(_VIEWS) >= 1024:
+                _VIEWS.clear()
+            _VIEWS[(self, strides)] = view
+        return view
 
     def output(self, out: np.ndarray | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         """``(array, its 3-D view)`` for a kernel to write; pass both to :meth:`finish_output`.
 
         Without ``out``, a new array laid out canonically (its 3-D view is always a view). With
-        an ``out`` that has no 3-D view, the kernel writes a temporary copied into ``out``.
+        an ``out`` that has no C-contiguous 3-D view, the kernel writes a temporary copied into
+        ``out``.
         """
         if out is not None:
-            return out, self.view3(out)
+            if self.is_view(out):
+                v = out.transpose(self.order) if self.transposed else out
+                return out, v.reshape(self.canon)
+            return out, np.empty(self.canon, dtype)
         t = np.empty(self.ordered_shape, dtype)
         return (t.transpose(self.inverse) if self.transposed else t), t.reshape(self.canon)
 
@@ -350,3 +376,4 @@ class Layout:
 
 
 _LAYOUTS: dict = {}
+_VIEWS: dict = {}

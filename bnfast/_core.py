@@ -1,11 +1,13 @@
-"""The functional API: validate, map to the canonical (outer, C, inner) view, call one kernel.
+"""The functional API and the one run path: checks -> canonical view -> parameter block ->
+one kernel call.
 
-The kernel behind each function, in the family ``_threading.kernels_for`` picks from the view's
-memory layout (``kernels.rows``, ``kernels.lanes`` or ``kernels.strided``): ``moments`` ->
-``moments``; ``forward`` -> ``forward_train`` (training) or ``normalize`` (inference), once
-per virtual batch with ``virtual_batch_size``; ``backward`` -> ``backward_train`` (training
-cache) or ``backward_frozen`` (inference cache); ``backward_from_input`` ->
-``backward_input``.
+The kernel behind each function, in the family ``_threading.kernels_for`` picks from the
+canonical view's shape (``kernels.rows`` or ``kernels.lanes``): ``moments`` -> ``moments``;
+``forward`` -> ``forward`` (mode: batch statistics while training, running statistics in
+inference, given statistics for a synchronized forward; once per virtual batch with
+``virtual_batch_size``); ``backward`` -> ``backward`` (mode: train, frozen, or the sums and the
+given-sums pass of a synchronized backward); ``backward_from_input`` -> ``backward_input``.
+:func:`run_forward` and :func:`run_backward` are the run path the layer's planned calls share.
 Each kernel also does the per-channel arithmetic (``kernels/common.py``: statistics, running
 averages, gradient coefficients, dgamma and dbeta), so a call allocates its outputs and makes
 one kernel call. The math they implement is written out in ``bnfast.reference``.
@@ -20,20 +22,35 @@ import numpy as np
 
 from . import _checks as chk
 from . import _sync, _threading
+from .kernels._jit import (
+    BACKWARD_FROZEN,
+    BACKWARD_GIVEN,
+    BACKWARD_SUMS,
+    BACKWARD_TRAIN,
+    FORWARD_BATCH,
+    FORWARD_GIVEN,
+    FORWARD_RUNNING,
+    P_MODE,
+    P_MOMENTUM,
+    P_RELU,
+)
 from .kernels.common import (
     GAMMA,
     INVSTD,
     MEAN,
     STATS_ROWS,
     VAR,
-    frozen_channels,
-    inference_channels,
+    D,
+    finish_channels,
+    parameter_gradients,
+    update_running,
 )
 
 _NO_RUNNING = {
     np.dtype(np.float32): np.empty(0, np.float32),
     np.dtype(np.float64): np.empty(0, np.float64),
 }  # "no running arrays" to a kernel
+NO_SUMS = np.empty((2, 0))  # "the sums are not wanted" to the backward kernel (O(T) buffers)
 # The fused ReLU's threshold: half the smallest subnormal of the data's dtype, so that a value
 # counts as positive exactly when it rounds to a positive number (PyTorch applies ReLU to the
 # rounded output). As a float64, float64's half-subnormal is 0.
@@ -55,8 +72,9 @@ class BatchNormCache(NamedTuple):
         The forward input (a reference, not a copy: do not modify it before backward).
     stats : ndarray
         The float64 ``(8, C)`` statistics block the forward wrote (rows ``MEAN``, ``INVSTD``,
-        ``GAMMA``, ``VAR``, ``SCALE``, ``SHIFT``, ``R``, ``D`` of ``bnfast.kernels.common``),
-        read-only.
+        ``GAMMA``, ``VAR``, ``SCALE``, ``SHIFT``, ``R``, ``D`` of ``bnfast.kernels.common``).
+        The backward kernel takes it as it is (one array type for both kernels: a read-only
+        block compiled every shared helper twice); do not modify it.
     axis : int
         The channel axis, non-negative.
     training : bool
@@ -64,7 +82,8 @@ class BatchNormCache(NamedTuple):
     layout : Layout
         How x maps to the canonical ``(outer, C, inner)`` view.
     view : ndarray or None
-        That view of x (a view, or a copy where none exists); rebuilt from x when a cache is
+        That view of x, C-contiguous, when x has one; None where it would be a copy (backward
+        copies x again rather than the cache holding x twice). Rebuilt from x when a cache is
         unpickled or copied, so a copy holds x once.
     activation : str or None
         The fused activation (``"relu"``), whose mask backward recomputes from x.
@@ -94,15 +113,15 @@ class BatchNormCache(NamedTuple):
 
     @property
     def mean(self) -> np.ndarray:
-        return self.stats[MEAN]
+        return _read_only(self.stats[MEAN])
 
     @property
     def invstd(self) -> np.ndarray:
-        return self.stats[INVSTD]
+        return _read_only(self.stats[INVSTD])
 
     @property
     def gamma(self) -> np.ndarray:
-        return self.stats[GAMMA]
+        return _read_only(self.stats[GAMMA])
 
     def __repr__(self) -> str:
         mode = "training" if self.training else "inference"
@@ -115,11 +134,14 @@ class BatchNormCache(NamedTuple):
         return _rebuild_cache, (fields, self.view is not None)
 
 
+def _read_only(row: np.ndarray) -> np.ndarray:
+    row.flags.writeable = False  # a fresh view of the block: the block itself stays writeable
+    return row
+
+
 def _rebuild_cache(fields: dict, has_view: bool) -> BatchNormCache:
     if has_view:
-        fields["view"] = fields["layout"].view3(fields["x"])
-    if isinstance(fields["stats"], np.ndarray):
-        fields["stats"].flags.writeable = False
+        fields["view"] = fields["layout"].view3(fields["x"])  # a view, as before pickling
     return BatchNormCache(**fields)
 
 
@@ -233,18 +255,19 @@ def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
             f"x has shape {x.shape}: no values per channel along axis {axis}; "
             "moments need at least one"
         )
-    mean, var = _moments64(x, layout)
+    mean, var = _moments64(layout.view3(x))
     return mean.astype(x.dtype), var.astype(x.dtype)  # one rounding of the float64 results
 
 
-def _moments64(x, layout) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and biased variance in float64 (the ``moments`` kernel; needs a value
-    per channel)."""
-    mean = np.empty(layout.channels)
-    var = np.empty(layout.channels)
-    if layout.channels:
-        x3 = layout.view3(x)
-        _threading.kernels_for(x3).moments(x3, mean, var, _threading.tune(x3))
+def _moments64(x3) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance in float64 of a canonical view (the ``moments``
+    kernel, then the rescue kernel if it reports overflowed channels; needs a value per
+    channel)."""
+    mean = np.empty(x3.shape[1])
+    var = np.empty(x3.shape[1])
+    if x3.shape[1]:
+        if _threading.kernels_for(x3).moments(x3, mean, var, _threading.tune(x3)):
+            _threading.rescue_moments(x3, mean, var)
     return mean, var
 
 
@@ -422,10 +445,21 @@ def forward(
         )
 
     y, y3 = layout.output(out, dtype)
-    settings = (eps, relu, RELU_THRESHOLD[dtype], rmax, dmax, unbiased)
+    relu_thr = (1.0, RELU_THRESHOLD[dtype]) if relu else (0.0, 0.0)
     if comm is not None:
-        stats, total = _run_forward_synced(
-            comm, x, layout, y3, gamma, beta, running_mean, running_var, momentum, settings
+        stats, total = _forward_synced(
+            comm,
+            x,
+            layout,
+            y3,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            relu_thr,
+            unbiased,
         )
         layout.finish_output(y, y3)
         cache = BatchNormCache(
@@ -434,19 +468,32 @@ def forward(
             axis=axis,
             training=True,
             layout=layout,
-            view=layout.view3(x),
+            view=_kept_view(x, layout),
             activation="relu" if relu else None,
             comm=comm,
             total=total,
         )
     elif groups > 1 and count > 0 and channels > 0:  # else: nothing to normalize, as below
         cache = _ghost_forward(
-            x, y, axis, gamma, beta, running_mean, running_var, momentum, groups, settings
+            x,
+            y,
+            axis,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            groups,
+            params(FORWARD_BATCH, eps, 0.0, unbiased, rmax, dmax, *relu_thr, count // groups),
         )
     else:
-        stats = _run_forward(
-            x, layout, y3, gamma, beta, training, running_mean, running_var, momentum, settings
-        )
+        x3 = layout.view3(x)
+        stats = np.empty((STATS_ROWS, channels))
+        if training:
+            block = params(FORWARD_BATCH, eps, momentum, unbiased, rmax, dmax, *relu_thr, count)
+        else:
+            block = params(FORWARD_RUNNING, eps, 0.0, unbiased, 0.0, 0.0, *relu_thr, count)
+        run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats)
         layout.finish_output(y, y3)
         cache = BatchNormCache(
             x=x,
@@ -454,37 +501,97 @@ def forward(
             axis=axis,
             training=training,
             layout=layout,
-            view=layout.view3(x),
+            view=x3 if layout.is_view(x) else None,
             activation="relu" if relu else None,
         )
     return (y if out is None else given), cache
 
 
-def _update_running(running_mean, running_var, momentum, stats, count, unbiased) -> None:
-    """The running averages in float64 NumPy math, rounded once into the running arrays (their
-    dtype differs from x's, or the statistics are a synchronized forward's)."""
-    unbias = count / (count - 1) if unbiased else 1.0
+def params(mode, eps, momentum, unbiased, rmax, dmax, relu, thr, count) -> np.ndarray:
+    """The kernels' float64 parameter block (``kernels._jit.P_*``) for one call."""
+    return np.array(
+        (mode, eps, momentum, float(unbiased), rmax, dmax, relu, thr, 0.0, count), np.float64
+    )
+
+
+def _kept_view(x, layout):
+    """The canonical view a cache keeps of x: the view itself, or None where it would be a copy
+    (backward then copies again rather than the cache holding a second x)."""
+    return layout.view3(x) if layout.is_view(x) else None
+
+
+def _running_for_kernel(running_mean, running_var, dtype):
+    """The running arrays as the kernels take them: themselves when both have x's dtype and
+    are writeable (the kernel updates them in place), else copies in x's dtype (renorm reads
+    them; the update is then :func:`update_running_of`'s, in the arrays' own dtype)."""
+    if running_mean is None:
+        return _NO_RUNNING[dtype], _NO_RUNNING[dtype]
+    if (
+        running_mean.dtype == dtype
+        and running_var.dtype == dtype
+        and running_mean.flags.writeable
+        and running_var.flags.writeable
+    ):
+        return running_mean, running_var
+    return running_mean.astype(dtype), running_var.astype(dtype)
+
+
+def run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats) -> None:
+    """The forward kernel on checked arguments (the layer's planned path too): one call, and
+    the rescue kernel when it reports channels whose float64 sums overflowed. Running arrays
+    of another dtype than x's are updated afterwards from the same statistics
+    (:func:`update_running_of`)."""
+    dtype, channels = x3.dtype, x3.shape[1]
+    if x3.shape[0] * x3.shape[2] == 0 or channels == 0:  # nothing to normalize (PyTorch)
+        stats[...] = np.nan
+        return
+    rm, rv = _running_for_kernel(running_mean, running_var, dtype)
+    bad = _threading.kernels_for(x3).forward(
+        x3, gamma, beta, rm, rv, block, stats, y3, _threading.tune(x3)
+    )
+    if bad:
+        _threading.rescue(x3, gamma, beta, rm, rv, block, stats, y3)
+    if rm is not running_mean and running_mean is not None and block[P_MODE] != FORWARD_RUNNING:
+        update_running_of(running_mean, running_var, stats, block)
+
+
+def update_running_of(running_mean, running_var, stats, block) -> None:
+    """The running averages of arrays of any float dtype (another than x's; ghost batches'
+    combined statistics): the kernels' own ``update_running`` on float64 copies (exact), rounded
+    once into the arrays. Runs after a kernel's write, so it must not raise
+    (:func:`_after_write`)."""
+    rm64 = running_mean.astype(np.float64)
+    rv64 = running_var.astype(np.float64)
+    update_running(stats, block, rm64, rv64)
     with _after_write():
-        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * stats[
-            MEAN
-        ]
-        running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + (
-            momentum * unbias
-        ) * stats[VAR]
+        running_mean[...] = rm64
+        running_var[...] = rv64
 
 
-def _run_forward_synced(
-    comm, x, layout, y3, gamma, beta, running_mean, running_var, momentum, settings
+def _forward_synced(
+    comm,
+    x,
+    layout,
+    y3,
+    gamma,
+    beta,
+    running_mean,
+    running_var,
+    momentum,
+    eps,
+    relu_thr: tuple[float, float],
+    unbiased,
 ) -> tuple[np.ndarray, int]:
-    """A synchronized training forward on checked arguments: this rank's float64 moments, the
-    global ones (``_sync``: one collective), their statistics block (``inference_channels``,
-    the kernels' own helper), y from it (``normalize_block``) and the running averages;
-    returns the block and the global count. Raises on every rank, before any write, when the
-    ranks disagree or the global batch has one value per channel."""
-    eps, relu, thr, _, _, unbiased = settings
+    """A synchronized training forward on checked arguments: this rank's float64 moments (the
+    ``moments`` kernel), the global ones (``_sync``: one collective), then the ``forward``
+    kernel with those statistics given (``FORWARD_GIVEN``: the block, y and the running
+    averages over all ranks' values); returns the block and the global count. Raises on every
+    rank, before any write, when the ranks disagree or the global batch has one value per
+    channel."""
     dtype, channels, count = x.dtype, layout.channels, layout.count
     local = count > 0 and channels > 0
-    mean, var = _moments64(x, layout) if local else (np.zeros(channels), np.zeros(channels))
+    x3 = layout.view3(x)
+    mean, var = _moments64(x3) if local else (np.zeros(channels), np.zeros(channels))
     total, mean, var = _sync.global_moments(comm, count, mean, var, dtype, eps, momentum)
     if total == 1:
         raise ValueError(
@@ -495,15 +602,15 @@ def _run_forward_synced(
     if total == 0 or channels == 0:
         stats[...] = np.nan
         return stats, total
-    inference_channels(mean, var, eps, gamma, beta, stats)  # the kernels' per-channel math
+    block = params(FORWARD_GIVEN, eps, momentum, unbiased, 0.0, 0.0, *relu_thr, total)
+    stats[MEAN] = mean
+    stats[VAR] = var
     if local:
-        x3 = layout.view3(x)
-        _threading.kernels_for(x3, y3).normalize_block(
-            x3, stats, int(relu), thr, y3, _threading.tune(x3)
-        )
-    if running_mean is not None:
-        _update_running(running_mean, running_var, momentum, stats, total, unbiased)
-    stats.flags.writeable = False
+        run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats)
+    else:  # this rank holds no values: the block and the running averages only
+        finish_channels(stats, 0, channels, gamma, beta, stats[D], stats[D], block)
+        if running_mean is not None:
+            update_running_of(running_mean, running_var, stats, block)
     return stats, total
 
 
@@ -531,71 +638,25 @@ def _virtual_groups(k, shape, axis) -> int:
     return shape[0] // k
 
 
-def _run_forward(
-    x, layout, y3, gamma, beta, training, running_mean, running_var, momentum, settings
-) -> np.ndarray:
-    """One kernel call on checked arguments; returns the frozen (8, C) statistics block."""
-    eps, relu, thr, rmax, dmax, unbiased = settings
-    dtype, channels, count = x.dtype, layout.channels, layout.count
-    stats = np.empty((STATS_ROWS, channels))
-    if count == 0 or channels == 0:  # nothing to normalize; running arrays untouched
-        stats[...] = np.nan
-    elif training:
-        tracking = running_mean is not None
-        direct = tracking and running_mean.dtype == dtype and running_var.dtype == dtype
-        if direct or not tracking:
-            rm = running_mean if direct else _NO_RUNNING[dtype]
-            rv = running_var if direct else _NO_RUNNING[dtype]
-        else:  # another dtype: the kernel reads copies in x's precision (renorm), NumPy updates
-            rm, rv = running_mean.astype(dtype), running_var.astype(dtype)
-        x3 = layout.view3(x)
-        _threading.kernels_for(x3, y3).forward_train(
-            x3,
-            gamma,
-            beta,
-            eps,
-            momentum,
-            int(unbiased),
-            rmax,
-            dmax,
-            int(relu),
-            thr,
-            rm,
-            rv,
-            stats,
-            y3,
-            _threading.tune(x3),
-        )
-        if tracking and not direct:
-            _update_running(running_mean, running_var, momentum, stats, count, unbiased)
-    else:
-        rm = running_mean if running_mean.dtype == dtype else running_mean.astype(dtype)
-        rv = running_var if running_var.dtype == dtype else running_var.astype(dtype)
-        x3 = layout.view3(x)
-        _threading.kernels_for(x3, y3).normalize(
-            x3, rm, rv, gamma, beta, eps, int(relu), thr, stats, y3, _threading.tune(x3)
-        )
-    stats.flags.writeable = False
-    return stats
-
-
 def _ghost_forward(
-    x, y, axis, gamma, beta, running_mean, running_var, momentum, groups, settings
+    x, y, axis, gamma, beta, running_mean, running_var, momentum, groups, block
 ) -> BatchNormCache:
-    """Ghost batches: each virtual batch is one training call on its views of x and y (so it is
-    exactly the batch split by hand); renorm reads copies of the running arrays, which this
-    call updates once, from the mean of the groups' statistics (tf-keras 2's rule; README)."""
-    eps, relu, thr, rmax, dmax, unbiased = settings
+    """Ghost batches: each virtual batch is one ``forward`` kernel call on its views of x and y
+    (batch statistics, so it is exactly the batch split by hand; renorm reads copies of the
+    running arrays in x's dtype), then one running update from the mean of the groups' means
+    and of their variances (tf-keras 2's rule; README) by the kernels' ``update_running``."""
     k = x.shape[0] // groups
     tracking = running_mean is not None
+    rm = running_mean.astype(x.dtype) if tracking else None  # read by renorm, never updated
+    rv = running_var.astype(x.dtype) if tracking else None
     parts = []
     for g in range(groups):
         xg, yg = x[g * k : (g + 1) * k], y[g * k : (g + 1) * k]
         layout = chk.Layout.of(xg, axis)
         yg3 = layout.output(yg, x.dtype)[1]
-        rm = running_mean.astype(x.dtype) if tracking else None
-        rv = running_var.astype(x.dtype) if tracking else None
-        stats = _run_forward(xg, layout, yg3, gamma, beta, True, rm, rv, 0.0, settings)
+        xg3 = layout.view3(xg)
+        stats = np.empty((STATS_ROWS, layout.channels))
+        run_forward(xg3, yg3, gamma, beta, rm, rv, block, stats)  # momentum 0: rm, rv kept
         layout.finish_output(yg, yg3)
         part = BatchNormCache(
             x=xg,
@@ -603,22 +664,17 @@ def _ghost_forward(
             axis=axis,
             training=True,
             layout=layout,
-            view=layout.view3(xg),
-            activation="relu" if relu else None,
+            view=_kept_view(xg, layout),
+            activation="relu" if block[P_RELU] else None,
         )
         parts.append((g * k, (g + 1) * k, part))
     if tracking:
-        per_group = parts[0][2].layout.count
-        unbias = per_group / (per_group - 1) if unbiased else 1.0
-        means = np.mean([p[2].stats[MEAN] for p in parts], axis=0)
-        variances = np.mean([p[2].stats[VAR] for p in parts], axis=0) * unbias
-        with _after_write():
-            running_mean[...] = (1.0 - momentum) * running_mean.astype(
-                np.float64
-            ) + momentum * means
-            running_var[...] = (1.0 - momentum) * running_var.astype(
-                np.float64
-            ) + momentum * variances
+        combined = np.empty((STATS_ROWS, len(running_mean)))
+        combined[MEAN] = np.mean([p[2].stats[MEAN] for p in parts], axis=0)
+        combined[VAR] = np.mean([p[2].stats[VAR] for p in parts], axis=0)
+        update = block.copy()
+        update[P_MOMENTUM] = momentum  # P_COUNT is the group's count: each unbiased over it
+        update_running_of(running_mean, running_var, combined, update)
     first = parts[0][2]
     return BatchNormCache(
         x=x,
@@ -690,113 +746,85 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
     channels = layout.channels
     dgamma = np.empty(channels, x.dtype)
     dbeta = np.empty(channels, x.dtype)
+    relu_thr = (1.0, RELU_THRESHOLD[x.dtype]) if cache.activation == "relu" else (0.0, 0.0)
     if cache.parts:  # virtual batches: each part's gradient; dgamma, dbeta summed in float64
-        sums64 = np.zeros((2, channels))
+        total = np.zeros((2, channels))
+        share = np.empty((2, channels))
+        sums = np.empty((2, channels))
         for start, stop, part in cache.parts:
             dxg = dx[start:stop]
             dxg3 = part.layout.output(dxg, x.dtype)[1]
-            _run_backward_part(part, part.layout.view3(dy[start:stop]), sums64, dxg3)
+            block = params(BACKWARD_TRAIN, 0.0, 0.0, 0, 0.0, 0.0, *relu_thr, part.layout.count)
+            x3 = part.view if part.view is not None else part.layout.view3(part.x)
+            run_backward(
+                x3,
+                part.layout.view3(dy[start:stop]),
+                part.stats,
+                block,
+                sums,
+                dgamma,
+                dbeta,
+                dxg3,
+            )
             part.layout.finish_output(dxg, dxg3)
+            parameter_gradients(sums, 0, part.stats, 0, channels, share[0], share[1])
+            total += share  # each part's float64 dgamma, dbeta; rounded once below
         with _after_write():
-            dgamma[...] = sums64[0]
-            dbeta[...] = sums64[1]
+            dgamma[...] = total[0]
+            dbeta[...] = total[1]
+    elif cache.comm is not None:
+        _backward_synced(cache, layout.view3(dy), relu_thr, dgamma, dbeta, dx3)
+        layout.finish_output(dx, dx3)
     else:
-        _run_backward(cache, layout.view3(dy), dgamma, dbeta, dx3)
+        mode = BACKWARD_TRAIN if cache.training else BACKWARD_FROZEN
+        block = params(mode, 0.0, 0.0, 0, 0.0, 0.0, *relu_thr, layout.count)
+        x3 = cache.view if cache.view is not None else layout.view3(x)
+        run_backward(x3, layout.view3(dy), cache.stats, block, NO_SUMS, dgamma, dbeta, dx3)
         layout.finish_output(dx, dx3)
     return (dx if out is None else given), dgamma, dbeta
 
 
-def _run_backward_synced(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None:
-    """A synchronized training backward: this rank's two float64 sums (``backward_sums``),
+def run_backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3) -> None:
+    """The backward kernel on checked arguments (the layer's planned path too)."""
+    if x3.shape[0] * x3.shape[2] == 0 or x3.shape[1] == 0:
+        dgamma[...] = 0.0
+        dbeta[...] = 0.0
+        sums[...] = 0.0  # (nothing when NO_SUMS)
+        return
+    _threading.kernels_for(x3).backward(
+        x3, dy3, stats, block, sums, dgamma, dbeta, dx3, _threading.tune(x3)
+    )
+
+
+def _backward_synced(
+    cache: BatchNormCache, dy3, relu_thr: tuple[float, float], dgamma, dbeta, dx3
+) -> None:
+    """A synchronized training backward: this rank's two float64 sums (``BACKWARD_SUMS``),
     summed over the ranks (one collective), dx from the global sums and count
-    (``backward_apply``). dgamma and dbeta are this rank's share (its own sums), as every
+    (``BACKWARD_GIVEN``). dgamma and dbeta are this rank's share (its own sums), as every
     other parameter's gradient in data parallelism: averaging or summing them over the ranks
     with the rest gives the global batch's."""
-    layout, x3, stats = cache.layout, cache.view, cache.stats
+    layout, stats = cache.layout, cache.stats
+    x3 = cache.view if cache.view is not None else layout.view3(cache.x)
     local = layout.count > 0 and layout.channels > 0
     sums = np.zeros((2, layout.channels))
-    relu, thr = int(cache.activation == "relu"), RELU_THRESHOLD[x3.dtype]
     if local:
-        run = _threading.kernels_for(x3, dy3, dx3)
-        run.backward_sums(x3, dy3, stats, relu, thr, sums[0], sums[1], _threading.tune(x3))
-    total = _sync.global_sums(cache.comm, sums)
-    if local:
-        run.backward_apply(
+        run_backward(
             x3,
             dy3,
             stats,
-            relu,
-            thr,
-            total[0],
-            total[1],
-            float(cache.total),
+            params(BACKWARD_SUMS, 0.0, 0.0, 0, 0.0, 0.0, *relu_thr, 0),
+            sums,
             dgamma,
             dbeta,
             dx3,
-            _threading.tune(x3),
         )
-    # this rank's share, by the kernels' own rule (frozen_channels: dgamma_of, dbeta = s1)
-    frozen_channels(sums[0], sums[1], stats, dgamma, dbeta)
-
-
-def _run_backward_part(part: BatchNormCache, dy3, sums64, dx3) -> None:
-    """One virtual batch's training gradient: its two float64 sums (``backward_sums``), dx from
-    them (``backward_apply``), and its float64 dgamma and dbeta added to ``sums64`` (rows
-    dgamma, dbeta) by the kernels' own rule (``frozen_channels``), so that the sum over the
-    parts is rounded once (rounding each part's first left float32 dgamma 127 ulps off at
-    (4096, 96) in 8 parts)."""
-    x3, stats = part.view, part.stats
-    channels = stats.shape[1]
-    s = np.zeros((2, channels))
-    relu, thr = int(part.activation == "relu"), RELU_THRESHOLD[x3.dtype]
-    run = _threading.kernels_for(x3, dy3, dx3)
-    tune = _threading.tune(x3)
-    run.backward_sums(x3, dy3, stats, relu, thr, s[0], s[1], tune)
-    scratch = np.empty((2, channels), x3.dtype)
-    run.backward_apply(
-        x3,
-        dy3,
-        stats,
-        relu,
-        thr,
-        s[0],
-        s[1],
-        float(part.layout.count),
-        scratch[0],
-        scratch[1],
-        dx3,
-        tune,
-    )
-    g = np.empty((2, channels))
-    frozen_channels(s[0], s[1], stats, g[0], g[1])
-    sums64 += g
-
-
-def _run_backward(cache: BatchNormCache, dy3, dgamma, dbeta, dx3) -> None:
-    """The backward kernel of one (not ghost) cache on checked arguments."""
-    layout = cache.layout
-    if cache.comm is not None:
-        _run_backward_synced(cache, dy3, dgamma, dbeta, dx3)
-        return
-    if layout.count == 0 or layout.channels == 0:
-        dgamma[...] = 0.0
-        dbeta[...] = 0.0
-        return
-    x3 = cache.view
-    run = _threading.kernels_for(x3, dy3, dx3)
-    kernel = run.backward_train if cache.training else run.backward_frozen
-    relu = int(cache.activation == "relu")
-    kernel(
-        x3,
-        dy3,
-        cache.stats,
-        relu,
-        RELU_THRESHOLD[x3.dtype],
-        dgamma,
-        dbeta,
-        dx3,
-        _threading.tune(x3),
-    )
+    total = _sync.global_sums(cache.comm, sums)
+    if local:
+        block = params(BACKWARD_GIVEN, 0.0, 0.0, 0, 0.0, 0.0, *relu_thr, cache.total)
+        run_backward(x3, dy3, stats, block, total, dgamma, dbeta, dx3)
+    # this rank's share, by the kernels' own rule
+    parameter_gradients(sums, 0, stats, 0, layout.channels, dgamma, dbeta)
 
 
 def backward_from_input(
@@ -862,8 +890,9 @@ def backward_from_input(
         dbeta[...] = 0.0
     else:
         x3, dy3 = layout.view3(x), layout.view3(dy)
-        _threading.kernels_for(x3, dy3, dx3).backward_input(
-            x3, dy3, gamma, eps, dgamma, dbeta, dx3, _threading.tune(x3)
+        block = params(0, eps, 0.0, 0, 0.0, 0.0, 0.0, 0.0, layout.count)
+        _threading.kernels_for(x3).backward_input(
+            x3, dy3, gamma, block, dgamma, dbeta, dx3, _threading.tune(x3)
         )
     layout.finish_output(dx, dx3)
     return (dx if out is None else given), dgamma, dbeta

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from . import _checks as chk
-from . import _sync, _threading
+from . import _sync
 from ._core import (
+    NO_SUMS,
     RELU_THRESHOLD,
     BatchNormCache,
     _activation,
@@ -29,8 +30,17 @@ from ._core import (
     _renorm,
     backward,
     forward,
+    params,
+    run_backward,
+    run_forward,
 )
-from .kernels._jit import ROWS_MIN
+from .kernels._jit import (
+    BACKWARD_FROZEN,
+    BACKWARD_TRAIN,
+    FORWARD_BATCH,
+    FORWARD_RUNNING,
+    P_MOMENTUM,
+)
 from .kernels.common import STATS_ROWS
 
 
@@ -323,6 +333,8 @@ class BatchNorm:
             return p
         q = _Plan()
         q.layout, q.dtype, q.shape = cache.layout, cache.x.dtype, cache.x.shape
+        q.view = cache.layout.is_view(cache.x)
+        q.reshapes = q.view and not cache.layout.transposed
         return q
 
     def _own_rows(self) -> bool:
@@ -429,57 +441,30 @@ class BatchNorm:
     __call__ = forward
 
     def _forward_planned(self, x: np.ndarray, p: _Plan) -> np.ndarray:
-        """The planned call: what :func:`bnfast.forward` does once its checks have passed."""
+        """The planned call: what :func:`bnfast.forward` does once its checks have passed, on
+        the same run path (``_core.run_forward``) with the plan's parameter block."""
         layout = p.layout
-        x3 = layout.view3(x) if layout.transposed else x.reshape(layout.canon)
+        x3 = x.reshape(layout.canon) if p.reshapes else layout.view3(x)
         y, y3 = self._planned_output("y", p, x)
         stats = np.empty((STATS_ROWS, self.num_features))
-        run = _threading.family(p.rows, p.nbytes) if p.contiguous else _threading._STRIDED
         rows = self._rows
+        block = p.block
         if p.batch_stats:
-            rm, rv = (rows[2], rows[3]) if self.track_running_stats else (_NONE[p.dtype],) * 2
-            run.forward_train(
-                x3,
-                p.gamma,
-                p.beta,
-                self.eps,
-                self._momentum(),
-                int(self.unbiased),
-                p.rmax,
-                p.dmax,
-                p.relu,
-                p.thr,
-                rm,
-                rv,
-                stats,
-                y3,
-                _threading.tune(x3),
-            )
+            block[P_MOMENTUM] = self._momentum()  # changes with momentum=None
+            rm, rv = (rows[2], rows[3]) if self.track_running_stats else (None, None)
+            run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats)
             if self.track_running_stats:
                 self.num_batches_tracked += 1
         else:
-            run.normalize(
-                x3,
-                rows[2],
-                rows[3],
-                p.gamma,
-                p.beta,
-                self.eps,
-                p.relu,
-                p.thr,
-                stats,
-                y3,
-                _threading.tune(x3),
-            )
-        stats.flags.writeable = False
+            run_forward(x3, y3, p.gamma, p.beta, rows[2], rows[3], block, stats)
         self._cache = BatchNormCache(
             x=x,
             stats=stats,
             axis=layout.axis,
             training=p.batch_stats,
             layout=layout,
-            view=x3,
-            activation=self.activation if p.relu else None,
+            view=x3 if p.view else None,
+            activation=self.activation,
         )
         return y
 
@@ -520,35 +505,24 @@ class BatchNorm:
         return dx
 
     def _backward_planned(self, dy: np.ndarray, cache: BatchNormCache) -> np.ndarray:
-        """The planned call: what :func:`bnfast.backward` does once its checks have passed,
-        dgamma and dbeta written straight into the layer's rows."""
-        layout, x3 = cache.layout, cache.view
-        if layout.count == 0 or layout.channels == 0:
-            self._rows[4][...] = 0.0
-            self._rows[5][...] = 0.0
-            return layout.output(None, self.dtype)[0]
-        if layout.transposed or not x3.flags.c_contiguous:
-            dy3 = layout.view3(dy)
-        else:  # dy has x's strides: a view too
-            dy3 = dy.reshape(layout.canon)
-        dx, dx3 = self._planned_output("dx", self._plan_of(cache), cache.x, dy)
-        if x3.flags.c_contiguous and dy3.flags.c_contiguous:
-            run = _threading.family(x3.shape[2] >= ROWS_MIN, x3.nbytes)
-        else:
-            run = _threading._STRIDED
-        kernel = run.backward_train if cache.training else run.backward_frozen
-        relu = int(cache.activation == "relu")
-        kernel(
-            x3,
-            dy3,
-            cache.stats,
-            relu,
-            RELU_THRESHOLD[x3.dtype],
-            self._rows[4],
-            self._rows[5],
-            dx3,
-            _threading.tune(x3),
-        )
+        """The planned call: what :func:`bnfast.backward` does once its checks have passed
+        (``_core.run_backward``), dgamma and dbeta written straight into the layer's rows."""
+        layout = cache.layout
+        x3 = cache.view if cache.view is not None else layout.view3(cache.x)
+        p = self._plan_of(cache)
+        dy3 = dy.reshape(layout.canon) if p.reshapes else layout.view3(dy)
+        dx, dx3 = self._planned_output("dx", p, cache.x, dy)
+        relu = cache.activation == "relu"
+        mode = BACKWARD_TRAIN if cache.training else BACKWARD_FROZEN
+        block = _BACKWARD_BLOCKS.get((mode, relu, x3.dtype, layout.count))
+        if block is None:
+            if len(_BACKWARD_BLOCKS) >= 256:
+                _BACKWARD_BLOCKS.clear()
+            thr = RELU_THRESHOLD[x3.dtype] if relu else 0.0
+            block = params(mode, 0.0, 0.0, 0, 0.0, 0.0, float(relu), thr, layout.count)
+            block.flags.writeable = False
+            _BACKWARD_BLOCKS[(mode, relu, x3.dtype, layout.count)] = block
+        run_backward(x3, dy3, cache.stats, block, NO_SUMS, self._rows[4], self._rows[5], dx3)
         return dx
 
     def params(self) -> dict[str, np.ndarray]:
@@ -633,7 +607,6 @@ _ROW_OF = {
     "dbeta": 5,
 }
 _MAX_FEATURES = 2**40  # 8 TiB of float64 per vector: any larger request is a mistake
-_NONE = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
 _DEFAULTS = {
     "center": True,
     "scale": True,
@@ -646,7 +619,8 @@ _DEFAULTS = {
 
 class _Plan:
     """What a checked call established about its input, reused while inputs keep that type,
-    shape, strides and dtype (see the module docstring)."""
+    shape, strides and dtype (see the module docstring): the layout, whether x's canonical view
+    is a view and a plain reshape, the parameter block of the forward kernel."""
 
     __slots__ = (
         "shape",
@@ -655,15 +629,11 @@ class _Plan:
         "mode",
         "batch_stats",
         "layout",
-        "rows",
-        "nbytes",
-        "contiguous",
+        "view",
+        "reshapes",
         "gamma",
         "beta",
-        "relu",
-        "thr",
-        "rmax",
-        "dmax",
+        "block",
     )
     shape: tuple
     strides: tuple
@@ -671,15 +641,11 @@ class _Plan:
     mode: tuple
     batch_stats: bool
     layout: chk.Layout
-    rows: bool
-    nbytes: int
-    contiguous: bool
+    view: bool
+    reshapes: bool
     gamma: np.ndarray
     beta: np.ndarray
-    relu: int
-    thr: float
-    rmax: float
-    dmax: float
+    block: np.ndarray
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
@@ -699,17 +665,41 @@ class _Plan:
         p.mode = bn._mode()
         p.batch_stats = bn.training or not bn.track_running_stats
         p.layout = cache.layout
-        x3 = cache.view
-        p.rows, p.nbytes, p.contiguous = (
-            x3.shape[2] >= ROWS_MIN,
-            x3.nbytes,
-            x3.flags.c_contiguous,
-        )
+        p.view = cache.view is not None
+        p.reshapes = p.view and not p.layout.transposed
         c = bn.num_features
         p.gamma = bn._rows[0] if bn.scale else chk.constant(1.0, c, bn.dtype)
         p.beta = bn._rows[1] if bn.center else chk.constant(0.0, c, bn.dtype)
-        p.relu = int(bn.activation == "relu")
-        p.thr = RELU_THRESHOLD[bn.dtype]
-        renorm = bn.renorm if (bn.training and bn.track_running_stats) else None
-        p.rmax, p.dmax = _renorm(renorm)
+        relu = bn.activation == "relu"
+        thr = RELU_THRESHOLD[bn.dtype] if relu else 0.0
+        if p.batch_stats:
+            renorm = bn.renorm if bn.track_running_stats else None
+            rmax, dmax = _renorm(renorm)
+            p.block = params(
+                FORWARD_BATCH,
+                bn.eps,
+                0.0,
+                bn.unbiased,
+                rmax,
+                dmax,
+                float(relu),
+                thr,
+                cache.layout.count,
+            )
+        else:
+            p.block = params(
+                FORWARD_RUNNING,
+                bn.eps,
+                0.0,
+                bn.unbiased,
+                0.0,
+                0.0,
+                float(relu),
+                thr,
+                cache.layout.count,
+            )
         return p
+
+
+# the backward kernel's parameter blocks (read-only), per (mode, relu, dtype, count)
+_BACKWARD_BLOCKS: dict = {}

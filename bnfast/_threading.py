@@ -1,7 +1,8 @@
 """Which kernels run a call: the layout family, and parallel or serial. Thread and fork safety.
 
-- Family: the ``rows``/``lanes`` kernels need every data array C-contiguous in the canonical
-  view; anything else runs the serial ``strided`` kernels.
+- Family: ``rows`` when the canonical view's rows are long (``inner >= ROWS_MIN``), else
+  ``lanes``; both need every data array C-contiguous in the canonical view, which the API
+  guarantees (``_checks.Layout.view3``: a view, or one copy).
 - Parallel or serial: the serial twin of a parallel kernel is the same code, so both give
   bitwise identical results; serial is used below ``_machine.SERIAL_BELOW`` bytes of x
   (launching the thread pool costs more than it saves there) and in a forked child whose parent
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -30,7 +32,29 @@ import numpy as np
 from . import kernels
 from ._machine import SERIAL_BELOW, TUNE, with_threads
 from ._tbb import TBB_LOADED  # noqa: F401  (re-exported for tests and the main job)
+from .kernels import _jit
 from .kernels._jit import ROWS_MIN, Launcher
+
+_announced = False
+
+
+def _announce(dispatcher, sig) -> None:
+    """Tell the user once per process, on stderr, that kernels are being compiled (instead of
+    a silent pause); ``BNFAST_QUIET=1`` silences it."""
+    global _announced
+    if _announced or os.environ.get("BNFAST_QUIET"):
+        return
+    _announced = True
+    where = numba.config.CACHE_DIR or "__pycache__ beside bnfast.kernels"
+    sys.stderr.write(
+        f"bnfast: compiling {sig.args[0].dtype} kernels for this CPU on first use "
+        f"({dispatcher.py_func.__name__}; a few seconds per new kind of call, once: later "
+        f"processes load them from numba's cache in {where}). BNFAST_QUIET=1 hides this.\n"
+    )
+    sys.stderr.flush()
+
+
+_jit.on_compile = _announce
 
 
 def _family(module, serial: bool) -> SimpleNamespace:
@@ -44,7 +68,8 @@ def _family(module, serial: bool) -> SimpleNamespace:
 
 _PARALLEL = {name: _family(kernels.FAMILIES[name], False) for name in ("rows", "lanes")}
 _SERIAL = {name: _family(kernels.FAMILIES[name], True) for name in ("rows", "lanes")}
-_STRIDED = _family(kernels.strided, False)
+rescue = Launcher(kernels.rescue)  # the cold kernels (serial), run when a kernel returns bad > 0
+rescue_moments = Launcher(kernels.rescue_moments)
 
 _serial_only = False  # set in a forked child whose parent had started GNU OpenMP
 _layer_at_fork = None
@@ -82,10 +107,11 @@ class _Guarded:
             if not _launch.acquire(blocking=False):
                 return getattr(self._serial, kernel)(*args)
             try:
-                getattr(self._parallel, kernel)(*args)
+                result = getattr(self._parallel, kernel)(*args)
             finally:
                 _launch.release()
             _thread_safe_layer = numba.threading_layer() in ("tbb", "omp")
+            return result
 
         return run
 
@@ -116,10 +142,6 @@ def tune(x: np.ndarray) -> np.ndarray:
     return with_threads(numba.get_num_threads())
 
 
-def kernels_for(*arrays: np.ndarray):
-    """The family's kernels for a call on these canonical (outer, C, inner) arrays."""
-    for a in arrays:
-        if not a.flags.c_contiguous:
-            return _STRIDED
-    x = arrays[0]
-    return family(x.shape[2] >= ROWS_MIN, x.nbytes)
+def kernels_for(x3: np.ndarray):
+    """The family's kernels for a call on the C-contiguous canonical (outer, C, inner) x3."""
+    return family(x3.shape[2] >= ROWS_MIN, x3.nbytes)

@@ -1,75 +1,62 @@
-"""Jitted loops of bnfast: three layout families with the same kernels each.
+"""Jitted loops of bnfast: two layout families with the same four kernels each, and a cold
+rescue kernel.
 
-Every kernel works on the canonical 3-D view ``(outer, C, inner)`` that ``bnfast`` makes of any
-array (the channel axis in the middle, every other axis merged before or after it), takes its
-outputs as the last parameters (before ``tune``) and returns nothing. No argument checking, no
-allocation policy: that is ``bnfast``'s job. Data arrays are float32 or float64.
+Every kernel works on the canonical C-contiguous 3-D view ``(outer, C, inner)`` that ``bnfast``
+makes of any array (the channel axis in the middle, every other axis merged before or after it;
+a view that is not C-contiguous is copied once), takes its outputs as the last parameters
+(before ``tune``) and raises nothing. No argument checking, no allocation policy: that is
+``bnfast``'s job. Data arrays are float32 or float64.
 
-Families (chosen by ``bnfast`` from the view's memory layout, not from a layout name):
+Families (chosen by ``bnfast`` from the view's shape, not from a layout name):
 
-- ``rows``: C-contiguous, ``inner >= ROWS_MIN`` (NCHW and the like); parallel.
-- ``lanes``: C-contiguous, ``inner < ROWS_MIN`` (2-D, NHWC, small spatial sizes); parallel.
-- ``strided``: any other view (sliced, negative-stride, broadcast); serial.
+- ``rows``: ``inner >= ROWS_MIN`` (NCHW and the like); parallel.
+- ``lanes``: ``inner < ROWS_MIN`` (2-D, NHWC, small spatial sizes); parallel.
 
-Kernels in each family (one call per public operation; the per-channel arithmetic, the
-running-average update included, happens inside the call, in ``common``; parameter kinds in
-``_jit``):
+Kernels in each family: one per operation, its mode and every scalar option in the float64
+parameter block ``params`` (``_jit.P_*``; ``bnfast._plan`` builds it); the per-channel
+arithmetic, the running-average update included, happens inside the call (``common``):
 
-- ``moments(x, mean, var, tune)``: per-channel mean and biased variance (float64), one read of
-  x.
-- ``forward_train(x, gamma, beta, eps, momentum, unbiased, rmax, dmax, relu, thr,
-  running_mean, running_var, stats, y, tune)``: batch statistics, the (8, C) float64
-  statistics block (``common.MEAN`` ... ``D``; Batch Renormalization when ``rmax > 0``), y with
-  the fused ReLU when ``relu``, and the running averages when running arrays are given
-  (length C, else 0).
-- ``normalize(x, running_mean, running_var, gamma, beta, eps, relu, thr, stats, y, tune)``:
-  inference.
-- ``backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune)``: the training gradient
-  (the ReLU's mask recomputed from x and the block).
-- ``backward_frozen(...)``, same parameters: the frozen-statistics gradient ``dx = scale * dy``,
-  which reads x only for the mask, with dgamma and dbeta, in one pass.
-- ``backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune)``: the training gradient without
-  a cache: statistics and both sums from one read of x and dy, then dx.
-- ``normalize_block(x, stats, relu, thr, y, tune)``: y from a given statistics block (the
-  synchronized forward's, from the global batch's statistics).
-- ``backward_sums(x, dy, stats, relu, thr, s1, s2, tune)`` and ``backward_apply(x, dy, stats,
-  relu, thr, s1, s2, n, dgamma, dbeta, dx, tune)``: ``backward_train`` in two calls, for the
-  synchronized backward (``bnfast._sync``), which reduces the float64 sums across processes
-  between them; n is the global count.
+- ``moments(x, mean, var, tune) -> bad``: per-channel float64 mean and biased variance, one
+  read of x (also the synchronized forward's local statistics).
+- ``forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune) -> bad``:
+  ``P_MODE`` picks batch statistics (training; the running averages updated when the running
+  arrays have length C), running statistics (inference) or given MEAN and VAR rows (a
+  synchronized forward); writes the (8, C) float64 statistics block (``common.MEAN`` ...
+  ``D``; Batch Renormalization when ``P_RMAX > 0``) and y (the fused ReLU when ``P_RELU``).
+- ``backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune)``: ``P_MODE`` picks the
+  training gradient, the frozen-statistics gradient, the two float64 gradient sums alone
+  (``sums``, for a synchronized backward) or dx from given sums; the sums are written to
+  ``sums`` in every mode (a virtual batch's dgamma is formed from them in float64).
+- ``backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune)``: the training gradient
+  without a cache: statistics and both sums from one read of x and dy, then dx.
 
-Per-channel vectors are in the data's dtype (gamma, beta, running statistics, dgamma, dbeta)
-or float64 (``moments``' outputs, the gradient sums);
-``tune`` is the machine's tuning vector (``_jit.TUNE_*``).
+``bad`` is how many channels' float64 sums overflowed or hold inf/NaN; the caller then runs
+``common.rescue`` (after ``forward``: recomputes them from rescaled values, rewrites their y,
+updates the running averages) or ``common.rescue_moments``. Per-channel vectors are in the
+data's dtype (gamma, beta, running statistics, dgamma, dbeta) or float64 (``moments``'
+outputs, ``stats``, ``sums``); ``tune`` is the machine's tuning vector (``_jit.TUNE_*``).
 """
 
-from . import lanes, rows, strided
+from . import lanes, rows
 from ._jit import compile_declared
+from .common import rescue, rescue_moments
 
-FAMILIES = {"rows": rows, "lanes": lanes, "strided": strided}
-KERNELS = (
-    "moments",
-    "forward_train",
-    "normalize",
-    "backward_train",
-    "backward_frozen",
-    "backward_input",
-    "normalize_block",
-    "backward_sums",
-    "backward_apply",
-)
+FAMILIES = {"rows": rows, "lanes": lanes}
+KERNELS = ("moments", "forward", "backward", "backward_input")
+RESCUE = (rescue, rescue_moments)
 
 
 def compile_all() -> int:
     """Compile (or load from the cache) every declared signature of every kernel, serial twins
-    included; returns how many. Kernels otherwise compile on first use."""
+    and the rescue kernels included; returns how many. Kernels otherwise compile on first use."""
     count = 0
     for family in FAMILIES.values():
         for name in KERNELS:
             dispatcher = getattr(family, name)
-            for d in (dispatcher, getattr(dispatcher, "serial", None)):
-                if d is not None:
-                    count += compile_declared(d)
+            count += compile_declared(dispatcher) + compile_declared(dispatcher.serial)
+    for dispatcher in RESCUE:
+        count += compile_declared(dispatcher)
     return count
 
 
-__all__ = ["FAMILIES", "KERNELS", "compile_all", "lanes", "rows", "strided"]
+__all__ = ["FAMILIES", "KERNELS", "RESCUE", "compile_all", "lanes", "rows"]

@@ -1,26 +1,31 @@
 """The one place where the JIT options of every kernel are chosen.
 
-``kernel("x", "p", "stats_out", "out", "tune")`` declares a kernel's signatures from its
-parameter kinds: data arrays in float32 and in float64, in one memory layout: all 'C' for the
-parallel families (the contiguous canonical view), all 'A' for the strided family (strided,
-negative-stride and broadcast views).
-Parameter kinds:
+``parallel_kernel("x", "p", "params", "stats", "out", "tune")`` declares a kernel's signatures
+from its parameter kinds: data arrays in float32 and in float64, C-contiguous (the canonical
+view; ``bnfast`` copies any other view once). Parameter kinds:
 
 - ``"x"``: a 3-D data array the kernel only reads. Typed read-only: read-only and broadcast
   arrays match it, and numba converts a writeable array to it safely (no new compilation). The
   API passes writeable arrays as they are: a read-only view costs 0.4 us to make and numba's
   dispatch of read-only arguments is slower (8 arrays: 0.84 us against 0.58 us here).
-- ``"out"``: a 3-D data array the kernel writes, same dtype and layout as the inputs.
-- ``"p"``: a per-channel vector in the data's dtype, read (gamma, beta, running statistics);
-  any 1-D layout. ``"p_out"``: one the kernel writes (running statistics, dgamma, dbeta).
-- ``"stats"``: the float64 ``(4, C)`` block a forward kernel writes (``"stats_out"``) and a
-  backward kernel reads (rows: ``common.MEAN``, ``INVSTD``, ``GAMMA``, ``VAR``).
-- ``"vec_out"``: a float64 per-channel vector the kernel writes.
-- ``"scalar"``: a float64 number (eps, momentum, renorm's rmax and dmax, the activation's
-  threshold).
-- ``"flag"``: an int64 switch (unbiased running variance; the fused ReLU).
+- ``"out"``: a 3-D data array the kernel writes, same dtype as the inputs.
+- ``"p"``: a per-channel vector in the data's dtype, read (gamma, beta); any 1-D layout.
+  ``"p_out"``: one the kernel may write (running statistics, dgamma, dbeta).
+- ``"stats"``: the float64 ``(8, C)`` block (rows ``common.MEAN`` ... ``D``) a forward kernel
+  writes and a backward kernel reads: writeable in both, so that every helper that reads it is
+  compiled once (a read-only type in backward compiled each of them twice).
+- ``"sums"``: the float64 ``(2, C)`` gradient sums a backward kernel writes or reads.
+- ``"vec_out"``: a float64 per-channel vector the kernel writes (``moments``).
+- ``"params"``: the float64 parameter block (``P_*`` below): the mode and every scalar option.
 - ``"tune"``: the machine's int64 tuning vector (``TUNE_*`` below), built once by ``bnfast``
   from this CPU's cache sizes and passed at run time, so no machine constant is compiled in.
+
+Compile time is part of the design (a cold first training step compiles the kernels it meets):
+no exception is raised inside a kernel (numba compiles its message formatting: seconds; a
+kernel returns a count, the caller acts on it), no array-slice assignment (it raises a
+formatted shape error), no literal constant passed to a helper (numba compiles a second
+specialization for ``Literal[int](0)``: ``np.int64(0)`` instead), task bodies inlined
+(:func:`step`), options as data (``params``) rather than compile-time switches.
 
 Options, and why:
 
@@ -66,9 +71,9 @@ import types as types_module
 
 import numba
 from numba import types
+from numba.core import event
 
 DATA_DTYPES = (types.float32, types.float64)
-LAYOUTS = ("C", "A")
 
 KERNEL_FASTMATH = {"contract"}
 JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=KERNEL_FASTMATH)
@@ -89,79 +94,65 @@ TUNE_THREADS = 4  # threads the call runs on (1 for a serial twin; set per call 
 TUNE_L2 = 5  # bytes of one core's L2
 TUNE_SIZE = 6
 
+# The parameter block: every scalar option of a call as one float64 vector with named indices
+# (``bnfast._plan`` builds it), read once per call into locals. A new scalar option is one
+# index here, one line where it is used and one line in ``bnfast.reference``; a swapped pair of
+# positional scalars can no longer compile and pass.
+P_MODE = 0  # forward: FORWARD_*; backward: BACKWARD_*
+P_EPS = 1
+P_MOMENTUM = 2  # weight of the new batch in the running averages
+P_UNBIASED = 3  # 1: running variance var * n / (n - 1); 0: biased
+P_RMAX = 4  # Batch Renormalization's rmax (0: none) and dmax
+P_DMAX = 5
+P_RELU = 6  # 1: the fused ReLU
+P_THR = 7  # the ReLU's threshold: half the smallest subnormal of the data's dtype
+P_SPARE = 8
+P_COUNT = 9  # values per channel behind the statistics (a synchronized batch's: all ranks')
+P_SIZE = 10
+
+FORWARD_BATCH = 0  # batch statistics (training); running averages updated when given
+FORWARD_RUNNING = 1  # running statistics (inference)
+FORWARD_GIVEN = 2  # the MEAN and VAR rows of the block are given (a synchronized forward)
+BACKWARD_TRAIN = 0  # the training gradient; the two sums also written to ``sums``
+BACKWARD_FROZEN = 1  # dx = scale * dy (inference statistics); sums as in TRAIN
+BACKWARD_SUMS = 2  # only the two sums (a synchronized backward reduces them across ranks)
+BACKWARD_GIVEN = 3  # dx, dgamma, dbeta from the given ``sums`` over params[P_COUNT] values
+
 # The parameter kinds of the kernels every family has (kernels/__init__.py describes them).
 MOMENTS = ("x", "vec_out", "vec_out", "tune")
-FORWARD_TRAIN = (
-    "x",
-    "p",
-    "p",
-    "scalar",
-    "scalar",
-    "flag",
-    "scalar",
-    "scalar",
-    "flag",
-    "scalar",
-    "p_out",
-    "p_out",
-    "stats_out",
-    "out",
-    "tune",
-)
-NORMALIZE = ("x", "p", "p", "p", "p", "scalar", "flag", "scalar", "stats_out", "out", "tune")
-NORMALIZE_BLOCK = ("x", "stats", "flag", "scalar", "out", "tune")
-BACKWARD = ("x", "x", "stats", "flag", "scalar", "p_out", "p_out", "out", "tune")
-BACKWARD_SUMS = ("x", "x", "stats", "flag", "scalar", "vec_out", "vec_out", "tune")
-BACKWARD_APPLY = (
-    "x",
-    "x",
-    "stats",
-    "flag",
-    "scalar",
-    "vec",
-    "vec",
-    "scalar",
-    "p_out",
-    "p_out",
-    "out",
-    "tune",
-)
-BACKWARD_INPUT = ("x", "x", "p", "scalar", "p_out", "p_out", "out", "tune")
+FORWARD = ("x", "p", "p", "p_out", "p_out", "params", "stats", "out", "tune")
+BACKWARD = ("x", "x", "stats", "params", "sums", "p_out", "p_out", "out", "tune")
+BACKWARD_INPUT = ("x", "x", "p", "params", "p_out", "p_out", "out", "tune")
+RESCUE = ("x", "p", "p", "p_out", "p_out", "params", "stats", "out")
+RESCUE_MOMENTS = ("x", "vec_out", "vec_out")
+RETURNS = {"forward": "count", "moments": "count"}  # the others return nothing
 
 
-def _param(kind: str, dtype: types.Type, layout: str) -> types.Type:
+def _param(kind: str, dtype: types.Type) -> types.Type:
     if kind == "x":
-        return types.Array(dtype, 3, layout, readonly=True)
+        return types.Array(dtype, 3, "C", readonly=True)
     if kind == "out":
-        return types.Array(dtype, 3, layout)
+        return types.Array(dtype, 3, "C")
     if kind == "p":
         return types.Array(dtype, 1, "A", readonly=True)
     if kind == "p_out":
         return types.Array(dtype, 1, "A")
-    if kind == "stats":
-        return types.Array(types.float64, 2, "C", readonly=True)
-    if kind == "stats_out":
+    if kind in ("stats", "sums"):
         return types.Array(types.float64, 2, "C")
-    if kind == "vec":
-        return types.Array(types.float64, 1, "C", readonly=True)
     if kind == "vec_out":
         return types.Array(types.float64, 1, "C")
-    if kind == "scalar":
-        return types.float64
-    if kind == "flag":
-        return types.int64
+    if kind == "params":
+        return types.Array(types.float64, 1, "C", readonly=True)
     if kind == "tune":
         return types.Array(types.int64, 1, "C", readonly=True)
     raise ValueError(f"unknown kernel parameter kind {kind!r}")
 
 
-def signatures(*kinds: str, layouts=LAYOUTS) -> list:
-    """Every declared signature of a kernel whose parameters are of the given kinds."""
-    return [
-        types.void(*(_param(kind, dtype, layout) for kind in kinds))
-        for dtype in DATA_DTYPES
-        for layout in layouts
-    ]
+def signatures(*kinds: str, returns: bool = False) -> list:
+    """Every declared signature of a kernel whose parameters are of the given kinds: float32
+    and float64 data, C-contiguous (bnfast copies any other view once, ``_checks.Layout``)."""
+    ret = types.int64 if returns else types.void
+    return [ret(*(_param(kind, dtype) for kind in kinds)) for dtype in DATA_DTYPES]
 
 
 def _declared(dispatcher, sigs: list):
@@ -173,6 +164,25 @@ def _declared(dispatcher, sigs: list):
 
 
 _COMPILE = threading.Lock()
+# Called with (dispatcher, signature) when a declared signature is about to be compiled rather
+# than loaded from the cache (``bnfast._threading`` tells the user once); None: silent.
+on_compile = None
+
+
+class _Compiling(event.Listener):
+    """Numba's ``numba:compile`` event starts only for a real compilation (a cache hit loads
+    without it), before the work: the moment to say what is happening."""
+
+    def __init__(self, dispatcher, sig) -> None:
+        self.target = (dispatcher, sig)
+
+    def on_start(self, ev) -> None:
+        hook = on_compile
+        if hook is not None and ev.data.get("dispatcher") is self.target[0]:
+            hook(*self.target)
+
+    def on_end(self, ev) -> None:
+        pass
 
 
 def compile_declared(dispatcher, dtype=None) -> int:
@@ -184,7 +194,8 @@ def compile_declared(dispatcher, dtype=None) -> int:
             if dtype is None or str(sig.args[0].dtype) == str(dtype):
                 dispatcher._can_compile = True
                 try:
-                    dispatcher.compile(sig)
+                    with event.install_listener("numba:compile", _Compiling(dispatcher, sig)):
+                        dispatcher.compile(sig)
                 finally:
                     dispatcher._can_compile = False
                 count += 1
@@ -216,15 +227,12 @@ class Launcher:
             return self.dispatcher(*args)
 
 
-def kernel(*kinds: str):
-    """Decorator: a serial kernel for any layout; its declared signatures are ``.declared``:
-    'A' only, since the strided family runs a call only when some array is not C-contiguous,
-    and numba converts the contiguous ones to 'A' safely (declaring 'C' too cost a sixth of
-    ``compile_all``'s 188 s from an empty cache, for signatures no call used)."""
+def kernel(*kinds: str, returns: bool = False):
+    """Decorator: a serial kernel (the cold rescue kernels); declared signatures ``.declared``."""
 
     def wrap(func):
         return _declared(
-            numba.njit(parallel=False, **JIT_OPTIONS)(func), signatures(*kinds, layouts=("A",))
+            numba.njit(parallel=False, **JIT_OPTIONS)(func), signatures(*kinds, returns=returns)
         )
 
     return wrap
@@ -243,12 +251,12 @@ def _renamed(func, suffix: str):
     return twin
 
 
-def parallel_kernel(*kinds: str):
+def parallel_kernel(*kinds: str, returns: bool = False):
     """Decorator: a parallel kernel for C-contiguous data (float32 and float64 declared), with a
-    ``.serial`` twin of the same code."""
+    ``.serial`` twin of the same code. ``returns``: the kernel returns an int64 (a count)."""
 
     def wrap(func):
-        sigs = signatures(*kinds, layouts=("C",))
+        sigs = signatures(*kinds, returns=returns)
         dispatcher = _declared(numba.njit(parallel=True, **JIT_OPTIONS)(func), sigs)
         dispatcher.serial = _declared(
             numba.njit(parallel=False, **JIT_OPTIONS)(_renamed(func, "_serial")), sigs
@@ -262,6 +270,18 @@ def phase(func):
     """Decorator for a ``prange`` loop that several kernels share. Inlined into each caller at
     Numba-IR level (``inline="always"``), so its ``prange`` runs in parallel inside a parallel
     kernel and as a plain loop inside the serial twin (checked: 1.95x on 2 threads)."""
+    return numba.njit(inline="always", **JIT_OPTIONS)(func)
+
+
+def step(func):
+    """Decorator for a mid-level helper (a task body: a tile's reduction, epilogue and write;
+    one task of a grid) that one or two kernels call: inlined at Numba-IR level, so it is not
+    a compile unit of its own. Numba compiles every jitted callee into its own LLVM module and
+    optimizes and emits the whole linked subtree again at every level, so a deep call tree
+    optimizes its leaf loops once per level: inlining the task bodies (depth 4 -> 2) cut a
+    cold first training step from 10.0 to 6.9 s (Zen 5). Small helpers called from many
+    places (``expand``, ``geometry``, ``clip``) stay separate: inlined too, the same step took
+    13.4 s (numba re-types an inlined body at every call site)."""
     return numba.njit(inline="always", **JIT_OPTIONS)(func)
 
 

@@ -1,11 +1,22 @@
-"""Per-channel arithmetic shared by the kernel families (the O(C) part of every operation), and
-the row reductions of the ``rows`` and ``strided`` families.
+"""Per-channel arithmetic shared by the kernel families (the O(C) part of every operation), the
+rescue of overflowed channels (a cold kernel of its own) and the contiguous-row reductions of
+the ``rows`` family.
 
-Every family's kernel is: a reduction over x (and dy) -> these per-channel functions, inside the
-same kernel call -> a write pass applying ``(x - m[c]) * a[c] + b[c]`` (or the gradient's
+Every kernel is: a reduction over x (and dy) -> these per-channel functions, inside the same
+kernel call -> a write pass applying ``(x - m[c]) * a[c] + b[c]`` (or the gradient's
 ``k[c] * dy - c1[c] * (x - m[c]) + c0[c]``). The running-average update and every coefficient
 are computed here in float64 and rounded once into their arrays' dtype; nothing of it is left
 to NumPy after the kernel has written (it could raise under ``np.errstate``, after a write).
+
+Compile time: each per-channel function takes the whole arrays (the (8, C) block, gamma,
+beta, the running arrays) and a channel range ``c0:c1`` and slices inside, so it is compiled
+once per dtype whoever calls it (a fused tile, the two-pass route, the rescue). Called with
+slices of different layouts, ``finish_channels`` compiled three times for one first training
+step. The loops run over the sliced rows (``stats[ROW, c0:c1]``, 1-D 'C'), indexed by the loop
+counter, few arrays per loop: LLVM vectorizes them across channels. (Indexed ``c0 + j``,
+numba's wraparound handling of a possibly negative index kept them scalar; so did one loop
+writing four arrays: LLVM gives up beyond 8 runtime alias checks. Scalar, the forward
+epilogue took 2.3 us for 256 channels, against kernels of ~10 us at float32 (64, 256).)
 """
 
 from __future__ import annotations
@@ -14,7 +25,21 @@ import math
 
 import numpy as np
 
-from ._jit import helper, reduction
+from ._jit import (
+    P_COUNT,
+    P_DMAX,
+    P_EPS,
+    P_MOMENTUM,
+    P_RELU,
+    P_RMAX,
+    P_THR,
+    P_UNBIASED,
+    RESCUE,
+    RESCUE_MOMENTS,
+    helper,
+    kernel,
+    reduction,
+)
 
 # Rows of the float64 (8, C) statistics block a forward call writes (the cache keeps it): the
 # mean and inverse std that normalized x, gamma (rounded to x's dtype), the variance (biased
@@ -24,15 +49,6 @@ from ._jit import helper, reduction
 # ``SHIFT = GAMMA * D + beta``.
 MEAN, INVSTD, GAMMA, VAR, SCALE, SHIFT, R, D = 0, 1, 2, 3, 4, 5, 6, 7
 STATS_ROWS = 8
-
-
-@helper
-def copy_into(src, dst):
-    """``dst[:] = src`` as a loop. Kernels never assign array slices: numba compiles a
-    formatted shape-mismatch error for each (str, repr and string concatenation of ints), which
-    took ~3 s of a cold first training step; kernels raise nothing (see ``_jit``)."""
-    for i in range(src.shape[0]):
-        dst[i] = src[i]
 
 
 @helper
@@ -47,19 +63,10 @@ def moments_from_sums(k, s1, s2, n):
     return k + s1 / n, 0.0 if v < 0.0 else v
 
 
-# The per-channel epilogues below take views of a range of channels (the caller slices every
-# per-channel array, the (4, C) block included, to ``c0:c1``) and are plain loops indexed by
-# the loop counter, each touching few arrays, which LLVM vectorizes across channels. (Indexed
-# ``c0 + j``, numba's wraparound handling of a possibly negative index kept them scalar; so did
-# one loop writing four arrays: LLVM gives up beyond 8 runtime alias checks. Scalar, the
-# forward epilogue took 2.3 us for 256 channels, against kernels of ~10 us at float32
-# (64, 256).)
-
-
 @helper
 def moments_channels(k, s1, s2, n, mean, var):
-    """Mean and biased variance of channels from their shifts and shifted sums (rounded into
-    mean's and var's dtype)."""
+    """Mean and biased variance of channels from their shifts and shifted sums (vectors of the
+    same length, rounded into mean's and var's dtype)."""
     for j in range(s1.shape[0]):
         mean[j], var[j] = moments_from_sums(k[j], s1[j], s2[j], n)
 
@@ -71,81 +78,95 @@ def clip(v, lo, hi):
 
 
 @helper
-def finish_channels(stats, eps, gamma, beta, rmax, dmax, running_mean, running_var):
-    """From the MEAN and VAR rows: INVSTD, GAMMA, R, D, SCALE and SHIFT of channels (views of a
-    range, sliced by the caller). Batch Renormalization (Ioffe 2017) when ``rmax > 0``, against
-    the running statistics as they were before this batch: ``sigma_run = sqrt(running_var +
-    eps)``, ``r = clip(sqrt(var + eps) / sigma_run, 1/rmax, rmax)``, ``d = clip((mean -
+def finish_channels(stats, c0, c1, gamma, beta, running_mean, running_var, params):
+    """Channels c0:c1, from their MEAN and VAR rows: INVSTD, GAMMA, R, D, SCALE and SHIFT.
+    Batch Renormalization (Ioffe 2017) when ``params[P_RMAX] > 0``, against the running
+    statistics as they were before this batch: ``sigma_run = sqrt(running_var + eps)``,
+    ``r = clip(sqrt(var + eps) / sigma_run, 1/rmax, rmax)``, ``d = clip((mean -
     running_mean) / sigma_run, -dmax, dmax)``; r and d are constants for backward."""
-    means, invstds, gammas, variances = stats[MEAN], stats[INVSTD], stats[GAMMA], stats[VAR]
-    scales, shifts, rs, ds = stats[SCALE], stats[SHIFT], stats[R], stats[D]
+    eps, rmax, dmax = params[P_EPS], params[P_RMAX], params[P_DMAX]
+    means, invstds, gammas, variances = (
+        stats[MEAN, c0:c1],
+        stats[INVSTD, c0:c1],
+        stats[GAMMA, c0:c1],
+        stats[VAR, c0:c1],
+    )
+    scales, shifts, rs, ds = (
+        stats[SCALE, c0:c1],
+        stats[SHIFT, c0:c1],
+        stats[R, c0:c1],
+        stats[D, c0:c1],
+    )
+    g, b = gamma[c0:c1], beta[c0:c1]
     for j in range(means.shape[0]):
         invstds[j] = 1.0 / np.sqrt(variances[j] + eps)
     for j in range(means.shape[0]):
-        gammas[j] = gamma[j]
+        gammas[j] = g[j]
     if rmax > 0.0:
+        rm, rv = running_mean[c0:c1], running_var[c0:c1]
         for j in range(means.shape[0]):
             rs[j] = clip(
-                np.sqrt(variances[j] + eps) / np.sqrt(np.float64(running_var[j]) + eps),
-                1.0 / rmax,
-                rmax,
+                np.sqrt(variances[j] + eps) / np.sqrt(np.float64(rv[j]) + eps), 1.0 / rmax, rmax
             )
         for j in range(means.shape[0]):
             ds[j] = clip(
-                (means[j] - np.float64(running_mean[j]))
-                / np.sqrt(np.float64(running_var[j]) + eps),
-                -dmax,
-                dmax,
+                (means[j] - np.float64(rm[j])) / np.sqrt(np.float64(rv[j]) + eps), -dmax, dmax
             )
         for j in range(means.shape[0]):
-            shifts[j] = gammas[j] * ds[j] + beta[j]
+            shifts[j] = gammas[j] * ds[j] + b[j]
     else:
         for j in range(means.shape[0]):
             rs[j] = 1.0
         for j in range(means.shape[0]):
             ds[j] = 0.0
         for j in range(means.shape[0]):
-            shifts[j] = beta[j]
+            shifts[j] = b[j]
     for j in range(means.shape[0]):
         scales[j] = gammas[j] * invstds[j] * rs[j]
 
 
 @helper
-def forward_channels(k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var, stats):
-    """Channels of a training forward, from their shifted sums over n values: the statistics
-    block (the running averages are updated by :func:`update_running`, after :func:`rescue`)."""
-    moments_channels(k, s1, s2, n, stats[MEAN], stats[VAR])
-    finish_channels(stats, eps, gamma, beta, rmax, dmax, running_mean, running_var)
-
-
-@helper
-def update_running(stats, n, momentum, unbiased, running_mean, running_var):
-    """The running averages from the batch statistics (PyTorch's rule: weight ``momentum`` for
-    the batch; the variance unbiased, ``var * n / (n - 1)``, when ``unbiased``, else biased as
-    Keras, Flax and numpy-ml keep it), in float64, rounded once into their dtype; nothing when
-    the running arrays have length 0."""
-    if running_mean.shape[0] == 0:
-        return
-    means, variances = stats[MEAN], stats[VAR]
-    unbias = n / (n - 1.0) if unbiased else 1.0
-    for c in range(means.shape[0]):
-        running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * means[c]
-    for c in range(means.shape[0]):
-        running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * (
-            variances[c] * unbias
-        )
-
-
-@helper
-def inference_channels(running_mean, running_var, eps, gamma, beta, stats):
-    """The statistics block of an inference forward: the running statistics (in the data's
+def running_channels(stats, running_mean, running_var):
+    """An inference forward's MEAN and VAR rows: the running statistics (in the data's
     precision, as passed)."""
     means, variances = stats[MEAN], stats[VAR]
     for j in range(means.shape[0]):
         means[j] = running_mean[j]
     for j in range(means.shape[0]):
         variances[j] = running_var[j]
-    finish_channels(stats, eps, gamma, beta, 0.0, 0.0, running_mean, running_var)
+
+
+@helper
+def count_bad(stats):
+    """How many channels have a non-finite MEAN or VAR (a vectorized pass): a training forward
+    returns it, and the caller runs :func:`rescue` when it is not 0."""
+    means, variances = stats[MEAN], stats[VAR]
+    bad = 0
+    for c in range(means.shape[0]):
+        bad += not (np.isfinite(means[c]) and np.isfinite(variances[c]))
+    return bad
+
+
+@helper
+def update_running(stats, params, running_mean, running_var):
+    """The running averages from the MEAN and VAR rows (PyTorch's rule: weight ``momentum`` for
+    the batch; the variance unbiased, ``var * n / (n - 1)``, when ``params[P_UNBIASED]``, else
+    biased as Keras, Flax and numpy-ml keep it; n is ``params[P_COUNT]``, the values per
+    channel), in float64, rounded once into their dtype; nothing when the running arrays have
+    length 0. The one running-average update of bnfast (also called from Python for ghost
+    batches' combined statistics)."""
+    if running_mean.shape[0] == 0:
+        return
+    momentum = params[P_MOMENTUM]
+    n = params[P_COUNT]
+    means, variances = stats[MEAN], stats[VAR]
+    unbias = n / (n - 1.0) if params[P_UNBIASED] != 0.0 else 1.0
+    for c in range(means.shape[0]):
+        running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * means[c]
+    for c in range(means.shape[0]):
+        running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * (
+            variances[c] * unbias
+        )
 
 
 @helper
@@ -171,43 +192,69 @@ def dgamma_of(s1, s2, invstd, r, d):
 
 
 @helper
-def backward_channels(s1, s2, n, stats, dgamma, dbeta, k, c1, c0):
-    """Channels of the training gradient, from ``s1 = sum(dy)`` and ``s2 = sum(dy*(x-mean))``
-    (dy behind the activation's mask), as ``dx = k*dy - c1*(x - mean) + c0``: ``k = SCALE``
-    (gamma * invstd * r: Batch Renormalization's r and d are constants),
-    ``c1 = k*(invstd*(s2*invstd/n))``, ``c0 = -k*s1/n``; dgamma and dbeta rounded into their
-    arrays."""
-    invstds, scales, rs, ds = stats[INVSTD], stats[SCALE], stats[R], stats[D]
-    for j in range(s1.shape[0]):
+def gradient_channels(s, so, n, stats, c0, c1, coef, dgamma, dbeta):
+    """Channels c0:c1 of the training gradient, from ``s[0] = sum(dy)`` and ``s[1] =
+    sum(dy*(x-mean))`` (dy behind the activation's mask), as ``dx = k*dy - c1*(x - mean) +
+    c0``: ``coef[0] = k = SCALE`` (gamma * invstd * r: Batch Renormalization's r and d are
+    constants), ``coef[1] = k*(invstd*(s2*invstd/n))``, ``coef[2] = -k*s1/n``; dgamma and dbeta
+    rounded into their arrays. ``s`` and ``coef`` hold channel c0 at index ``so`` (a tile's
+    own buffers: 0; the whole array's: c0), the block and dgamma, dbeta at c0.
+
+    ``k * (invstd * (s2 * invstd / n))``, not ``(k * invstd) * ...``: with eps below ~1e-308 a
+    constant channel has invstd ~1e155 and s2 == 0 exactly; k * invstd overflowed to inf and
+    inf * 0 made dx NaN. This order gives 0 there (and the same value to a few float64 ulps
+    elsewhere, invisible after the one rounding into float32)."""
+    w = c1 - c0
+    s1, s2 = s[0, so : so + w], s[1, so : so + w]
+    invstds, scales = stats[INVSTD, c0:c1], stats[SCALE, c0:c1]
+    k, a, b = coef[0, so : so + w], coef[1, so : so + w], coef[2, so : so + w]
+    for j in range(w):
         k[j] = scales[j]
-    # k * (invstd * (s2 * invstd / n)), not (k * invstd) * ...: with eps below ~1e-308 a
-    # constant channel has invstd ~1e155 and s2 == 0 exactly; k * invstd overflows to inf and
-    # inf * 0 made dx NaN. This order gives c1 = 0 there (and the same value to a few float64
-    # ulps elsewhere, invisible after the one rounding into float32).
-    for j in range(s1.shape[0]):
-        c1[j] = k[j] * (invstds[j] * (s2[j] * invstds[j] / n))
-    for j in range(s1.shape[0]):
-        c0[j] = -k[j] * s1[j] / n
-    for j in range(s1.shape[0]):
-        dgamma[j] = dgamma_of(s1[j], s2[j], invstds[j], rs[j], ds[j])
-    for j in range(s1.shape[0]):
-        dbeta[j] = s1[j]
+    for j in range(w):
+        a[j] = k[j] * (invstds[j] * (s2[j] * invstds[j] / n))
+    for j in range(w):
+        b[j] = -k[j] * s1[j] / n
+    parameter_gradients(s, so, stats, c0, c1, dgamma, dbeta)
 
 
 @helper
-def frozen_channels(s1, s2, stats, dgamma, dbeta):
-    """dgamma and dbeta of the frozen-statistics gradient (its dx is ``SCALE * dy``)."""
-    invstds, rs, ds = stats[INVSTD], stats[R], stats[D]
-    for j in range(s1.shape[0]):
-        dgamma[j] = dgamma_of(s1[j], s2[j], invstds[j], rs[j], ds[j])
-    for j in range(s1.shape[0]):
-        dbeta[j] = s1[j]
+def parameter_gradients(s, so, stats, c0, c1, dgamma, dbeta):
+    """dgamma and dbeta of channels c0:c1 from the two sums (channel c0 at index ``so`` of
+    ``s``), rounded into their arrays (any dtype: float64 ones give a virtual batch's
+    unrounded share)."""
+    w = c1 - c0
+    s1, s2 = s[0, so : so + w], s[1, so : so + w]
+    invstds, rs, ds = stats[INVSTD, c0:c1], stats[R, c0:c1], stats[D, c0:c1]
+    dg, db = dgamma[c0:c1], dbeta[c0:c1]
+    for j in range(w):
+        dg[j] = dgamma_of(s1[j], s2[j], invstds[j], rs[j], ds[j])
+    for j in range(w):
+        db[j] = s1[j]
+
+
+@helper
+def input_channels(k, s, n, gamma, params, stats, c0, c1):
+    """The cache-free backward's statistics of channels c0:c1 from one pass of sums around the
+    shifts k (``s`` rows: ``sum(x - k)``, ``sum((x - k)**2)``, ``sum(dy)``, ``sum(dy * (x -
+    k))``): MEAN, VAR and the rest of the block, and in place of ``s[3]``, ``sum(dy * (x -
+    mean)) = sum(dy * (x - k)) - (mean - k) * sum(dy)``: the shift is a value of the channel, so
+    the correction is small against the sum and loses nothing that matters (the same argument
+    as for the variance, in ``lanes``)."""
+    moments_channels(k[c0:c1], s[0, c0:c1], s[1, c0:c1], n, stats[MEAN, c0:c1], stats[VAR, c0:c1])
+    zeros = stats[D]  # beta does not enter the gradient; no renorm (P_RMAX is 0)
+    for j in range(c0, c1):
+        zeros[j] = 0.0
+    finish_channels(stats, c0, c1, gamma, zeros, zeros, zeros, params)
+    means, s3, s4, kk = stats[MEAN, c0:c1], s[2, c0:c1], s[3, c0:c1], k[c0:c1]
+    for j in range(s4.shape[0]):
+        s4[j] = s4[j] - (means[j] - kk[j]) * s3[j]
 
 
 # --- The rescue of a channel whose shifted sums overflowed (float64 data beyond ~1e154: the
-# squares overflow; beyond ~9e307 the differences do). Cold path: a forward or moments kernel
-# tests each channel's mean and variance once (a vectorized O(C) loop, the whole cost on normal
-# data) and recomputes only a non-finite one, from values scaled by a power of two (exact).
+# squares overflow; beyond ~9e307 the differences do). Cold path, a kernel of its own: a
+# training forward or moments kernel counts the non-finite channels once (a vectorized O(C)
+# loop, the whole cost on normal data) and returns the count; the caller runs these only when
+# it is not 0. (Inside the hot kernels, the rescue added ~1.2 s to a cold first training step.)
 
 
 @helper
@@ -223,20 +270,16 @@ def channel_extent(x, c):
 
 
 @helper
-def rescue_scale(x, c):
-    """A power of two that brings channel c's values to at most 2**500 (so that differences,
-    squares and their sums stay finite), or 0.0 when the channel holds inf or NaN."""
+def rescued_moments(x, c):
+    """Channel c's ``(scale, mean, var)`` recomputed from its values times f, a power of two
+    that brings them to at most 2**500 (exact), shifted sums in float64, scaled back (var
+    overflows to inf only if the true variance does); ``(0.0, NaN, NaN)`` when the channel
+    holds inf or NaN."""
     top = channel_extent(x, c)
     if not np.isfinite(top):
-        return 0.0
+        return 0.0, np.nan, np.nan
     e = math.frexp(top)[1]
-    return math.ldexp(1.0, 500 - e) if e > 500 else 1.0
-
-
-@helper
-def rescaled_moments(x, c, f):
-    """``(mean, var)`` of channel c from its values times f (a power of two: exact), shifted
-    sums in float64, scaled back; var overflows to inf only if the true variance does."""
+    f = math.ldexp(1.0, 500 - e) if e > 500 else 1.0
     k = np.float64(x[0, c, 0]) * f
     s1 = 0.0
     s2 = 0.0
@@ -246,48 +289,25 @@ def rescaled_moments(x, c, f):
             s1 += d
             s2 += d * d
     mean, var = moments_from_sums(k, s1, s2, x.shape[0] * x.shape[2])
-    return mean / f, var / f / f
+    return f, mean / f, var / f / f
 
 
-@helper
-def rescued_moments(x, c):
-    """Channel c's ``(scale, mean, var)`` recomputed from rescaled values; ``(0.0, NaN, NaN)``
-    when it holds inf or NaN."""
-    f = rescue_scale(x, c)
-    if f == 0.0:
-        return 0.0, np.nan, np.nan
-    mean, var = rescaled_moments(x, c, f)
-    return f, mean, var
-
-
-@helper
-def needs_rescue(means, variances):
-    """How many channels have a non-finite mean or variance (a vectorized pass)."""
-    bad = 0
-    for c in range(means.shape[0]):
-        bad += not (np.isfinite(means[c]) and np.isfinite(variances[c]))
-    return bad
-
-
-@helper
-def rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu, thr, y):
-    """Channels whose statistics are not finite: recomputed from rescaled values when the
-    channel's values are finite (then their y rewritten with rescaled arithmetic), NaN
-    statistics and an all-NaN y when the channel holds inf or NaN (as the README says)."""
+@kernel(*RESCUE)
+def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
+    """After a training forward that returned a non-zero count: channels whose statistics are
+    not finite are recomputed from rescaled values when the channel's values are finite (then
+    their y rewritten with rescaled arithmetic), NaN statistics and an all-NaN y when the
+    channel holds inf or NaN (as the README says); then the running averages (the forward
+    skipped them)."""
+    relu, thr = params[P_RELU] != 0.0, params[P_THR]
     means, variances = stats[MEAN], stats[VAR]
-    if needs_rescue(means, variances) == 0:
-        return
     for c in range(means.shape[0]):
         if np.isfinite(means[c]) and np.isfinite(variances[c]):
             continue
         f, mean, var = rescued_moments(x, c)
         means[c] = mean
         variances[c] = var
-        rm = running_mean[c : c + 1] if running_mean.shape[0] > 0 else running_mean
-        rv = running_var[c : c + 1] if running_var.shape[0] > 0 else running_var
-        finish_channels(
-            stats[:, c : c + 1], eps, gamma[c : c + 1], beta[c : c + 1], rmax, dmax, rm, rv
-        )
+        finish_channels(stats, c, c + 1, gamma, beta, running_mean, running_var, params)
         s = stats[SCALE, c]
         b = stats[SHIFT, c]
         g = 1.0 if f == 0.0 else f
@@ -295,13 +315,12 @@ def rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, re
             for i in range(x.shape[2]):
                 v = (np.float64(x[o, c, i]) * g - mean * g) * (s / g) + b
                 y[o, c, i] = activate(v, relu, thr)
+    update_running(stats, params, running_mean, running_var)
 
 
-@helper
+@kernel(*RESCUE_MOMENTS)
 def rescue_moments(x, mean, var):
-    """:func:`rescue` for the moments kernel (statistics in the data's dtype, no output)."""
-    if needs_rescue(mean, var) == 0:
-        return
+    """:func:`rescue` for the moments kernel (float64 statistics, no output)."""
     for c in range(mean.shape[0]):
         if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
             f, mean[c], var[c] = rescued_moments(x, c)
@@ -365,20 +384,3 @@ def row_input_sums(x_row, dy_row, k):
         e += g
         f += g * d
     return a, b, e, f
-
-
-@helper
-def input_channels(k, s1, s2, s3, s4, n, eps, gamma, stats):
-    """The cache-free backward's statistics from one pass of sums around the shift k (see
-    :func:`row_input_sums`): the block for :func:`backward_channels`, and in place of ``s4``,
-    ``sum(dy * (x - mean)) = sum(dy * (x - k)) - (mean - k) * sum(dy)``: the shift is a value
-    of the channel, so the correction is small against the sum and loses nothing that matters
-    (the same argument as for the variance, in ``strided``)."""
-    moments_channels(k, s1, s2, n, stats[MEAN], stats[VAR])
-    zeros = stats[D]  # beta does not enter the gradient
-    for j in range(zeros.shape[0]):
-        zeros[j] = 0.0
-    finish_channels(stats, eps, gamma, zeros, 0.0, 0.0, zeros, zeros)
-    means = stats[MEAN]
-    for j in range(s4.shape[0]):
-        s4[j] = s4[j] - (means[j] - k[j]) * s3[j]

@@ -30,9 +30,25 @@ rows (``TUNE_BLOCK`` bytes of x per task).
 - Memory beyond the outputs: O(T) per task on the fused route; on the two-pass route the
   partials (at most ``16 * P * ceil(outer / rb)`` bytes, <= x/8 for float32 since rb >= 64)
   and two float64 values per channel (<= x/8): at most x/4 in all, x/8 for float64 x.
-- Shifts: each lane is accumulated around its channel's first value (see ``strided`` for the
-  accuracy argument). Per-lane copies of per-channel values are built per task, O(T), from the
-  (4, C) statistics block, so no write pass needs a per-channel scratch vector.
+- Shifts: each lane is accumulated around its channel's first value (the accuracy argument
+  below). Per-lane copies of per-channel values are built per task, O(T), from the (8, C)
+  statistics block, so no write pass needs a per-channel scratch vector.
+
+Statistics, in one read of x (both families).
+
+Algorithm: shifted sums accumulated in float64. For each channel take a shift ``k`` = the
+channel's first value, accumulate ``s1 = sum(x - k)`` and ``s2 = sum((x - k)**2)`` in
+float64, then ``mean = k + s1/n`` and ``var = (s2 - s1*s1/n) / n``.
+
+Why not ``E[x^2] - E[x]^2``: on float32 x = 1e4 + N(0, 1), shape (32, 64, 3136), that
+formula gives a variance off by 1.6e5 relative with float32 sums, and still 1.1e-5 with
+float64 sums (6e-4 at 1e7 values per channel). With the shift, ``s2`` exceeds ``s1**2/n`` by
+the factor ``1 + (mean-k)**2/var`` only, and ``(x_i-mean)**2 <= n*var`` bounds that factor by
+n; float64 accumulation then leaves a relative error of about ``1e-16 * (that factor)``: at
+worst (the first value an extreme outlier) 1e-16 * n, e.g. 1e-9 at n = 1e7, still 200x inside
+the float32 target; typically ~1e-15. Measured against a float64 two-pass reference on float32
+x = 1e4 + N(0, 1) with 1e7 values per channel: at most 2.6e-13 relative (target 2e-7; PyTorch
+2.13: 2e5 on 2-D and NHWC), in every layout; see ``tests/test_accuracy.py``.
 """
 
 from __future__ import annotations
@@ -42,16 +58,22 @@ from numba import prange
 
 from ._jit import (
     BACKWARD,
-    BACKWARD_APPLY,
+    BACKWARD_FROZEN,
+    BACKWARD_GIVEN,
     BACKWARD_INPUT,
     BACKWARD_SUMS,
+    BACKWARD_TRAIN,
     BLOCK_ROWS_MIN,
-    FORWARD_TRAIN,
+    FORWARD,
+    FORWARD_BATCH,
+    FORWARD_RUNNING,
     FUSE_LANES_MIN,
     FUSE_TASKS_PER_THREAD,
     MOMENTS,
-    NORMALIZE,
-    NORMALIZE_BLOCK,
+    P_COUNT,
+    P_MODE,
+    P_RELU,
+    P_THR,
     TUNE_BLOCK,
     TUNE_L2,
     TUNE_STRIP,
@@ -61,23 +83,23 @@ from ._jit import (
     helper,
     parallel_kernel,
     phase,
+    step,
 )
 from .common import (
     MEAN,
     SCALE,
     SHIFT,
     STATS_ROWS,
+    VAR,
     activate,
-    backward_channels,
-    copy_into,
-    forward_channels,
-    frozen_channels,
-    inference_channels,
+    count_bad,
+    finish_channels,
+    gradient_channels,
     input_channels,
     moments_channels,
+    parameter_gradients,
     passes,
-    rescue,
-    rescue_moments,
+    running_channels,
     update_running,
 )
 
@@ -364,33 +386,21 @@ def span_channels(l0, l1, inner, channels):
 
 
 @helper
-def fold(a, inner, channels):
-    """Per channel: the sum of its lanes (its ``inner`` lanes in each replica), in lane order
-    (a itself when each channel has one lane)."""
-    n = min(channels, a.shape[0] // inner)
-    if n * inner == a.shape[0] and inner == 1:
-        return a
-    out = np.zeros(n)
+def fold_into(a, inner, out):
+    """Per channel: the sum of its lanes (its ``inner`` lanes in each replica), in lane order,
+    into ``out`` (the tile's channels)."""
+    n = out.shape[0]
+    for c in range(n):
+        out[c] = 0.0
     for base in range(0, a.shape[0], n * inner):
         for c in range(n):
             t = out[c]
             for i in range(base + c * inner, base + (c + 1) * inner):
                 t += a[i]
             out[c] = t
-    return out
 
 
-@helper
-def shifts(x2, inner, channels, l0, l1):
-    """Per channel of the tile: its shift, the channel's first value (lane c*inner of row 0,
-    shared by its replicas so that their sums add up)."""
-    k = np.empty(min(channels, (l1 - l0) // inner))
-    for c in range(k.shape[0]):
-        k[c] = x2[0, l0 + c * inner]
-    return k
-
-
-@helper
+@step
 def coefficients(stats, inner, c0, w):
     """Per lane: MEAN, SCALE and SHIFT of its channel (``y = (x - mean) * scale + shift``)."""
     return (
@@ -401,11 +411,13 @@ def coefficients(stats, inner, c0, w):
 
 
 @helper
-def partials_per_channel(p1, p2, inner, channels):
-    """Every channel's two sums from the partials: per lane over blocks in block order, then
-    over its lanes in lane order."""
-    s1 = np.zeros(channels)
-    s2 = np.zeros(channels)
+def partials_per_channel(p1, p2, inner, sums):
+    """Channels' sums from the partials p1 and p2 (blocks x lanes): per lane over blocks in
+    block order, then over its lanes in lane order, into rows 0 and 1 of ``sums``."""
+    channels = sums.shape[1]
+    for c in range(channels):
+        sums[0, c] = 0.0
+        sums[1, c] = 0.0
     for base in range(0, p1.shape[1], channels * inner):
         for c in range(channels):
             for lane in range(base + c * inner, base + (c + 1) * inner):
@@ -414,110 +426,88 @@ def partials_per_channel(p1, p2, inner, channels):
                 for b in range(p1.shape[0]):
                     t1 += p1[b, lane]
                     t2 += p2[b, lane]
-                s1[c] += t1
-                s2[c] += t2
-    return s1, s2
+                sums[0, c] += t1
+                sums[1, c] += t2
 
 
 @helper
-def channel_shifts(x2, inner, channels):
-    k = np.empty(channels)
-    for c in range(channels):
+def channel_shifts(x2, inner, k):
+    """Each channel's shift: its first value (lane c*inner of row 0, shared by its replicas so
+    that their sums add up)."""
+    for c in range(k.shape[0]):
         k[c] = x2[0, c * inner]
-    return k
 
 
 # --- Task bodies: each allocates its own O(T) buffers (inside a called function, so that a
-# --- parallel loop never shares them).
+# --- parallel loop never shares them). Per-channel arrays are the kernel's, whole; a task
+# --- writes its own channels' entries.
 
 
-@helper
-def tile_sums(x2, inner, channels, r0, r1, l0, l1):
-    """The tile's per-channel shifts and per-lane shifted moment sums over rows r0:r1."""
-    k = shifts(x2, inner, channels, l0, l1)
-    a1 = np.empty(l1 - l0)
-    a2 = np.empty(l1 - l0)
-    moment_sums(x2, expand(k, inner, 0, l1 - l0), r0, r1, l0, l1, a1, a2)
-    return k, a1, a2
+@step
+def block_sums_task(x2, inner, k, r0, r1, l0, l1, p, b):
+    """Per-lane shifted moment sums of a task's rows into the partials ``p[0, b]``, ``p[1, b]``."""
+    w = l1 - l0
+    a1 = np.empty(w)
+    a2 = np.empty(w)
+    moment_sums(x2, expand(k, inner, l0 // inner, w), r0, r1, l0, l1, a1, a2)
+    p0, p1 = p[0, b], p[1, b]
+    for j in range(w):
+        p0[l0 + j] = a1[j]
+        p1[l0 + j] = a2[j]
 
 
-@helper
-def block_sums_task(x2, inner, channels, r0, r1, l0, l1, p1, p2):
-    k, a1, a2 = tile_sums(x2, inner, channels, r0, r1, l0, l1)
-    for j in range(l1 - l0):  # a loop: slice assignment compiles numba's shape-error
-        p1[l0 + j] = a1[j]  # message (str/repr/concat of ints: ~3 s of a cold first step)
-        p2[l0 + j] = a2[j]
-
-
-@helper
-def tile_moments(x2, inner, n, l0, l1, mean, var):
-    """Mean and variance of the channels of tile l0:l1 over every row (the fused route)."""
-    channels = mean.shape[0]
-    k, a1, a2 = tile_sums(x2, inner, channels, 0, x2.shape[0], l0, l1)
-    c0, c1 = span_channels(l0, l1, inner, channels)
-    moments_channels(
-        k, fold(a1, inner, channels), fold(a2, inner, channels), n, mean[c0:c1], var[c0:c1]
-    )
-
-
-@helper
+@step
 def write_task(x2, y2, inner, stats, relu, thr, r0, r1, l0, l1):
     m, s, b = coefficients(stats, inner, l0 // inner, l1 - l0)
     affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1)
 
 
-@helper
-def forward_tile(
-    x2,
-    y2,
-    inner,
-    n,
-    l0,
-    l1,
-    eps,
-    gamma,
-    beta,
-    rmax,
-    dmax,
-    running_mean,
-    running_var,
-    relu,
-    thr,
-    stats,
-):
+@step
+def sums_tile(x2, inner, l0, l1, k, s):
+    """The fused route's reduction of a tile over every row: its channels' shifts (into k, the
+    tile's own buffer: first value of each) and shifted sums (rows 0 and 1 of ``s``)."""
+    for j in range(k.shape[0]):
+        k[j] = x2[0, l0 + j * inner]
+    w = l1 - l0
+    a1 = np.empty(w)
+    a2 = np.empty(w)
+    moment_sums(x2, expand(k, inner, np.int64(0), w), np.int64(0), x2.shape[0], l0, l1, a1, a2)
+    fold_into(a1, inner, s[0])
+    fold_into(a2, inner, s[1])
+
+
+@step
+def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats):
     """The fused training forward of one tile: every row reduced, its channels finished, then
-    written while the tile is in cache."""
-    channels = gamma.shape[0]
-    k, a1, a2 = tile_sums(x2, inner, channels, 0, x2.shape[0], l0, l1)
-    c0, c1 = span_channels(l0, l1, inner, channels)
-    rm = running_mean[c0:c1] if running_mean.shape[0] > 0 else running_mean
-    rv = running_var[c0:c1] if running_var.shape[0] > 0 else running_var
-    forward_channels(
-        k,
-        fold(a1, inner, channels),
-        fold(a2, inner, channels),
-        n,
-        eps,
-        gamma[c0:c1],
-        beta[c0:c1],
-        rmax,
-        dmax,
-        rm,
-        rv,
-        stats[:, c0:c1],
-    )
-    write_task(x2, y2, inner, stats, relu, thr, 0, x2.shape[0], l0, l1)
+    written while the tile is in cache. Buffers O(T) (the tile's own)."""
+    c0, c1 = span_channels(l0, l1, inner, gamma.shape[0])
+    k = np.empty(c1 - c0)
+    s = np.empty((2, c1 - c0))
+    sums_tile(x2, inner, l0, l1, k, s)
+    n = params[P_COUNT]
+    moments_channels(k, s[0], s[1], n, stats[MEAN, c0:c1], stats[VAR, c0:c1])
+    finish_channels(stats, c0, c1, gamma, beta, running_mean, running_var, params)
+    relu, thr = params[P_RELU] != 0.0, params[P_THR]
+    write_task(x2, y2, inner, stats, relu, thr, np.int64(0), x2.shape[0], l0, l1)
 
 
-@helper
-def gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p1, p2):
-    m, s, b = coefficients(stats, inner, l0 // inner, l1 - l0)
-    gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, p1[l0:l1], p2[l0:l1])
+@step
+def gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b):
+    w = l1 - l0
+    m, s, c = coefficients(stats, inner, l0 // inner, w)
+    a1 = np.empty(w)
+    a2 = np.empty(w)
+    gradient_sums(x2, g2, m, s, c, relu, thr, r0, r1, l0, l1, a1, a2)
+    p0, p1 = p[0, b], p[1, b]
+    for j in range(w):
+        p0[l0 + j] = a1[j]
+        p1[l0 + j] = a2[j]
 
 
-@helper
+@step
 def gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1):
-    """dx on a task's rows and lanes from the per-channel ``coef`` rows k, c1, c0."""
+    """dx on a task's rows and lanes from the whole array's per-channel ``coef`` rows k, c1,
+    c0."""
     c0, w = l0 // inner, l1 - l0
     m, s, b = coefficients(stats, inner, c0, w)
     gradient_rows(
@@ -539,28 +529,10 @@ def gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1):
     )
 
 
-@helper
-def backward_tile(x2, g2, d2, inner, n, l0, l1, stats, relu, thr, dgamma, dbeta):
-    """The fused training backward of one tile: its sums over every row, its channels'
-    coefficients, then dx while the tile is in cache."""
-    channels, w = dgamma.shape[0], l1 - l0
-    c0, c1 = span_channels(l0, l1, inner, channels)
-    m, s, b = coefficients(stats, inner, c0, w)
-    a1 = np.empty(w)
-    a2 = np.empty(w)
-    gradient_sums(x2, g2, m, s, b, relu, thr, 0, x2.shape[0], l0, l1, a1, a2)
-    coef = np.empty((3, c1 - c0))
-    backward_channels(
-        fold(a1, inner, channels),
-        fold(a2, inner, channels),
-        n,
-        stats[:, c0:c1],
-        dgamma[c0:c1],
-        dbeta[c0:c1],
-        coef[0],
-        coef[1],
-        coef[2],
-    )
+@step
+def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef):
+    """dx over every row of a tile from per-lane m, s, b and the tile's own ``coef``."""
+    w, zero = l1 - l0, np.int64(0)
     gradient_rows(
         x2,
         g2,
@@ -570,91 +542,113 @@ def backward_tile(x2, g2, d2, inner, n, l0, l1, stats, relu, thr, dgamma, dbeta)
         b,
         relu,
         thr,
-        expand(coef[0], inner, 0, w),
-        expand(coef[1], inner, 0, w),
-        expand(coef[2], inner, 0, w),
-        0,
+        expand(coef[0], inner, zero, w),
+        expand(coef[1], inner, zero, w),
+        expand(coef[2], inner, zero, w),
+        zero,
         x2.shape[0],
         l0,
         l1,
     )
 
 
+@step
+def backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, dbeta):
+    """The fused training backward of one tile: its sums over every row, its channels'
+    coefficients, then dx while the tile is in cache; the sums also into ``sums`` when it has
+    columns. Buffers O(T) (the tile's own)."""
+    w = l1 - l0
+    c0, c1 = span_channels(l0, l1, inner, dgamma.shape[0])
+    m, s, b = coefficients(stats, inner, c0, w)
+    a1 = np.empty(w)
+    a2 = np.empty(w)
+    gradient_sums(x2, g2, m, s, b, relu, thr, np.int64(0), x2.shape[0], l0, l1, a1, a2)
+    t = np.empty((2, c1 - c0))
+    fold_into(a1, inner, t[0])
+    fold_into(a2, inner, t[1])
+    coef = np.empty((3, c1 - c0))
+    zero = np.int64(0)
+    gradient_channels(t, zero, n, stats, c0, c1, coef, dgamma, dbeta)
+    keep_sums(t, c0, sums)
+    tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef)
+
+
+@step
+def frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, sums, dgamma, dbeta):
+    """The frozen backward of a tile over every row: dx, and its channels' dgamma, dbeta (and
+    sums, when ``sums`` has columns). Buffers O(T)."""
+    w = l1 - l0
+    c0, c1 = span_channels(l0, l1, inner, dgamma.shape[0])
+    m, s, b = coefficients(stats, inner, c0, w)
+    a1 = np.empty(w)
+    a2 = np.empty(w)
+    frozen_rows(x2, g2, d2, m, s, b, relu, thr, np.int64(0), x2.shape[0], l0, l1, a1, a2)
+    t = np.empty((2, c1 - c0))
+    fold_into(a1, inner, t[0])
+    fold_into(a2, inner, t[1])
+    parameter_gradients(t, np.int64(0), stats, c0, c1, dgamma, dbeta)
+    keep_sums(t, c0, sums)
+
+
 @helper
+def keep_sums(t, c0, sums):
+    """A tile's sums (channel c0 at index 0 of t) into the caller's ``sums``, if it has
+    columns (a virtual batch's or a synchronized backward's: the whole array's sums)."""
+    if sums.shape[1] > 0:
+        for j in range(t.shape[1]):
+            sums[0, c0 + j] = t[0, j]
+            sums[1, c0 + j] = t[1, j]
+
+
+@step
 def frozen_task(x2, g2, d2, inner, stats, relu, thr, r0, r1, l0, l1, a1, a2):
     m, s, b = coefficients(stats, inner, l0 // inner, l1 - l0)
     frozen_rows(x2, g2, d2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2)
 
 
-@helper
-def frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, dgamma, dbeta):
-    """The frozen backward of a tile over every row, its channels' dgamma and dbeta."""
-    a1 = np.empty(l1 - l0)
-    a2 = np.empty(l1 - l0)
-    frozen_task(x2, g2, d2, inner, stats, relu, thr, 0, x2.shape[0], l0, l1, a1, a2)
-    channels = dgamma.shape[0]
-    c0, c1 = span_channels(l0, l1, inner, channels)
-    frozen_channels(
-        fold(a1, inner, channels),
-        fold(a2, inner, channels),
-        stats[:, c0:c1],
-        dgamma[c0:c1],
-        dbeta[c0:c1],
-    )
-
-
-@helper
-def input_tile(x2, g2, d2, inner, n, l0, l1, eps, gamma, dgamma, dbeta):
+@step
+def input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta):
     """The fused cache-free backward of one tile: one read of x and dy for the statistics and
-    both gradient sums, its channels' coefficients, then dx while the tile is in cache."""
-    channels, w = gamma.shape[0], l1 - l0
-    c0, c1 = span_channels(l0, l1, inner, channels)
-    k = shifts(x2, inner, channels, l0, l1)
+    both gradient sums, its channels' coefficients, then dx while the tile is in cache. Its
+    own buffers, O(T): shifts, the four sums, a statistics block and the coefficients of its
+    channels (gamma, dgamma, dbeta sliced to them)."""
+    w = l1 - l0
+    c0, c1 = span_channels(l0, l1, inner, gamma.shape[0])
+    wc, zero = c1 - c0, np.int64(0)
+    k = np.empty(wc)
+    for j in range(wc):
+        k[j] = x2[0, l0 + j * inner]
     a = np.empty((4, w))
-    input_sums(x2, g2, expand(k, inner, 0, w), 0, x2.shape[0], l0, l1, a[0], a[1], a[2], a[3])
-    stats = np.empty((STATS_ROWS, c1 - c0))
-    s1, s2 = fold(a[0], inner, channels), fold(a[1], inner, channels)
-    s3, s4 = fold(a[2], inner, channels).copy(), fold(a[3], inner, channels).copy()
-    input_channels(k, s1, s2, s3, s4, n, eps, gamma[c0:c1], stats)
-    coef = np.empty((3, c1 - c0))
-    backward_channels(s3, s4, n, stats, dgamma[c0:c1], dbeta[c0:c1], coef[0], coef[1], coef[2])
-    m, s, b = coefficients(stats, inner, 0, w)
-    gradient_rows(
-        x2,
-        g2,
-        d2,
-        m,
-        s,
-        b,
-        0,
-        0.0,
-        expand(coef[0], inner, 0, w),
-        expand(coef[1], inner, 0, w),
-        expand(coef[2], inner, 0, w),
-        0,
-        x2.shape[0],
-        l0,
-        l1,
-    )
+    input_sums(x2, g2, expand(k, inner, zero, w), zero, x2.shape[0], l0, l1, a[0], a[1], a[2], a[3])
+    s = np.empty((4, wc))
+    for i in range(4):
+        fold_into(a[i], inner, s[i])
+    stats = np.empty((STATS_ROWS, wc))
+    n = params[P_COUNT]
+    input_channels(k, s, n, gamma[c0:c1], params, stats, zero, wc)
+    coef = np.empty((3, wc))
+    gradient_channels(s[2:], zero, n, stats, zero, wc, coef, dgamma[c0:c1], dbeta[c0:c1])
+    m, sc, b = coefficients(stats, inner, zero, w)
+    relu, thr = params[P_RELU] != 0.0, params[P_THR]  # off: variables, not literals
+    tile_gradient(x2, g2, d2, inner, l0, l1, m, sc, b, relu, thr, coef)
 
 
 # --- Phases shared by the kernels (prange loops, inlined into each kernel).
 
 
 @phase
-def sums_phase(x, tune):
-    """The two-pass route's reduction: per-channel shifts and shifted sums of the whole array,
-    from per-block, per-lane partials combined in a fixed order."""
+def sums_phase(x, k, sums, tune):
+    """The two-pass route's reduction: per-channel shifts (into k) and shifted sums (into rows
+    0 and 1 of ``sums``), from per-block, per-lane partials combined in a fixed order."""
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     x2 = x.reshape(rows, lanes)
-    p1 = np.empty((nrb, lanes))
-    p2 = np.empty((nrb, lanes))
+    channel_shifts(x2, inner, k)
+    p = np.empty((2, nrb, lanes))
     for task in prange(nt * nrb):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-        block_sums_task(x2, inner, channels, r0, r1, l0, l1, p1[task // nt], p2[task // nt])
-    s1, s2 = partials_per_channel(p1, p2, inner, channels)
-    return channel_shifts(x2, inner, channels), s1, s2
+        block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
+    partials_per_channel(p[0], p[1], inner, sums)
 
 
 @phase
@@ -670,30 +664,13 @@ def write_phase(x, stats, relu, thr, y, tune):
 
 
 @phase
-def gradient_sums_phase(x, dy, stats, relu, thr, tune):
-    """The two-pass route's gradient sums: per channel ``sum(dy)`` and ``sum(dy * (x -
-    mean))`` (dy behind the activation's mask), from per-block partials in a fixed order."""
-    outer, channels, inner = x.shape
-    rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
-    x2 = x.reshape(rows, lanes)
-    g2 = dy.reshape(rows, lanes)
-    p1 = np.empty((nrb, lanes))
-    p2 = np.empty((nrb, lanes))
-    for task in prange(nt * nrb):
-        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-        gradient_sums_task(
-            x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p1[task // nt], p2[task // nt]
-        )
-    return partials_per_channel(p1, p2, inner, channels)
-
-
-@phase
-def gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
+def gradient_phase(x, dy, stats, relu, thr, sums, n, dgamma, dbeta, dx, tune):
     """The training gradient from its sums over n values: the per-channel coefficients and
-    dgamma, dbeta (``backward_channels``), then dx over the task grid."""
+    dgamma, dbeta (``gradient_channels``), then dx over the task grid."""
     outer, channels, inner = x.shape
     coef = np.empty((3, channels))
-    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
+    zero = np.int64(0)
+    gradient_channels(sums, zero, n, stats, zero, channels, coef, dgamma, dbeta)
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     x2 = x.reshape(rows, lanes)
     g2 = dy.reshape(rows, lanes)
@@ -703,208 +680,149 @@ def gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
         gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1)
 
 
-# --- Kernels.
+# --- Kernels: one per operation, its mode a parameter (``_jit.P_MODE``).
 
 
-@parallel_kernel(*MOMENTS)
+@parallel_kernel(*MOMENTS, returns=True)
 def moments(x, mean, var, tune):
-    """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
+    """Per-channel mean and biased variance (float64); returns how many channels are not
+    finite (the caller then runs ``common.rescue_moments``)."""
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
+    n = np.float64(outer * inner)
     if nrb == 1:
         x2 = x.reshape(rows, lanes)
         for t in prange(nt):
-            tile_moments(x2, inner, outer * inner, t * tile, min(lanes, (t + 1) * tile), mean, var)
+            l0, l1 = t * tile, min(lanes, (t + 1) * tile)
+            c0, c1 = span_channels(l0, l1, inner, channels)
+            k = np.empty(c1 - c0)
+            s = np.empty((2, c1 - c0))
+            sums_tile(x2, inner, l0, l1, k, s)
+            moments_channels(k, s[0], s[1], n, mean[c0:c1], var[c0:c1])
     else:
-        k, s1, s2 = sums_phase(x, tune)
-        moments_channels(k, s1, s2, outer * inner, mean, var)
-    rescue_moments(x, mean, var)
+        k = np.empty(channels)
+        sums = np.empty((2, channels))
+        sums_phase(x, k, sums, tune)
+        moments_channels(k, sums[0], sums[1], n, mean, var)
+    bad = 0
+    for c in range(channels):
+        bad += not (np.isfinite(mean[c]) and np.isfinite(var[c]))
+    return bad
 
 
-@parallel_kernel(*FORWARD_TRAIN)
-def forward_train(
-    x,
-    gamma,
-    beta,
-    eps,
-    momentum,
-    unbiased,
-    rmax,
-    dmax,
-    relu,
-    thr,
-    running_mean,
-    running_var,
-    stats,
-    y,
-    tune,
-):
-    """Training forward: batch statistics, the per-channel epilogue (``forward_channels``: the
-    statistics block, renormalized when ``rmax > 0``), ``y`` (with the activation), the rescue
-    of overflowed channels, then the running averages; fused per tile when a strip of every row
-    fits ``TUNE_STRIP``."""
+@parallel_kernel(*FORWARD, returns=True)
+def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
+    """The forward of every mode: batch statistics (then the running averages, when running
+    arrays of length C are given), running statistics, or given MEAN and VAR rows (then the
+    running averages over ``params[P_COUNT]`` values); the statistics block, and y with the
+    fused activation. Fused per tile when batch statistics are asked for and a strip of every
+    row fits ``TUNE_STRIP``. Returns how many channels' batch statistics are not finite: then
+    nothing updated the running averages and the caller runs ``common.rescue``."""
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
-    n = outer * inner
-    if nrb == 1:
+    mode = params[P_MODE]
+    relu, thr = params[P_RELU] != 0.0, params[P_THR]
+    if mode == FORWARD_BATCH and nrb == 1:
         x2 = x.reshape(rows, lanes)
         y2 = y.reshape(rows, lanes)
         for t in prange(nt):
+            l0, l1 = t * tile, min(lanes, (t + 1) * tile)
             forward_tile(
-                x2,
-                y2,
-                inner,
-                n,
-                t * tile,
-                min(lanes, (t + 1) * tile),
-                eps,
-                gamma,
-                beta,
-                rmax,
-                dmax,
-                running_mean,
-                running_var,
-                relu,
-                thr,
-                stats,
+                x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats
             )
     else:
-        k, s1, s2 = sums_phase(x, tune)
-        forward_channels(
-            k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var, stats
+        if mode == FORWARD_BATCH:
+            k = np.empty(channels)
+            sums = np.empty((2, channels))
+            sums_phase(x, k, sums, tune)
+            moments_channels(k, sums[0], sums[1], params[P_COUNT], stats[MEAN], stats[VAR])
+        elif mode == FORWARD_RUNNING:
+            running_channels(stats, running_mean, running_var)
+        finish_channels(
+            stats, np.int64(0), channels, gamma, beta, running_mean, running_var, params
         )
         write_phase(x, stats, relu, thr, y, tune)
-    rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu, thr, y)
-    update_running(stats, n, momentum, unbiased, running_mean, running_var)
-
-
-@parallel_kernel(*NORMALIZE)
-def normalize(x, running_mean, running_var, gamma, beta, eps, relu, thr, stats, y, tune):
-    """Inference: ``y = activation(gamma * (x - running_mean) / sqrt(running_var + eps) +
-    beta)``."""
-    inference_channels(running_mean, running_var, eps, gamma, beta, stats)
-    write_phase(x, stats, relu, thr, y, tune)
+    if mode == FORWARD_RUNNING:
+        return 0
+    bad = count_bad(stats) if mode == FORWARD_BATCH else 0
+    if bad == 0:
+        update_running(stats, params, running_mean, running_var)
+    return bad
 
 
 @parallel_kernel(*BACKWARD)
-def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
-    """Training backward: sums of dy and dy*(x - mean) (dy behind the activation's mask), the
-    per-channel coefficients (``backward_channels``), then dx; fused per tile when a strip of
-    every row fits."""
+def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
+    """The backward of every mode: the training gradient, the frozen-statistics gradient
+    ``dx = scale * dy`` (one pass), the two sums alone (into ``sums``, for a synchronized
+    backward), or dx, dgamma and dbeta from the given ``sums`` over ``params[P_COUNT]`` values.
+    dy is behind the activation's mask, recomputed from x and the block. ``sums`` (2, C)
+    receives the two sums in the training and frozen modes too; (2, 0) when not wanted (then
+    the fused route needs only its tiles' own buffers)."""
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
-    n = outer * inner
+    mode = params[P_MODE]
+    relu, thr, n = params[P_RELU] != 0.0, params[P_THR], params[P_COUNT]
     x2 = x.reshape(rows, lanes)
     g2 = dy.reshape(rows, lanes)
     d2 = dx.reshape(rows, lanes)
-    if nrb == 1:
+    if mode == BACKWARD_TRAIN and nrb == 1:
         for t in prange(nt):
-            backward_tile(
-                x2,
-                g2,
-                d2,
-                inner,
-                n,
-                t * tile,
-                min(lanes, (t + 1) * tile),
-                stats,
-                relu,
-                thr,
-                dgamma,
-                dbeta,
-            )
-    else:
-        s1, s2 = gradient_sums_phase(x, dy, stats, relu, thr, tune)
-        gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune)
-
-
-@parallel_kernel(*BACKWARD)
-def backward_frozen(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
-    """Frozen-statistics backward: ``dx = scale * dy`` (behind the activation's mask) and the
-    sums for dgamma, dbeta, in one pass."""
-    outer, channels, inner = x.shape
-    rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
-    x2 = x.reshape(rows, lanes)
-    g2 = dy.reshape(rows, lanes)
-    d2 = dx.reshape(rows, lanes)
-    if nrb == 1:
+            l0, l1 = t * tile, min(lanes, (t + 1) * tile)
+            backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, dbeta)
+    elif mode == BACKWARD_FROZEN and nrb == 1:
         for t in prange(nt):
-            frozen_tile(
-                x2,
-                g2,
-                d2,
-                inner,
-                t * tile,
-                min(lanes, (t + 1) * tile),
-                stats,
-                relu,
-                thr,
-                dgamma,
-                dbeta,
-            )
-    else:
-        p1 = np.empty((nrb, lanes))
-        p2 = np.empty((nrb, lanes))
-        for task in prange(nt * nrb):
-            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-            b = task // nt
-            frozen_task(
-                x2, g2, d2, inner, stats, relu, thr, r0, r1, l0, l1, p1[b, l0:l1], p2[b, l0:l1]
-            )
-        s1, s2 = partials_per_channel(p1, p2, inner, channels)
-        frozen_channels(s1, s2, stats, dgamma, dbeta)
-
-
-@parallel_kernel(*NORMALIZE_BLOCK)
-def normalize_block(x, stats, relu, thr, y, tune):
-    """``y`` from a given statistics block (a synchronized forward's global statistics)."""
-    write_phase(x, stats, relu, thr, y, tune)
-
-
-@parallel_kernel(*BACKWARD_SUMS)
-def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
-    """The training gradient's two sums alone (``s1 = sum(dy)``, ``s2 = sum(dy * (x - mean))``,
-    dy behind the activation's mask), float64: a synchronized backward reduces them across
-    processes, then calls :func:`backward_apply`."""
-    t1, t2 = gradient_sums_phase(x, dy, stats, relu, thr, tune)
-    copy_into(t1, s1)
-    copy_into(t2, s2)
-
-
-@parallel_kernel(*BACKWARD_APPLY)
-def backward_apply(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
-    """The training gradient from given sums over n values (:func:`backward_sums`, reduced)."""
-    gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune)
+            l0, l1 = t * tile, min(lanes, (t + 1) * tile)
+            frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, sums, dgamma, dbeta)
+    else:  # the two-pass route (partials), or given sums: the whole array's sums
+        s = sums if sums.shape[1] > 0 else np.empty((2, channels))
+        zero = np.int64(0)
+        if mode != BACKWARD_GIVEN:
+            p = np.empty((2, nrb, lanes))
+            for task in prange(nt * nrb):
+                r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+                b = task // nt
+                if mode == BACKWARD_FROZEN:
+                    frozen_task(
+                        x2,
+                        g2,
+                        d2,
+                        inner,
+                        stats,
+                        relu,
+                        thr,
+                        r0,
+                        r1,
+                        l0,
+                        l1,
+                        p[0, b, l0:l1],
+                        p[1, b, l0:l1],
+                    )
+                else:
+                    gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b)
+            partials_per_channel(p[0], p[1], inner, s)
+        if mode == BACKWARD_FROZEN:
+            parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
+        elif mode != BACKWARD_SUMS:
+            gradient_phase(x, dy, stats, relu, thr, s, n, dgamma, dbeta, dx, tune)
 
 
 @parallel_kernel(*BACKWARD_INPUT)
-def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
+def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     """Cache-free training backward: the batch statistics and both gradient sums from one read
     of x and dy, then dx; fused per tile when a strip of every row fits, else two passes (the
     sums' partials, then dx)."""
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
-    n = outer * inner
     x2 = x.reshape(rows, lanes)
     g2 = dy.reshape(rows, lanes)
     d2 = dx.reshape(rows, lanes)
     if nrb == 1:
         for t in prange(nt):
-            input_tile(
-                x2,
-                g2,
-                d2,
-                inner,
-                n,
-                t * tile,
-                min(lanes, (t + 1) * tile),
-                eps,
-                gamma,
-                dgamma,
-                dbeta,
-            )
+            l0, l1 = t * tile, min(lanes, (t + 1) * tile)
+            input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta)
     else:
-        k = channel_shifts(x2, inner, channels)
+        k = np.empty(channels)
+        channel_shifts(x2, inner, k)
         p = np.empty((4, nrb, lanes))
         for task in prange(nt * nrb):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
@@ -922,8 +840,11 @@ def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
                 p[2, b, l0:l1],
                 p[3, b, l0:l1],
             )
-        s1, s2 = partials_per_channel(p[0], p[1], inner, channels)
-        s3, s4 = partials_per_channel(p[2], p[3], inner, channels)
+        s = np.empty((4, channels))
+        partials_per_channel(p[0], p[1], inner, s[0:2])
+        partials_per_channel(p[2], p[3], inner, s[2:4])
         stats = np.empty((STATS_ROWS, channels))
-        input_channels(k, s1, s2, s3, s4, n, eps, gamma, stats)
-        gradient_phase(x, dy, stats, 0, 0.0, s3, s4, n, dgamma, dbeta, dx, tune)
+        zero = np.int64(0)
+        input_channels(k, s, params[P_COUNT], gamma, params, stats, zero, channels)
+        relu, thr = params[P_RELU] != 0.0, params[P_THR]  # off (see input_tile)
+        gradient_phase(x, dy, stats, relu, thr, s[2:], params[P_COUNT], dgamma, dbeta, dx, tune)

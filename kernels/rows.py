@@ -2,7 +2,7 @@
 
 Each (o, c) row is contiguous and long. A row is summed in float64 around the channel's shift
 (its first value) by a ``reduction`` helper, which LLVM vectorizes (see ``_jit``; accuracy
-argument in ``strided``). Two partitions, both functions of the shape and the machine's tuning
+argument in ``lanes``). Two partitions, both functions of the shape and the machine's tuning
 vector only, so results do not depend on the thread count:
 
 - Memory order (every pass but the fused route): tasks are blocks of ``rb`` outer indices
@@ -28,40 +28,46 @@ from numba import prange
 
 from ._jit import (
     BACKWARD,
-    BACKWARD_APPLY,
+    BACKWARD_FROZEN,
+    BACKWARD_GIVEN,
     BACKWARD_INPUT,
     BACKWARD_SUMS,
-    FORWARD_TRAIN,
+    BACKWARD_TRAIN,
+    FORWARD,
+    FORWARD_BATCH,
+    FORWARD_RUNNING,
     MIN_TASKS,
     MOMENTS,
-    NORMALIZE,
-    NORMALIZE_BLOCK,
+    P_COUNT,
+    P_MODE,
+    P_RELU,
+    P_THR,
     TUNE_BLOCK,
     TUNE_FUSE,
     helper,
     parallel_kernel,
     phase,
+    step,
 )
 from .common import (
     MEAN,
     SCALE,
     SHIFT,
     STATS_ROWS,
+    VAR,
     activate,
-    backward_channels,
-    copy_into,
-    forward_channels,
-    frozen_channels,
-    inference_channels,
+    count_bad,
+    finish_channels,
+    gradient_channels,
     input_channels,
     moments_channels,
+    parameter_gradients,
     passes,
-    rescue,
-    rescue_moments,
     row_frozen,
     row_grad_sums,
     row_input_sums,
     row_moment_sums,
+    running_channels,
     update_running,
 )
 
@@ -92,25 +98,24 @@ def fused(x, tune):
 
 
 @helper
-def combine(part, s):
-    """``s[i, c]``: the partials ``part[b, c, i]`` of every block added in block order."""
-    for i in range(s.shape[0]):
+def combine(part, sums):
+    """``sums[i, c]``: the partials ``part[b, c, i]`` of every block added in block order, for
+    the rows of ``sums``."""
+    for i in range(sums.shape[0]):
         for c in range(part.shape[1]):
             t = 0.0
             for b in range(part.shape[0]):
                 t += part[b, c, i]
-            s[i, c] = t
+            sums[i, c] = t
 
 
 @helper
-def shifts(x):
-    k = np.empty(x.shape[1])
+def shifts(x, k):
     for c in range(x.shape[1]):
         k[c] = x[0, c, 0]
-    return k
 
 
-@helper
+@step
 def moment_task(x, k, o0, o1, c0, c1, part):
     """Shifted sums of rows o0:o1, channels c0:c1, in memory order, into ``part[c]``."""
     for c in range(c0, c1):
@@ -123,7 +128,7 @@ def moment_task(x, k, o0, o1, c0, c1, part):
             part[c, 1] += b
 
 
-@helper
+@step
 def gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part):
     """``sum(dy)``, ``sum(dy * (x - mean))`` (dy behind the activation's mask) of rows o0:o1,
     channels c0:c1, into ``part[c]``."""
@@ -139,7 +144,7 @@ def gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part):
             part[c, 1] += b
 
 
-@helper
+@step
 def frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part):
     """The frozen backward of rows o0:o1, channels c0:c1: dx and the gradient sums."""
     for c in range(c0, c1):
@@ -161,7 +166,7 @@ def frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part):
             part[c, 1] += b
 
 
-@helper
+@step
 def input_task(x, dy, k, o0, o1, c0, c1, part):
     """The cache-free backward's four sums of rows o0:o1, channels c0:c1, into ``part[c]``."""
     for c in range(c0, c1):
@@ -176,62 +181,44 @@ def input_task(x, dy, k, o0, o1, c0, c1, part):
             part[c, 3] += f
 
 
-@helper
-def normalize_row(xr, yr, m, s, b, relu, thr):
-    for i in range(xr.shape[0]):
-        yr[i] = activate((xr[i] - m) * s + b, relu, thr)
-
-
-@helper
+@step
 def write_task(x, stats, relu, thr, o0, o1, c0, c1, y):
     for o in range(o0, o1):
         for c in range(c0, c1):
-            normalize_row(
-                x[o, c], y[o, c], stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c], relu, thr
-            )
+            xr, yr = x[o, c], y[o, c]
+            m, s, b = stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c]
+            for i in range(xr.shape[0]):
+                yr[i] = activate((xr[i] - m) * s + b, relu, thr)
 
 
-@helper
-def grad_input_row(xr, gr, dr, m, s, b, relu, thr, kc, c1c, c0c):
-    for i in range(xr.shape[0]):
-        d = xr[i] - m
-        e = np.float64(gr[i]) if passes(d * s + b, relu, thr) else 0.0
-        dr[i] = kc * e - c1c * d + c0c
-
-
-@helper
+@step
 def grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx):
     for o in range(o0, o1):
         for c in range(c0, c1):
-            grad_input_row(
-                x[o, c],
-                dy[o, c],
-                dx[o, c],
-                stats[MEAN, c],
-                stats[SCALE, c],
-                stats[SHIFT, c],
-                relu,
-                thr,
-                coef[0, c],
-                coef[1, c],
-                coef[2, c],
-            )
+            xr, gr, dr = x[o, c], dy[o, c], dx[o, c]
+            m, s, b = stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c]
+            kc, c1c, c0c = coef[0, c], coef[1, c], coef[2, c]
+            for i in range(xr.shape[0]):
+                d = xr[i] - m
+                e = np.float64(gr[i]) if passes(d * s + b, relu, thr) else 0.0
+                dr[i] = kc * e - c1c * d + c0c
 
 
-@helper
-def channel_sums(x, c, k):
-    """A channel's shifted sums over its rows in order (the fused route)."""
+@step
+def channel_sums(x, c, k, sums):
+    """A channel's shifted sums over its rows in order (the fused route), into ``sums[:, c]``."""
     s1 = 0.0
     s2 = 0.0
     for o in range(x.shape[0]):
-        a, b = row_moment_sums(x[o, c], k)
+        a, b = row_moment_sums(x[o, c], k[c])
         s1 += a
         s2 += b
-    return s1, s2
+    sums[0, c] = s1
+    sums[1, c] = s2
 
 
-@helper
-def channel_gradient_sums(x, dy, stats, relu, thr, c):
+@step
+def channel_gradient_sums(x, dy, stats, relu, thr, c, sums):
     s1 = 0.0
     s2 = 0.0
     for o in range(x.shape[0]):
@@ -240,31 +227,25 @@ def channel_gradient_sums(x, dy, stats, relu, thr, c):
         )
         s1 += a
         s2 += b
-    return s1, s2
-
-
-@helper
-def running_slice(running, c):
-    """Channel c of a running array, or the empty array that means none."""
-    return running[c : c + 1] if running.shape[0] > 0 else running
+    sums[0, c] = s1
+    sums[1, c] = s2
 
 
 # --- Phases shared by the kernels (prange loops, inlined into each kernel).
 
 
 @phase
-def sums_phase(x, tune):
-    """Per-channel shifts and shifted sums over the memory-order grid."""
+def sums_phase(x, k, sums, tune):
+    """Per-channel shifts (into k) and shifted sums (into ``sums``) over the memory-order
+    grid."""
     channels = x.shape[1]
     rb, nb, cg, ng = grid(x, tune)
-    k = shifts(x)
+    shifts(x, k)
     part = np.empty((nb, channels, 2))
     for t in prange(nb * ng):
         b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
         moment_task(x, k, o0, o1, c0, c1, part[b])
-    s = np.empty((2, channels))
-    combine(part, s)
-    return k, s[0], s[1]
+    combine(part, sums)
 
 
 @phase
@@ -277,177 +258,121 @@ def write_phase(x, stats, relu, thr, y, tune):
 
 
 @phase
-def gradient_sums_phase(x, dy, stats, relu, thr, tune):
-    """Per channel ``sum(dy)`` and ``sum(dy * (x - mean))`` (dy behind the activation's mask)
-    over the memory-order grid, partials combined in block order."""
-    channels = x.shape[1]
-    rb, nb, cg, ng = grid(x, tune)
-    part = np.empty((nb, channels, 2))
-    for t in prange(nb * ng):
-        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-        gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
-    s = np.empty((2, channels))
-    combine(part, s)
-    return s[0], s[1]
-
-
-@phase
-def gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
+def gradient_phase(x, dy, stats, relu, thr, sums, n, dgamma, dbeta, dx, tune):
     """The training gradient from its sums over n values: the per-channel coefficients and
-    dgamma, dbeta (``backward_channels``), then dx in memory order."""
+    dgamma, dbeta (``gradient_channels``), then dx in memory order."""
     coef = np.empty((3, x.shape[1]))
-    backward_channels(s1, s2, n, stats, dgamma, dbeta, coef[0], coef[1], coef[2])
+    zero = np.int64(0)
+    gradient_channels(sums, zero, n, stats, zero, x.shape[1], coef, dgamma, dbeta)
     rb, nb, cg, ng = grid(x, tune)
     for t in prange(nb * ng):
         b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
         grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx)
 
 
-# --- Kernels.
+# --- Kernels: one per operation, its mode a parameter (``_jit.P_MODE``).
 
 
-@parallel_kernel(*MOMENTS)
+@parallel_kernel(*MOMENTS, returns=True)
 def moments(x, mean, var, tune):
-    """Per-channel mean and biased variance (rounded into mean's and var's dtype)."""
-    k, s1, s2 = sums_phase(x, tune)
-    moments_channels(k, s1, s2, x.shape[0] * x.shape[2], mean, var)
-    rescue_moments(x, mean, var)
+    """Per-channel mean and biased variance (float64); returns how many channels are not
+    finite (the caller then runs ``common.rescue_moments``)."""
+    channels = x.shape[1]
+    k = np.empty(channels)
+    sums = np.empty((2, channels))
+    sums_phase(x, k, sums, tune)
+    moments_channels(k, sums[0], sums[1], np.float64(x.shape[0] * x.shape[2]), mean, var)
+    bad = 0
+    for c in range(channels):
+        bad += not (np.isfinite(mean[c]) and np.isfinite(var[c]))
+    return bad
 
 
-@parallel_kernel(*FORWARD_TRAIN)
-def forward_train(
-    x,
-    gamma,
-    beta,
-    eps,
-    momentum,
-    unbiased,
-    rmax,
-    dmax,
-    relu,
-    thr,
-    running_mean,
-    running_var,
-    stats,
-    y,
-    tune,
-):
-    """Training forward: batch statistics, the per-channel epilogue (``forward_channels``), then
-    ``y``; with :func:`fused` shapes each channel is one task (its rows summed in order, then
-    normalized from cache)."""
+@parallel_kernel(*FORWARD, returns=True)
+def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
+    """The forward of every mode (see ``lanes.forward``); with :func:`fused` shapes and batch
+    statistics each channel is one task (its rows summed in order, then normalized from
+    cache)."""
     outer, channels, inner = x.shape
-    n = outer * inner
-    if fused(x, tune):
-        k = shifts(x)
-        s = np.empty((2, channels))
+    mode = params[P_MODE]
+    relu, thr = params[P_RELU] != 0.0, params[P_THR]
+    k = np.empty(channels)
+    sums = np.empty((2, channels))
+    if mode == FORWARD_BATCH and fused(x, tune):
+        shifts(x, k)
         for c in prange(channels):
-            s[0, c], s[1, c] = channel_sums(x, c, k[c])
-            forward_channels(
+            channel_sums(x, c, k, sums)
+            moments_channels(
                 k[c : c + 1],
-                s[0, c : c + 1],
-                s[1, c : c + 1],
-                n,
-                eps,
-                gamma[c : c + 1],
-                beta[c : c + 1],
-                rmax,
-                dmax,
-                running_slice(running_mean, c),
-                running_slice(running_var, c),
-                stats[:, c : c + 1],
+                sums[0, c : c + 1],
+                sums[1, c : c + 1],
+                params[P_COUNT],
+                stats[MEAN, c : c + 1],
+                stats[VAR, c : c + 1],
             )
-            write_task(x, stats, relu, thr, 0, outer, c, c + 1, y)
+            finish_channels(stats, c, c + 1, gamma, beta, running_mean, running_var, params)
+            write_task(x, stats, relu, thr, np.int64(0), outer, c, c + 1, y)
     else:
-        k, s1, s2 = sums_phase(x, tune)
-        forward_channels(
-            k, s1, s2, n, eps, gamma, beta, rmax, dmax, running_mean, running_var, stats
+        if mode == FORWARD_BATCH:
+            sums_phase(x, k, sums, tune)
+            moments_channels(k, sums[0], sums[1], params[P_COUNT], stats[MEAN], stats[VAR])
+        elif mode == FORWARD_RUNNING:
+            running_channels(stats, running_mean, running_var)
+        finish_channels(
+            stats, np.int64(0), channels, gamma, beta, running_mean, running_var, params
         )
         write_phase(x, stats, relu, thr, y, tune)
-    rescue(x, stats, eps, gamma, beta, rmax, dmax, running_mean, running_var, relu, thr, y)
-    update_running(stats, n, momentum, unbiased, running_mean, running_var)
-
-
-@parallel_kernel(*NORMALIZE)
-def normalize(x, running_mean, running_var, gamma, beta, eps, relu, thr, stats, y, tune):
-    """Inference: ``y = activation(gamma * (x - running_mean) / sqrt(running_var + eps) +
-    beta)``."""
-    inference_channels(running_mean, running_var, eps, gamma, beta, stats)
-    write_phase(x, stats, relu, thr, y, tune)
+    if mode == FORWARD_RUNNING:
+        return 0
+    bad = count_bad(stats) if mode == FORWARD_BATCH else 0
+    if bad == 0:
+        update_running(stats, params, running_mean, running_var)
+    return bad
 
 
 @parallel_kernel(*BACKWARD)
-def backward_train(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
-    """Training backward: the two sums, the per-channel coefficients (``backward_channels``),
-    then dx; per channel from cache when :func:`fused`."""
+def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
+    """The backward of every mode (see ``lanes.backward``); per channel from cache when
+    :func:`fused` and training."""
     outer, channels, inner = x.shape
-    n = outer * inner
-    if fused(x, tune):
-        s = np.empty((2, channels))
+    mode = params[P_MODE]
+    relu, thr, n = params[P_RELU] != 0.0, params[P_THR], params[P_COUNT]
+    s = sums if sums.shape[1] > 0 else np.empty((2, channels))  # rows: O(C) is <= x/16
+    zero = np.int64(0)
+    if mode == BACKWARD_TRAIN and fused(x, tune):
         coef = np.empty((3, channels))
         for c in prange(channels):
-            s[0, c], s[1, c] = channel_gradient_sums(x, dy, stats, relu, thr, c)
-            backward_channels(
-                s[0, c : c + 1],
-                s[1, c : c + 1],
-                n,
-                stats[:, c : c + 1],
-                dgamma[c : c + 1],
-                dbeta[c : c + 1],
-                coef[0, c : c + 1],
-                coef[1, c : c + 1],
-                coef[2, c : c + 1],
-            )
-            grad_input_task(x, dy, stats, relu, thr, coef, 0, outer, c, c + 1, dx)
+            channel_gradient_sums(x, dy, stats, relu, thr, c, s)
+            gradient_channels(s, c, n, stats, c, c + 1, coef, dgamma, dbeta)
+            grad_input_task(x, dy, stats, relu, thr, coef, zero, outer, c, c + 1, dx)
+    elif mode == BACKWARD_FROZEN:
+        rb, nb, cg, ng = grid(x, tune)
+        part = np.empty((nb, channels, 2))
+        for t in prange(nb * ng):
+            b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+            frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part[b])
+        combine(part, s)
+        parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
     else:
-        s1, s2 = gradient_sums_phase(x, dy, stats, relu, thr, tune)
-        gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune)
-
-
-@parallel_kernel(*BACKWARD)
-def backward_frozen(x, dy, stats, relu, thr, dgamma, dbeta, dx, tune):
-    """Frozen-statistics backward: ``dx = scale * dy`` (behind the activation's mask) and the
-    sums for dgamma, dbeta, in one pass in memory order."""
-    channels = x.shape[1]
-    rb, nb, cg, ng = grid(x, tune)
-    part = np.empty((nb, channels, 2))
-    for t in prange(nb * ng):
-        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-        frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part[b])
-    s = np.empty((2, channels))
-    combine(part, s)
-    frozen_channels(s[0], s[1], stats, dgamma, dbeta)
-
-
-@parallel_kernel(*NORMALIZE_BLOCK)
-def normalize_block(x, stats, relu, thr, y, tune):
-    """``y`` from a given statistics block (a synchronized forward's global statistics)."""
-    write_phase(x, stats, relu, thr, y, tune)
-
-
-@parallel_kernel(*BACKWARD_SUMS)
-def backward_sums(x, dy, stats, relu, thr, s1, s2, tune):
-    """The training gradient's two sums alone (``s1 = sum(dy)``, ``s2 = sum(dy * (x - mean))``,
-    dy behind the activation's mask), float64: a synchronized backward reduces them across
-    processes, then calls :func:`backward_apply`."""
-    t1, t2 = gradient_sums_phase(x, dy, stats, relu, thr, tune)
-    copy_into(t1, s1)
-    copy_into(t2, s2)
-
-
-@parallel_kernel(*BACKWARD_APPLY)
-def backward_apply(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune):
-    """The training gradient from given sums over n values (:func:`backward_sums`, reduced)."""
-    gradient_phase(x, dy, stats, relu, thr, s1, s2, n, dgamma, dbeta, dx, tune)
+        if mode != BACKWARD_GIVEN:
+            rb, nb, cg, ng = grid(x, tune)
+            part = np.empty((nb, channels, 2))
+            for t in prange(nb * ng):
+                b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+                gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
+            combine(part, s)
+        if mode != BACKWARD_SUMS:
+            gradient_phase(x, dy, stats, relu, thr, s, n, dgamma, dbeta, dx, tune)
 
 
 @parallel_kernel(*BACKWARD_INPUT)
-def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
+def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     """Cache-free training backward: the batch statistics and both gradient sums from one read
     of x and dy (memory order), then dx."""
     outer, channels, inner = x.shape
-    n = outer * inner
     rb, nb, cg, ng = grid(x, tune)
-    k = shifts(x)
+    k = np.empty(channels)
+    shifts(x, k)
     part = np.empty((nb, channels, 4))
     for t in prange(nb * ng):
         b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
@@ -455,5 +380,6 @@ def backward_input(x, dy, gamma, eps, dgamma, dbeta, dx, tune):
     s = np.empty((4, channels))
     combine(part, s)
     stats = np.empty((STATS_ROWS, channels))
-    input_channels(k, s[0], s[1], s[2], s[3], n, eps, gamma, stats)
-    gradient_phase(x, dy, stats, 0, 0.0, s[2], s[3], n, dgamma, dbeta, dx, tune)
+    input_channels(k, s, params[P_COUNT], gamma, params, stats, np.int64(0), channels)
+    relu, thr = params[P_RELU] != 0.0, params[P_THR]  # off: variables, not literals
+    gradient_phase(x, dy, stats, relu, thr, s[2:], params[P_COUNT], dgamma, dbeta, dx, tune)

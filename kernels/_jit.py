@@ -266,13 +266,6 @@ def parallel_kernel(*kinds: str, returns: bool = False):
     return wrap
 
 
-def phase(func):
-    """Decorator for a ``prange`` loop that several kernels share. Inlined into each caller at
-    Numba-IR level (``inline="always"``), so its ``prange`` runs in parallel inside a parallel
-    kernel and as a plain loop inside the serial twin (checked: 1.95x on 2 threads)."""
-    return numba.njit(inline="always", **JIT_OPTIONS)(func)
-
-
 def step(func):
     """Decorator for a mid-level helper (a task body: a tile's reduction, epilogue and write;
     one task of a grid) that one or two kernels call: inlined at Numba-IR level, so it is not

@@ -82,7 +82,6 @@ from ._jit import (
     WIDE_LANES,
     helper,
     parallel_kernel,
-    phase,
     step,
 )
 from .common import (
@@ -633,54 +632,14 @@ def input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta):
     tile_gradient(x2, g2, d2, inner, l0, l1, m, sc, b, relu, thr, coef)
 
 
-# --- Phases shared by the kernels (prange loops, inlined into each kernel).
-
-
-@phase
-def sums_phase(x, k, sums, tune):
-    """The two-pass route's reduction: per-channel shifts (into k) and shifted sums (into rows
-    0 and 1 of ``sums``), from per-block, per-lane partials combined in a fixed order."""
-    outer, channels, inner = x.shape
-    rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
-    x2 = x.reshape(rows, lanes)
-    channel_shifts(x2, inner, k)
-    p = np.empty((2, nrb, lanes))
-    for task in prange(nt * nrb):
-        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-        block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
-    partials_per_channel(p[0], p[1], inner, sums)
-
-
-@phase
-def write_phase(x, stats, relu, thr, y, tune):
-    """``y = activation((x - mean) * scale + shift)`` per channel, over the task grid."""
-    outer, channels, inner = x.shape
-    rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
-    x2 = x.reshape(rows, lanes)
-    y2 = y.reshape(rows, lanes)
-    for task in prange(nt * nrb):
-        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-        write_task(x2, y2, inner, stats, relu, thr, r0, r1, l0, l1)
-
-
-@phase
-def gradient_phase(x, dy, stats, relu, thr, sums, n, dgamma, dbeta, dx, tune):
-    """The training gradient from its sums over n values: the per-channel coefficients and
-    dgamma, dbeta (``gradient_channels``), then dx over the task grid."""
-    outer, channels, inner = x.shape
-    coef = np.empty((3, channels))
-    zero = np.int64(0)
-    gradient_channels(sums, zero, n, stats, zero, channels, coef, dgamma, dbeta)
-    rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
-    x2 = x.reshape(rows, lanes)
-    g2 = dy.reshape(rows, lanes)
-    d2 = dx.reshape(rows, lanes)
-    for task in prange(nt * nrb):
-        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-        gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1)
-
-
-# --- Kernels: one per operation, its mode a parameter (``_jit.P_MODE``).
+# --- Kernels: one per operation, its mode a parameter (``_jit.P_MODE``). Each has at most two
+# parallel regions (``prange`` loops): one over the tasks that reduce (a fused tile, or a row
+# block of a tile on the two-pass route), one over the tasks that write after the per-channel
+# epilogue (two-pass route, inference). Numba outlines and compiles every parallel region on
+# its own; with the routes' and phases' loops separate (up to four per kernel) the parallel
+# kernels took 68 of 90 s of compiling every operation on both dtypes (now 58 s in all). The
+# task count is a named variable: ``prange(a if b else c)`` loads ``prange`` into a phi node,
+# which numba then does not recognize, and the loop silently runs serially.
 
 
 @parallel_kernel(*MOMENTS, returns=True)
@@ -690,19 +649,28 @@ def moments(x, mean, var, tune):
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     n = np.float64(outer * inner)
-    if nrb == 1:
-        x2 = x.reshape(rows, lanes)
-        for t in prange(nt):
-            l0, l1 = t * tile, min(lanes, (t + 1) * tile)
+    x2 = x.reshape(rows, lanes)
+    fused = nrb == 1
+    k = np.empty(0 if fused else channels)
+    p = np.empty((2, 0 if fused else nrb, lanes))
+    if not fused:
+        channel_shifts(x2, inner, k)
+    tasks = (
+        nt if fused else nt * nrb
+    )
+    for task in prange(tasks):
+        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+        if fused:
             c0, c1 = span_channels(l0, l1, inner, channels)
-            k = np.empty(c1 - c0)
-            s = np.empty((2, c1 - c0))
-            sums_tile(x2, inner, l0, l1, k, s)
-            moments_channels(k, s[0], s[1], n, mean[c0:c1], var[c0:c1])
-    else:
-        k = np.empty(channels)
+            kt = np.empty(c1 - c0)
+            st = np.empty((2, c1 - c0))
+            sums_tile(x2, inner, l0, l1, kt, st)
+            moments_channels(kt, st[0], st[1], n, mean[c0:c1], var[c0:c1])
+        else:
+            block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
+    if not fused:
         sums = np.empty((2, channels))
-        sums_phase(x, k, sums, tune)
+        partials_per_channel(p[0], p[1], inner, sums)
         moments_channels(k, sums[0], sums[1], n, mean, var)
     bad = 0
     for c in range(channels):
@@ -722,29 +690,41 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     mode = params[P_MODE]
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
-    if mode == FORWARD_BATCH and nrb == 1:
-        x2 = x.reshape(rows, lanes)
-        y2 = y.reshape(rows, lanes)
-        for t in prange(nt):
-            l0, l1 = t * tile, min(lanes, (t + 1) * tile)
+    x2 = x.reshape(rows, lanes)
+    y2 = y.reshape(rows, lanes)
+    batch = mode == FORWARD_BATCH
+    fused = batch and nrb == 1
+    reduce = batch and not fused  # the two-pass route's partials
+    k = np.empty(channels if reduce else 0)
+    p = np.empty((2, nrb if reduce else 0, lanes))
+    if reduce:
+        channel_shifts(x2, inner, k)
+    tasks = (
+        nt if fused else (nt * nrb if reduce else 0)
+    )
+    for task in prange(tasks):
+        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+        if fused:
             forward_tile(
                 x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats
             )
-    else:
-        if mode == FORWARD_BATCH:
-            k = np.empty(channels)
+        else:
+            block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
+    if not fused:
+        if reduce:
             sums = np.empty((2, channels))
-            sums_phase(x, k, sums, tune)
+            partials_per_channel(p[0], p[1], inner, sums)
             moments_channels(k, sums[0], sums[1], params[P_COUNT], stats[MEAN], stats[VAR])
         elif mode == FORWARD_RUNNING:
             running_channels(stats, running_mean, running_var)
-        finish_channels(
-            stats, np.int64(0), channels, gamma, beta, running_mean, running_var, params
-        )
-        write_phase(x, stats, relu, thr, y, tune)
+        zero = np.int64(0)
+        finish_channels(stats, zero, channels, gamma, beta, running_mean, running_var, params)
+        for task in prange(nt * nrb):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+            write_task(x2, y2, inner, stats, relu, thr, r0, r1, l0, l1)
     if mode == FORWARD_RUNNING:
         return 0
-    bad = count_bad(stats) if mode == FORWARD_BATCH else 0
+    bad = count_bad(stats) if batch else 0
     if bad == 0:
         update_running(stats, params, running_mean, running_var)
     return bad
@@ -765,45 +745,51 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     x2 = x.reshape(rows, lanes)
     g2 = dy.reshape(rows, lanes)
     d2 = dx.reshape(rows, lanes)
-    if mode == BACKWARD_TRAIN and nrb == 1:
-        for t in prange(nt):
-            l0, l1 = t * tile, min(lanes, (t + 1) * tile)
-            backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, dbeta)
-    elif mode == BACKWARD_FROZEN and nrb == 1:
-        for t in prange(nt):
-            l0, l1 = t * tile, min(lanes, (t + 1) * tile)
+    frozen = mode == BACKWARD_FROZEN
+    fused = nrb == 1 and (mode == BACKWARD_TRAIN or frozen)
+    reduce = not fused and mode != BACKWARD_GIVEN  # the two-pass route's partials
+    p = np.empty((2, nrb if reduce else 0, lanes))
+    tasks = (
+        nt if fused else (nt * nrb if reduce else 0)
+    )
+    for task in prange(tasks):
+        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+        b = task // nt
+        if fused and frozen:
             frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, sums, dgamma, dbeta)
-    else:  # the two-pass route (partials), or given sums: the whole array's sums
+        elif fused:
+            backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, dbeta)
+        elif frozen:
+            frozen_task(
+                x2,
+                g2,
+                d2,
+                inner,
+                stats,
+                relu,
+                thr,
+                r0,
+                r1,
+                l0,
+                l1,
+                p[0, b, l0:l1],
+                p[1, b, l0:l1],
+            )
+        else:
+            gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b)
+    if not fused:
         s = sums if sums.shape[1] > 0 else np.empty((2, channels))
         zero = np.int64(0)
-        if mode != BACKWARD_GIVEN:
-            p = np.empty((2, nrb, lanes))
-            for task in prange(nt * nrb):
-                r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-                b = task // nt
-                if mode == BACKWARD_FROZEN:
-                    frozen_task(
-                        x2,
-                        g2,
-                        d2,
-                        inner,
-                        stats,
-                        relu,
-                        thr,
-                        r0,
-                        r1,
-                        l0,
-                        l1,
-                        p[0, b, l0:l1],
-                        p[1, b, l0:l1],
-                    )
-                else:
-                    gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b)
+        if reduce:
             partials_per_channel(p[0], p[1], inner, s)
-        if mode == BACKWARD_FROZEN:
+        if frozen:
             parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
         elif mode != BACKWARD_SUMS:
-            gradient_phase(x, dy, stats, relu, thr, s, n, dgamma, dbeta, dx, tune)
+            coef = np.empty((3, channels))
+            gradient_channels(s, zero, n, stats, zero, channels, coef, dgamma, dbeta)
+            for task in prange(nt * nrb):
+                r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+                gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1)
 
 
 @parallel_kernel(*BACKWARD_INPUT)
@@ -816,17 +802,21 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     x2 = x.reshape(rows, lanes)
     g2 = dy.reshape(rows, lanes)
     d2 = dx.reshape(rows, lanes)
-    if nrb == 1:
-        for t in prange(nt):
-            l0, l1 = t * tile, min(lanes, (t + 1) * tile)
-            input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta)
-    else:
-        k = np.empty(channels)
+    relu, thr = params[P_RELU] != 0.0, params[P_THR]  # off: variables, not literals
+    fused = nrb == 1
+    k = np.empty(0 if fused else channels)
+    p = np.empty((4, 0 if fused else nrb, lanes))
+    if not fused:
         channel_shifts(x2, inner, k)
-        p = np.empty((4, nrb, lanes))
-        for task in prange(nt * nrb):
-            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-            b = task // nt
+    tasks = (
+        nt if fused else nt * nrb
+    )
+    for task in prange(tasks):
+        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+        b = task // nt
+        if fused:
+            input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta)
+        else:
             input_sums(
                 x2,
                 g2,
@@ -840,11 +830,16 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
                 p[2, b, l0:l1],
                 p[3, b, l0:l1],
             )
+    if not fused:
         s = np.empty((4, channels))
         partials_per_channel(p[0], p[1], inner, s[0:2])
         partials_per_channel(p[2], p[3], inner, s[2:4])
         stats = np.empty((STATS_ROWS, channels))
         zero = np.int64(0)
-        input_channels(k, s, params[P_COUNT], gamma, params, stats, zero, channels)
-        relu, thr = params[P_RELU] != 0.0, params[P_THR]  # off (see input_tile)
-        gradient_phase(x, dy, stats, relu, thr, s[2:], params[P_COUNT], dgamma, dbeta, dx, tune)
+        n = params[P_COUNT]
+        input_channels(k, s, n, gamma, params, stats, zero, channels)
+        coef = np.empty((3, channels))
+        gradient_channels(s[2:], zero, n, stats, zero, channels, coef, dgamma, dbeta)
+        for task in prange(nt * nrb):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+            gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1)

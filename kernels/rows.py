@@ -46,7 +46,6 @@ from ._jit import (
     TUNE_FUSE,
     helper,
     parallel_kernel,
-    phase,
     step,
 )
 from .common import (
@@ -231,46 +230,9 @@ def channel_gradient_sums(x, dy, stats, relu, thr, c, sums):
     sums[1, c] = s2
 
 
-# --- Phases shared by the kernels (prange loops, inlined into each kernel).
-
-
-@phase
-def sums_phase(x, k, sums, tune):
-    """Per-channel shifts (into k) and shifted sums (into ``sums``) over the memory-order
-    grid."""
-    channels = x.shape[1]
-    rb, nb, cg, ng = grid(x, tune)
-    shifts(x, k)
-    part = np.empty((nb, channels, 2))
-    for t in prange(nb * ng):
-        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-        moment_task(x, k, o0, o1, c0, c1, part[b])
-    combine(part, sums)
-
-
-@phase
-def write_phase(x, stats, relu, thr, y, tune):
-    """``y = activation((x - mean) * scale + shift)`` per channel, in memory order."""
-    rb, nb, cg, ng = grid(x, tune)
-    for t in prange(nb * ng):
-        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-        write_task(x, stats, relu, thr, o0, o1, c0, c1, y)
-
-
-@phase
-def gradient_phase(x, dy, stats, relu, thr, sums, n, dgamma, dbeta, dx, tune):
-    """The training gradient from its sums over n values: the per-channel coefficients and
-    dgamma, dbeta (``gradient_channels``), then dx in memory order."""
-    coef = np.empty((3, x.shape[1]))
-    zero = np.int64(0)
-    gradient_channels(sums, zero, n, stats, zero, x.shape[1], coef, dgamma, dbeta)
-    rb, nb, cg, ng = grid(x, tune)
-    for t in prange(nb * ng):
-        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-        grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx)
-
-
-# --- Kernels: one per operation, its mode a parameter (``_jit.P_MODE``).
+# --- Kernels: one per operation, its mode a parameter (``_jit.P_MODE``); at most two parallel
+# regions each (see ``lanes``): the reduction's tasks (a fused channel, or a block of the
+# memory-order grid), then the write's.
 
 
 @parallel_kernel(*MOMENTS, returns=True)
@@ -278,9 +240,15 @@ def moments(x, mean, var, tune):
     """Per-channel mean and biased variance (float64); returns how many channels are not
     finite (the caller then runs ``common.rescue_moments``)."""
     channels = x.shape[1]
+    rb, nb, cg, ng = grid(x, tune)
     k = np.empty(channels)
+    shifts(x, k)
+    part = np.empty((nb, channels, 2))
+    for t in prange(nb * ng):
+        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+        moment_task(x, k, o0, o1, c0, c1, part[b])
     sums = np.empty((2, channels))
-    sums_phase(x, k, sums, tune)
+    combine(part, sums)
     moments_channels(k, sums[0], sums[1], np.float64(x.shape[0] * x.shape[2]), mean, var)
     bad = 0
     for c in range(channels):
@@ -296,11 +264,22 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     outer, channels, inner = x.shape
     mode = params[P_MODE]
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
+    rb, nb, cg, ng = grid(x, tune)
+    batch = mode == FORWARD_BATCH
+    fused_route = batch and fused(x, tune)
+    reduce = batch and not fused_route
     k = np.empty(channels)
-    sums = np.empty((2, channels))
-    if mode == FORWARD_BATCH and fused(x, tune):
+    if batch:
         shifts(x, k)
-        for c in prange(channels):
+    sums = np.empty((2, channels))
+    part = np.empty((nb if reduce else 0, channels, 2))
+    zero = np.int64(0)
+    tasks = (
+        channels if fused_route else (nb * ng if reduce else 0)
+    )
+    for t in prange(tasks):
+        if fused_route:
+            c = t
             channel_sums(x, c, k, sums)
             moments_channels(
                 k[c : c + 1],
@@ -311,20 +290,23 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
                 stats[VAR, c : c + 1],
             )
             finish_channels(stats, c, c + 1, gamma, beta, running_mean, running_var, params)
-            write_task(x, stats, relu, thr, np.int64(0), outer, c, c + 1, y)
-    else:
-        if mode == FORWARD_BATCH:
-            sums_phase(x, k, sums, tune)
+            write_task(x, stats, relu, thr, zero, outer, c, c + 1, y)
+        else:
+            b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+            moment_task(x, k, o0, o1, c0, c1, part[b])
+    if not fused_route:
+        if reduce:
+            combine(part, sums)
             moments_channels(k, sums[0], sums[1], params[P_COUNT], stats[MEAN], stats[VAR])
         elif mode == FORWARD_RUNNING:
             running_channels(stats, running_mean, running_var)
-        finish_channels(
-            stats, np.int64(0), channels, gamma, beta, running_mean, running_var, params
-        )
-        write_phase(x, stats, relu, thr, y, tune)
+        finish_channels(stats, zero, channels, gamma, beta, running_mean, running_var, params)
+        for t in prange(nb * ng):
+            b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+            write_task(x, stats, relu, thr, o0, o1, c0, c1, y)
     if mode == FORWARD_RUNNING:
         return 0
-    bad = count_bad(stats) if mode == FORWARD_BATCH else 0
+    bad = count_bad(stats) if batch else 0
     if bad == 0:
         update_running(stats, params, running_mean, running_var)
     return bad
@@ -337,32 +319,39 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     outer, channels, inner = x.shape
     mode = params[P_MODE]
     relu, thr, n = params[P_RELU] != 0.0, params[P_THR], params[P_COUNT]
+    rb, nb, cg, ng = grid(x, tune)
     s = sums if sums.shape[1] > 0 else np.empty((2, channels))  # rows: O(C) is <= x/16
     zero = np.int64(0)
-    if mode == BACKWARD_TRAIN and fused(x, tune):
-        coef = np.empty((3, channels))
-        for c in prange(channels):
+    frozen = mode == BACKWARD_FROZEN
+    fused_route = mode == BACKWARD_TRAIN and fused(x, tune)
+    reduce = not fused_route and mode != BACKWARD_GIVEN
+    coef = np.empty((3, channels))
+    part = np.empty((nb if reduce else 0, channels, 2))
+    tasks = (
+        channels if fused_route else (nb * ng if reduce else 0)
+    )
+    for t in prange(tasks):
+        if fused_route:
+            c = t
             channel_gradient_sums(x, dy, stats, relu, thr, c, s)
             gradient_channels(s, c, n, stats, c, c + 1, coef, dgamma, dbeta)
             grad_input_task(x, dy, stats, relu, thr, coef, zero, outer, c, c + 1, dx)
-    elif mode == BACKWARD_FROZEN:
-        rb, nb, cg, ng = grid(x, tune)
-        part = np.empty((nb, channels, 2))
-        for t in prange(nb * ng):
+        else:
             b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-            frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part[b])
-        combine(part, s)
-        parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
-    else:
-        if mode != BACKWARD_GIVEN:
-            rb, nb, cg, ng = grid(x, tune)
-            part = np.empty((nb, channels, 2))
+            if frozen:
+                frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part[b])
+            else:
+                gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
+    if not fused_route:
+        if reduce:
+            combine(part, s)
+        if frozen:
+            parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
+        elif mode != BACKWARD_SUMS:
+            gradient_channels(s, zero, n, stats, zero, channels, coef, dgamma, dbeta)
             for t in prange(nb * ng):
                 b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-                gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
-            combine(part, s)
-        if mode != BACKWARD_SUMS:
-            gradient_phase(x, dy, stats, relu, thr, s, n, dgamma, dbeta, dx, tune)
+                grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx)
 
 
 @parallel_kernel(*BACKWARD_INPUT)
@@ -380,6 +369,12 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     s = np.empty((4, channels))
     combine(part, s)
     stats = np.empty((STATS_ROWS, channels))
-    input_channels(k, s, params[P_COUNT], gamma, params, stats, np.int64(0), channels)
+    zero = np.int64(0)
+    n = params[P_COUNT]
+    input_channels(k, s, n, gamma, params, stats, zero, channels)
+    coef = np.empty((3, channels))
+    gradient_channels(s[2:], zero, n, stats, zero, channels, coef, dgamma, dbeta)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]  # off: variables, not literals
-    gradient_phase(x, dy, stats, relu, thr, s[2:], params[P_COUNT], dgamma, dbeta, dx, tune)
+    for t in prange(nb * ng):
+        b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+        grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx)

@@ -162,3 +162,30 @@ def test_main_job_measures_checks_and_reports(tmp_path):
     pytest.importorskip("matplotlib")
     main_job.plot(records, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_every_prange_loop_runs_in_parallel(tmp_path):
+    """Each ``prange`` loop of every parallel kernel becomes a parallel region: numba silently
+    runs one serially when it does not recognize it (``prange(a if b else c)`` did that). In a
+    fresh cache, so that numba compiles (its diagnostics are not cached)."""
+    code = """
+import inspect, re, numpy as np
+from bnfast.kernels import FAMILIES, KERNELS
+from bnfast.kernels._jit import compile_declared
+for fam in FAMILIES.values():
+    for name in KERNELS:
+        d = getattr(fam, name)
+        compile_declared(d, np.dtype(np.float32))
+        loops = len(re.findall(r"in prange\\(", inspect.getsource(d.py_func)))
+        found = len(next(iter(d.overloads.values())).metadata["parfor_diagnostics"].initial_parfors)
+        print(fam.__name__, name, loops, found)
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "BNFAST_QUIET": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 0, r.stderr
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert len(lines) == 8, r.stdout
+    for family, name, loops, found in lines:
+        assert int(loops) >= 1 and loops == found, (family, name, loops, found)

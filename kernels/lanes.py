@@ -655,9 +655,7 @@ def moments(x, mean, var, tune):
     p = np.empty((2, 0 if fused else nrb, lanes))
     if not fused:
         channel_shifts(x2, inner, k)
-    tasks = (
-        nt if fused else nt * nrb
-    )
+    tasks = nt if fused else nt * nrb
     for task in prange(tasks):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
         if fused:
@@ -699,9 +697,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     p = np.empty((2, nrb if reduce else 0, lanes))
     if reduce:
         channel_shifts(x2, inner, k)
-    tasks = (
-        nt if fused else (nt * nrb if reduce else 0)
-    )
+    tasks = nt if fused else (nt * nrb if reduce else 0)
     for task in prange(tasks):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
         if fused:
@@ -749,9 +745,7 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     fused = nrb == 1 and (mode == BACKWARD_TRAIN or frozen)
     reduce = not fused and mode != BACKWARD_GIVEN  # the two-pass route's partials
     p = np.empty((2, nrb if reduce else 0, lanes))
-    tasks = (
-        nt if fused else (nt * nrb if reduce else 0)
-    )
+    tasks = nt if fused else (nt * nrb if reduce else 0)
     for task in prange(tasks):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
         b = task // nt
@@ -808,9 +802,7 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     p = np.empty((4, 0 if fused else nrb, lanes))
     if not fused:
         channel_shifts(x2, inner, k)
-    tasks = (
-        nt if fused else nt * nrb
-    )
+    tasks = nt if fused else nt * nrb
     for task in prange(tasks):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
         b = task // nt

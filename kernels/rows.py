@@ -274,9 +274,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     sums = np.empty((2, channels))
     part = np.empty((nb if reduce else 0, channels, 2))
     zero = np.int64(0)
-    tasks = (
-        channels if fused_route else (nb * ng if reduce else 0)
-    )
+    tasks = channels if fused_route else (nb * ng if reduce else 0)
     for t in prange(tasks):
         if fused_route:
             c = t
@@ -327,9 +325,7 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     reduce = not fused_route and mode != BACKWARD_GIVEN
     coef = np.empty((3, channels))
     part = np.empty((nb if reduce else 0, channels, 2))
-    tasks = (
-        channels if fused_route else (nb * ng if reduce else 0)
-    )
+    tasks = channels if fused_route else (nb * ng if reduce else 0)
     for t in prange(tasks):
         if fused_route:
             c = t

@@ -94,6 +94,30 @@ GRID = (
 STEP_SHAPES = ((32, 64), (64, 256))  # the layer-step targets of issue 7 (PyTorch BatchNorm1d)
 
 
+# The batch-norm family's options, by name: one registry for the tests (every variant x every
+# route x both dtypes against the reference, tests/test_matrix.py and test_family.py) and the
+# family benchmarks. ``virtual_batch_size`` is given as a number of groups (``"ghost"``: the
+# batch split in 4), since the size depends on the batch.
+VARIANTS: dict[str, dict] = {
+    "plain": {},
+    "relu": dict(activation="relu"),
+    "renorm": dict(renorm=(1.5, 0.5)),
+    "renorm+relu": dict(renorm=(1.2, 0.1), activation="relu"),
+    "biased running var": dict(unbiased=False),
+    "ghost": dict(groups=4),
+    "ghost+relu+renorm": dict(groups=4, activation="relu", renorm=(2.0, 1.0)),
+}
+
+
+def variant_kwargs(name: str, batch: int) -> dict:
+    """``forward``'s keyword arguments of variant ``name`` for a batch of ``batch`` samples."""
+    kwargs = dict(VARIANTS[name])
+    groups = kwargs.pop("groups", None)
+    if groups is not None:
+        kwargs["virtual_batch_size"] = batch // groups
+    return kwargs
+
+
 def make_inputs(case: Case, seed: int = 0) -> dict:
     """Random data for a case: x (mean 3, spread 2), dy, gamma, beta, running stats."""
     rng = np.random.default_rng(seed)

@@ -39,6 +39,7 @@ from ._jit import (
     helper,
     kernel,
     reduction,
+    shared,
 )
 
 # Rows of the float64 (8, C) statistics block a forward call writes (the cache keeps it): the
@@ -77,7 +78,7 @@ def clip(v, lo, hi):
     return lo if v < lo else (hi if v > hi else v)
 
 
-@helper
+@shared
 def finish_channels(stats, c0, c1, gamma, beta, running_mean, running_var, params):
     """Channels c0:c1, from their MEAN and VAR rows: INVSTD, GAMMA, R, D, SCALE and SHIFT.
     Batch Renormalization (Ioffe 2017) when ``params[P_RMAX] > 0``, against the running
@@ -147,7 +148,7 @@ def count_bad(stats):
     return bad
 
 
-@helper
+@shared
 def update_running(stats, params, running_mean, running_var):
     """The running averages from the MEAN and VAR rows (PyTorch's rule: weight ``momentum`` for
     the batch; the variance unbiased, ``var * n / (n - 1)``, when ``params[P_UNBIASED]``, else
@@ -217,7 +218,7 @@ def gradient_channels(s, so, n, stats, c0, c1, coef, dgamma, dbeta):
     parameter_gradients(s, so, stats, c0, c1, dgamma, dbeta)
 
 
-@helper
+@shared
 def parameter_gradients(s, so, stats, c0, c1, dgamma, dbeta):
     """dgamma and dbeta of channels c0:c1 from the two sums (channel c0 at index ``so`` of
     ``s``), rounded into their arrays (any dtype: float64 ones give a virtual batch's

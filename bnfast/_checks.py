@@ -342,13 +342,11 @@ class Layout:
         return v if v.flags.c_contiguous else np.ascontiguousarray(v)
 
     def is_view(self, a: np.ndarray) -> bool:
-        """Is :meth:`view3` of ``a`` a view (no copy)? Shape and strides decide it."""
-        return self._views(a.strides)
-
-    def _views(self, strides: tuple) -> bool:
-        view = _VIEWS.get((self, strides))
-        if view is None:
-            probe = np.lib.stride_tricks.as_strided(np.empty(1, np.uint8), self.shape, strides)
+        """Is :meth:`view3` of ``a`` a view (no copy)? Its strides and itemsize decide it."""
+        key = (self, a.strides, a.itemsize)
+        view = _VIEWS.get(key)
+        if view is None:  # a probe with a's strides over one element: reshape reads no memory
+            probe = np.lib.stride_tricks.as_strided(np.empty(1, a.dtype), self.shape, a.strides)
             v = probe.transpose(self.order) if self.transposed else probe
             try:
                 view = v.reshape(self.canon, copy=False).flags.c_contiguous
@@ -356,7 +354,7 @@ class Layout:
                 view = False
             if len(_VIEWS) >= 1024:
                 _VIEWS.clear()
-            _VIEWS[(self, strides)] = view
+            _VIEWS[key] = view
         return view
 
     def output(self, out: np.ndarray | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:

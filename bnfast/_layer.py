@@ -514,14 +514,8 @@ class BatchNorm:
         dx, dx3 = self._planned_output("dx", p, cache.x, dy)
         relu = cache.activation == "relu"
         mode = BACKWARD_TRAIN if cache.training else BACKWARD_FROZEN
-        block = _BACKWARD_BLOCKS.get((mode, relu, x3.dtype, layout.count))
-        if block is None:
-            if len(_BACKWARD_BLOCKS) >= 256:
-                _BACKWARD_BLOCKS.clear()
-            thr = RELU_THRESHOLD[x3.dtype] if relu else 0.0
-            block = params(mode, 0.0, 0.0, 0, 0.0, 0.0, float(relu), thr, layout.count)
-            block.flags.writeable = False
-            _BACKWARD_BLOCKS[(mode, relu, x3.dtype, layout.count)] = block
+        thr = RELU_THRESHOLD[x3.dtype] if relu else 0.0
+        block = params(mode, 0.0, 0.0, 0, 0.0, 0.0, float(relu), thr, layout.count)
         run_backward(x3, dy3, cache.stats, block, NO_SUMS, self._rows[4], self._rows[5], dx3)
         return dx
 
@@ -675,7 +669,7 @@ class _Plan:
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)
-            p.block = params(
+            p.block = params(  # a copy: the plan sets P_MOMENTUM per call (momentum=None)
                 FORWARD_BATCH,
                 bn.eps,
                 0.0,
@@ -685,7 +679,7 @@ class _Plan:
                 float(relu),
                 thr,
                 cache.layout.count,
-            )
+            ).copy()
         else:
             p.block = params(
                 FORWARD_RUNNING,
@@ -699,7 +693,3 @@ class _Plan:
                 cache.layout.count,
             )
         return p
-
-
-# the backward kernel's parameter blocks (read-only), per (mode, relu, dtype, count)
-_BACKWARD_BLOCKS: dict = {}

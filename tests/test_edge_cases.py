@@ -213,3 +213,22 @@ def test_parameters_used_in_x_precision(pdtype):
     rtol = 4 * np.finfo(pdtype).eps + 32 * np.finfo(np.float64).eps  # + float64 sums
     np.testing.assert_allclose(rm, (0.1 * m).astype(pdtype), rtol=rtol)
     np.testing.assert_allclose(rv, (0.9 + 0.1 * v * 10 / 9).astype(pdtype), rtol=rtol)
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "permuted", "strided", "reversed", "readonly"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((6, 5), 1), ((4, 5, 6), 1), ((3, 4, 5, 6), -1)])
+def test_the_cache_keeps_a_view_exactly_when_there_is_one(shape, axis, dtype, layout):
+    """``Layout.is_view`` (from strides and itemsize, memoized) agrees with ``view3``: the cache
+    keeps x's canonical view when it is a view of x, and nothing when it would be a copy."""
+    from _strategies import lay_out
+
+    from bnfast import _checks as chk
+
+    x = lay_out(np.random.default_rng(0).normal(size=shape).astype(dtype), layout, axis=0)
+    layout3 = chk.Layout.of(x, axis % x.ndim)
+    v = layout3.view3(x)
+    assert v.flags.c_contiguous
+    assert layout3.is_view(x) == np.may_share_memory(v, x), (shape, axis, layout, x.strides)
+    cache = bnfast.forward(x, axis=axis)[1]
+    assert (cache.view is not None) == layout3.is_view(x)

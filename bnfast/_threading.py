@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import numba
 import numpy as np
+from numba.core.compiler_lock import global_compiler_lock
 
 from . import kernels
 from ._machine import SERIAL_BELOW, TUNE, with_threads
@@ -77,21 +78,40 @@ _thread_safe_layer = False  # True once a parallel call ran under tbb or omp
 _launch = threading.Lock()  # held while a parallel kernel runs under an unsafe/unknown layer
 
 
+# Compilation across fork: a thread that is compiling holds bnfast's compile lock and numba's
+# global compiler lock; a child forked meanwhile inherits them held by a thread it does not
+# have, and its first compilation waits forever. So fork takes both (in the order compilation
+# does) and releases them on both sides: it waits for a compilation in progress, and the
+# child starts with free locks and no half-built compiler state (tests/test_parallel.py).
+_NUMBA_COMPILER_LOCK = global_compiler_lock
+
+
 def _before_fork() -> None:
     global _layer_at_fork
     try:
         _layer_at_fork = numba.threading_layer()
     except ValueError:  # no parallel region ran yet: the child may start any layer afresh
         _layer_at_fork = None
+    _jit._COMPILE.acquire()
+    _NUMBA_COMPILER_LOCK.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _NUMBA_COMPILER_LOCK.release()
+    _jit._COMPILE.release()
 
 
 def _after_fork_in_child() -> None:
     global _serial_only, _launch
     _serial_only = _serial_only or _layer_at_fork == "omp"
     _launch = threading.Lock()  # a lock held by another thread at fork time stays held
+    _NUMBA_COMPILER_LOCK.release()  # held by this (the forking) thread: see above
+    _jit._COMPILE.release()
 
 
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
 
 
 class _Guarded:

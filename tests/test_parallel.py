@@ -251,3 +251,46 @@ def test_four_threads_under_the_workqueue_layer(tmp_path):
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
     layer, n_errors, first = r.stdout.split(maxsplit=2)
     assert layer == "workqueue" and n_errors == "0", r.stdout
+
+
+FORK_DURING_COMPILE_SCRIPT = textwrap.dedent("""
+    import os, threading, time, numpy as np, bnfast
+    from bnfast.kernels import _jit
+    from numba.core.compiler_lock import global_compiler_lock
+    x = np.random.default_rng(0).normal(size=(64, 8))
+    bnfast.forward(x.astype(np.float32))  # float32 compiled; float64 not yet
+    held = threading.Event()
+    def compiling(lock):  # a thread in the middle of a compilation, holding the lock
+        with lock:
+            held.set()
+            time.sleep(1.0)
+    for lock in (_jit._COMPILE, global_compiler_lock):
+        held.clear()
+        t = threading.Thread(target=compiling, args=(lock,))
+        t.start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:  # the child compiles the float64 kernels: it must not wait forever
+            y, _ = bnfast.forward(x)
+            os._exit(0 if np.isfinite(y).all() else 3)
+        _, status = os.waitpid(pid, 0)
+        t.join()
+        print(os.waitstatus_to_exitcode(status))
+""")
+
+
+def test_fork_while_another_thread_compiles(tmp_path):
+    """A child forked while another thread holds the compile locks (a compilation in
+    progress) compiles its own kernels: fork waits for the compilation and the child starts
+    with free locks (it used to wait forever on a lock held by a thread it does not have)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "BNFAST_QUIET": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", FORK_DURING_COMPILE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0"], r.stdout + r.stderr

@@ -57,6 +57,17 @@ for c in (64, 1024):
             median_us(lambda s=sums: _sync.global_sums(comm, s)),
         )
     )
+raw = {}
+for c in (256, 1024):  # two plain sums of the sizes a synchronized step sends (the bar)
+    fwd, bwd = np.zeros(3 * (c + 4)), np.zeros(2 * c)
+    raw[c] = median_us(
+        lambda f=fwd, b=bwd: (
+            comm.Allreduce(MPI.IN_PLACE, f, op=MPI.SUM),
+            comm.Allreduce(MPI.IN_PLACE, b, op=MPI.SUM),
+        )
+    )
+    rows.append((f"two raw sums of {3 * (c + 4)} and {2 * c} doubles (C={c})", raw[c]))
+steps = {}
 for n, c in ((32, 256), (128, 1024)):
     rng = np.random.default_rng(rank)
     x = rng.normal(size=(n, c)).astype(np.float32)
@@ -65,12 +76,10 @@ for n, c in ((32, 256), (128, 1024)):
         ("unsynchronized", bnfast.BatchNorm(c)),
         ("comm=", bnfast.BatchNorm(c, comm=comm)),
     ):
-        rows.append(
-            (
-                f"layer step {n}x{c} float32 per rank, {label}",
-                median_us(lambda bn=layer, x=x, dy=dy: (bn(x), bn.backward(dy))),
-            )
-        )
+        steps[(n, c, label)] = median_us(lambda bn=layer, x=x, dy=dy: (bn(x), bn.backward(dy)))
+        rows.append((f"layer step {n}x{c} float32 per rank, {label}", steps[(n, c, label)]))
+    bar = 1.2 * (steps[(n, c, "unsynchronized")] + raw[c])
+    rows.append(("  target for comm=: 1.2 x (unsynchronized + raw sums)", bar))
 
 if rank == 0:
     print(

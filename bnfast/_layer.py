@@ -27,6 +27,8 @@ from ._core import (
     BatchNormCache,
     _activation,
     _after_write,
+    _backward_synced,
+    _forward_synced,
     _renorm,
     backward,
     forward,
@@ -394,6 +396,7 @@ class BatchNorm:
             self.renorm,
             self.virtual_batch_size,
             self.unbiased,
+            self.comm,
         )
 
     def forward(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -449,7 +452,26 @@ class BatchNorm:
         stats = np.empty((STATS_ROWS, self.num_features))
         rows = self._rows
         block = p.block
-        if p.batch_stats:
+        total = 0
+        if p.comm is not None:  # synchronized: the global batch's statistics, one collective
+            rm, rv = (rows[2], rows[3]) if self.track_running_stats else (None, None)
+            stats, total = _forward_synced(
+                p.comm,
+                x,
+                layout,
+                y3,
+                p.gamma,
+                p.beta,
+                rm,
+                rv,
+                self._momentum(),
+                self.eps,
+                p.relu_thr,
+                self.unbiased,
+            )
+            if self.track_running_stats:
+                self.num_batches_tracked += 1
+        elif p.batch_stats:
             block[P_MOMENTUM] = self._momentum()  # changes with momentum=None
             rm, rv = (rows[2], rows[3]) if self.track_running_stats else (None, None)
             run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats)
@@ -465,6 +487,8 @@ class BatchNorm:
             layout=layout,
             view=x3 if p.view else None,
             activation=self.activation,
+            comm=p.comm,
+            total=total,
         )
         return y
 
@@ -477,7 +501,6 @@ class BatchNorm:
         if (
             out is None
             and not cache.parts
-            and cache.comm is None
             and type(dy) is np.ndarray
             and dy.shape == x.shape
             and dy.strides == x.strides
@@ -513,6 +536,10 @@ class BatchNorm:
         dy3 = dy.reshape(layout.canon) if p.reshapes else layout.view3(dy)
         dx, dx3 = self._planned_output("dx", p, cache.x, dy)
         relu = cache.activation == "relu"
+        if cache.comm is not None:  # synchronized: one collective of the two sums
+            relu_thr = (1.0, RELU_THRESHOLD[x3.dtype]) if relu else (0.0, 0.0)
+            _backward_synced(cache, dy3, relu_thr, self._rows[4], self._rows[5], dx3)
+            return dx
         mode = BACKWARD_TRAIN if cache.training else BACKWARD_FROZEN
         thr = RELU_THRESHOLD[x3.dtype] if relu else 0.0
         block = params(mode, 0.0, 0.0, 0, 0.0, 0.0, float(relu), thr, layout.count)
@@ -628,6 +655,8 @@ class _Plan:
         "gamma",
         "beta",
         "block",
+        "comm",
+        "relu_thr",
     )
     shape: tuple
     strides: tuple
@@ -640,13 +669,14 @@ class _Plan:
     gamma: np.ndarray
     beta: np.ndarray
     block: np.ndarray
+    comm: Any
+    relu_thr: tuple[float, float]
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
         """The plan for inputs like ``x``, or None where only the checked path applies."""
         if (
             type(x) is not np.ndarray
-            or bn.comm is not None
             or cache.parts
             or x.dtype is not bn.dtype
             or not bn._own_rows()
@@ -666,6 +696,8 @@ class _Plan:
         p.beta = bn._rows[1] if bn.center else chk.constant(0.0, c, bn.dtype)
         relu = bn.activation == "relu"
         thr = RELU_THRESHOLD[bn.dtype] if relu else 0.0
+        p.comm = bn.comm if bn.training else None  # eval: no collective
+        p.relu_thr = (1.0, thr) if relu else (0.0, 0.0)
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)

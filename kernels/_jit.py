@@ -278,6 +278,14 @@ def step(func):
     return numba.njit(inline="always", **JIT_OPTIONS)(func)
 
 
+def exact(func):
+    """Decorator for arithmetic that must be bitwise symmetric in its operands (the
+    synchronized forward's merge operator, ``common.merge_moments``): no ``contract``, since
+    a fused multiply-add rounds ``a*b + c*d`` differently from ``c*d + a*b``. Called from
+    Python (by mpi4py's reduction), so it keeps its Python entry point."""
+    return numba.njit(parallel=False, cache=True, nogil=True, error_model="numpy")(func)
+
+
 REDUCTION_FASTMATH = {"reassoc", "contract"}
 
 

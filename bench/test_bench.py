@@ -151,3 +151,16 @@ def test_bench_warm_start_first_training_step(benchmark, tmp_path):
     _step_seconds(tmp_path)  # fill the cache
     inner = benchmark.pedantic(lambda: _step_seconds(tmp_path), rounds=3, iterations=1)
     benchmark.extra_info["seconds from import numba"] = inner
+
+
+@pytest.mark.parametrize("impl", ["bnfast", "numpy"])
+@pytest.mark.parametrize("batch,hidden", cmp.STEP_CASES)
+def test_bench_mlp_step(benchmark, batch, hidden, impl):
+    """Batch norm inside a training step: a NumPy MLP 784-H-H-10 step (Linear -> BN -> ReLU
+    twice, forward and backward) with bnfast's layer or NumPy's BN; the BN+ReLU share of the
+    step is recorded (``python -m bnfast --step`` prints it as a table)."""
+    step = cmp.mlp_step(batch, hidden, impl)
+    step()
+    benchmark.group = f"MLP step batch {batch} H {hidden} float32"
+    total, bn = benchmark(step)
+    benchmark.extra_info["BN+ReLU share of the step"] = bn / total

@@ -264,6 +264,13 @@ def main(argv=None) -> int:
         default=0.2,
         help="seconds of interleaved timing per case (default 0.2)",
     )
+    p.add_argument(
+        "--step",
+        action="store_true",
+        help="batch norm inside a NumPy MLP training step (784-H-H-10, Linear -> BN -> ReLU "
+        "twice): step time and BN+ReLU share, bnfast's layer against NumPy's BN, per thread "
+        "count; nothing else",
+    )
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON records")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the ratios (needs matplotlib)")
     args = p.parse_args(argv)
@@ -279,6 +286,24 @@ def main(argv=None) -> int:
     if not set(ops) <= set(cmp.OPERATIONS):
         p.error(f"--ops takes some of {','.join(cmp.OPERATIONS)}, got {args.ops!r}")
 
+    if args.step:
+        print(f"bnfast on {_machine.describe()}")
+        print(
+            "NumPy MLP step 784-H-H-10 (Linear -> BN -> ReLU twice, softmax cross-entropy, "
+            "forward + backward, no update), float32; medians of interleaved steps; BN share = "
+            "time in BN+ReLU / step time (NumPy's matmuls use its BLAS threads throughout)"
+        )
+        head = f"{'threads':>7}{'batch':>7}{'H':>6}{'bnfast ms':>11}{'BN share':>10}"
+        print(head + f"{'NumPy BN ms':>13}{'BN share':>10}{'speed-up':>10}")
+        for n in threads:
+            numba.set_num_threads(n)
+            for r in cmp.step_table(n):
+                print(
+                    f"{n:>7}{r['batch']:>7}{r['hidden']:>6}{r['bnfast ms']:>11.3f}"
+                    f"{r['bnfast BN share']:>9.1%}{r['numpy ms']:>13.3f}{r['numpy BN share']:>9.1%}"
+                    f"{r['numpy ms'] / r['bnfast ms']:>9.2f}x"
+                )
+        return 0
     impls = cmp.available()
     versions = [f"numpy {np.__version__}", f"numba {numba.__version__}"]
     if "pytorch" in impls:

@@ -361,3 +361,116 @@ def interleaved_ms(
             samples[name].append((time.perf_counter() - t) / k)
         rounds += 1
     return {name: 1e3 * statistics.median(v) for name, v in samples.items()}
+
+
+# --- Batch norm inside a training step (issue 16): a NumPy MLP 784-H-H-10, Linear -> BN -> ReLU
+# twice, softmax cross-entropy, forward and backward, float32, the way a NumPy trainer runs it;
+# BN+ReLU through bnfast's layer (fused ReLU, reused buffers) or through plain NumPy.
+
+STEP_CASES = ((64, 256), (256, 1024), (1024, 1024))  # (batch, hidden)
+
+
+class _NumpyBNReLU:
+    """Batch norm and ReLU as a NumPy trainer writes them (float32 throughout)."""
+
+    def __init__(self, c: int, eps: float = EPS) -> None:
+        self.gamma = np.ones(c, np.float32)
+        self.beta = np.zeros(c, np.float32)
+        self.eps = eps
+
+    def forward(self, z):
+        mu = z.mean(axis=0)
+        self.inv = 1.0 / np.sqrt(z.var(axis=0) + self.eps)
+        self.xhat = (z - mu) * self.inv
+        y = self.gamma * self.xhat + self.beta
+        self.mask = y > 0
+        return y * self.mask
+
+    def backward(self, da):
+        dy = da * self.mask
+        n = dy.shape[0]
+        dbeta = dy.sum(axis=0)
+        dgamma = (dy * self.xhat).sum(axis=0)
+        return (self.gamma * self.inv / n) * (n * dy - dbeta - self.xhat * dgamma)
+
+
+class _BnfastBNReLU:
+    def __init__(self, c: int) -> None:
+        from ._layer import BatchNorm
+
+        self.bn = BatchNorm(c, activation="relu", reuse_buffers=True)
+
+    def forward(self, z):
+        return self.bn(z)
+
+    def backward(self, da):
+        return self.bn.backward(da)
+
+
+def mlp_step(batch: int, hidden: int, impl: str, seed: int = 0) -> Callable[[], tuple]:
+    """One training step of the MLP (forward, loss gradient, backward, no update): a callable
+    returning ``(step seconds, BN+ReLU seconds)`` of that step."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    x = rng.standard_normal((batch, 784)).astype(f32)
+    labels = rng.integers(0, 10, batch)
+    w1 = (rng.standard_normal((784, hidden)) * 0.05).astype(f32)
+    w2 = (rng.standard_normal((hidden, hidden)) * 0.05).astype(f32)
+    w3 = (rng.standard_normal((hidden, 10)) * 0.05).astype(f32)
+    make = _BnfastBNReLU if impl == "bnfast" else _NumpyBNReLU
+    bn1, bn2 = make(hidden), make(hidden)
+    clock = time.perf_counter
+
+    def step() -> tuple:
+        t0 = clock()
+        z1 = x @ w1
+        t = clock()
+        a1 = bn1.forward(z1)
+        bn_time = clock() - t
+        z2 = a1 @ w2
+        t = clock()
+        a2 = bn2.forward(z2)
+        bn_time += clock() - t
+        logits = a2 @ w3
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        p[np.arange(batch), labels] -= 1.0
+        g = p / batch
+        dw3 = a2.T @ g
+        da2 = g @ w3.T
+        t = clock()
+        dz2 = bn2.backward(da2)
+        bn_time += clock() - t
+        dw2 = a1.T @ dz2
+        da1 = dz2 @ w2.T
+        t = clock()
+        dz1 = bn1.backward(da1)
+        bn_time += clock() - t
+        dw1 = x.T @ dz1
+        del dw1, dw2, dw3
+        return clock() - t0, bn_time
+
+    return step
+
+
+def step_table(threads: int, rounds: int = 60) -> list[dict]:
+    """Median step time and BN+ReLU share of the MLP step, bnfast and NumPy, per case;
+    ``rounds`` steps of each, interleaved one by one."""
+    out = []
+    for batch, hidden in STEP_CASES:
+        steps = {name: mlp_step(batch, hidden, name) for name in ("bnfast", "numpy")}
+        samples: dict = {name: [] for name in steps}
+        for _ in range(5):  # warm-up (compilation, buffers)
+            for fn in steps.values():
+                fn()
+        for _ in range(rounds):
+            for name, fn in steps.items():
+                samples[name].append(fn())
+        row = dict(batch=batch, hidden=hidden, threads=threads)
+        for name, s in samples.items():
+            total = statistics.median(t for t, _ in s)
+            share = statistics.median(b / t for t, b in s)
+            row[f"{name} ms"] = 1e3 * total
+            row[f"{name} BN share"] = share
+        out.append(row)
+    return out

@@ -559,9 +559,10 @@ def run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats) ->
         stats[...] = np.nan
         return
     rm, rv = _running_for_kernel(running_mean, running_var, dtype)
-    bad = _threading.kernels_for(x3).forward(
-        x3, gamma, beta, rm, rv, block, stats, y3, _threading.tune(x3)
-    )
+    tune = _threading.tune(x3)
+    bad = _threading.kernels_for(x3).forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
+    if bad < 0:  # the fused-only small twin's routes do not apply
+        bad = _threading.fallback(x3).forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad:
         _threading.rescue(x3, gamma, beta, rm, rv, block, stats, y3)
     if rm is not running_mean and running_mean is not None and block[P_MODE] != FORWARD_RUNNING:
@@ -804,9 +805,10 @@ def run_backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3) -> None:
         dbeta[...] = 0.0
         sums[...] = 0.0  # (nothing when NO_SUMS)
         return
-    _threading.kernels_for(x3).backward(
-        x3, dy3, stats, block, sums, dgamma, dbeta, dx3, _threading.tune(x3)
-    )
+    tune = _threading.tune(x3)
+    if _threading.kernels_for(x3).backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune):
+        # -1: the fused-only small twin's route does not apply
+        _threading.fallback(x3).backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune)
 
 
 def _backward_synced(

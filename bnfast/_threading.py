@@ -67,8 +67,18 @@ def _family(module, serial: bool) -> SimpleNamespace:
     )
 
 
+def _small_family(module) -> SimpleNamespace:
+    """The serial kernels, with the fused-only ``.small`` twins for forward and backward (see
+    ``kernels._jit.ALL_ROUTES``); a kernel returning -1 is rerun by :func:`fallback`'s."""
+    family = _family(module, True)
+    family.forward = Launcher(module.forward.small)
+    family.backward = Launcher(module.backward.small)
+    return family
+
+
 _PARALLEL = {name: _family(kernels.FAMILIES[name], False) for name in ("rows", "lanes")}
 _SERIAL = {name: _family(kernels.FAMILIES[name], True) for name in ("rows", "lanes")}
+_SMALL = {name: _small_family(kernels.FAMILIES[name]) for name in ("rows", "lanes")}
 rescue = Launcher(kernels.rescue)  # the cold kernels (serial), run when a kernel returns bad > 0
 rescue_moments = Launcher(kernels.rescue_moments)
 
@@ -145,9 +155,12 @@ def _serial(nbytes: int) -> bool:
 
 
 def family(rows: bool, nbytes: int):
-    """The kernels of a C-contiguous call: the rows or lanes family, serial or parallel."""
+    """The kernels of a C-contiguous call: the rows or lanes family, parallel, serial, or (below
+    the serial threshold) the serial family with its fused-only forward and backward."""
     name = "rows" if rows else "lanes"
-    if _serial(nbytes):
+    if nbytes < SERIAL_BELOW:
+        return _SMALL[name]
+    if _serial_only:
         return _SERIAL[name]
     if _thread_safe_layer:
         return _PARALLEL[name]
@@ -165,3 +178,8 @@ def tune(x: np.ndarray) -> np.ndarray:
 def kernels_for(x3: np.ndarray):
     """The family's kernels for a call on the C-contiguous canonical (outer, C, inner) x3."""
     return family(x3.shape[2] >= ROWS_MIN, x3.nbytes)
+
+
+def fallback(x3: np.ndarray):
+    """The general serial kernels, for a call the ``.small`` twin returned -1 for."""
+    return _SERIAL["rows" if x3.shape[2] >= ROWS_MIN else "lanes"]

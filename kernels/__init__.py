@@ -47,13 +47,16 @@ RESCUE = (rescue, rescue_moments)
 
 
 def compile_all() -> int:
-    """Compile (or load from the cache) every declared signature of every kernel, serial twins
-    and the rescue kernels included; returns how many. Kernels otherwise compile on first use."""
+    """Compile (or load from the cache) every declared signature of every kernel, serial and
+    small twins and the rescue kernels included; returns how many. Kernels otherwise compile
+    on first use."""
     count = 0
     for family in FAMILIES.values():
         for name in KERNELS:
             dispatcher = getattr(family, name)
             count += compile_declared(dispatcher) + compile_declared(dispatcher.serial)
+            if hasattr(dispatcher, "small"):
+                count += compile_declared(dispatcher.small)
     for dispatcher in RESCUE:
         count += compile_declared(dispatcher)
     return count

@@ -57,6 +57,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import (
+    ALL_ROUTES,
     BACKWARD,
     BACKWARD_FROZEN,
     BACKWARD_GIVEN,
@@ -66,6 +67,7 @@ from ._jit import (
     BLOCK_ROWS_MIN,
     FORWARD,
     FORWARD_BATCH,
+    FORWARD_GIVEN,
     FORWARD_RUNNING,
     FUSE_LANES_MIN,
     FUSE_TASKS_PER_THREAD,
@@ -676,14 +678,15 @@ def moments(x, mean, var, tune):
     return bad
 
 
-@parallel_kernel(*FORWARD, returns=True)
+@parallel_kernel(*FORWARD, returns=True, small=True)
 def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     """The forward of every mode: batch statistics (then the running averages, when running
     arrays of length C are given), running statistics, or given MEAN and VAR rows (then the
     running averages over ``params[P_COUNT]`` values); the statistics block, and y with the
     fused activation. Fused per tile when batch statistics are asked for and a strip of every
     row fits ``TUNE_STRIP``. Returns how many channels' batch statistics are not finite: then
-    nothing updated the running averages and the caller runs ``common.rescue``."""
+    nothing updated the running averages and the caller runs ``common.rescue`` (-1 from the
+    ``.small`` twin where its routes do not apply: see ``_jit.ALL_ROUTES``)."""
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     mode = params[P_MODE]
@@ -693,10 +696,13 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     batch = mode == FORWARD_BATCH
     fused = batch and nrb == 1
     reduce = batch and not fused  # the two-pass route's partials
+    if not ALL_ROUTES and (reduce or mode == FORWARD_GIVEN):
+        return -1
     k = np.empty(channels if reduce else 0)
     p = np.empty((2, nrb if reduce else 0, lanes))
-    if reduce:
-        channel_shifts(x2, inner, k)
+    if ALL_ROUTES:
+        if reduce:
+            channel_shifts(x2, inner, k)
     tasks = nt if fused else (nt * nrb if reduce else 0)
     for task in prange(tasks):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
@@ -704,15 +710,16 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
             forward_tile(
                 x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats
             )
-        else:
+        elif ALL_ROUTES:
             block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
     if not fused:
-        if reduce:
-            sums = np.empty((2, channels))
-            partials_per_channel(p[0], p[1], inner, sums)
-            moments_channels(k, sums[0], sums[1], params[P_COUNT], stats[MEAN], stats[VAR])
-        elif mode == FORWARD_RUNNING:
+        if mode == FORWARD_RUNNING:
             running_channels(stats, running_mean, running_var)
+        elif ALL_ROUTES:
+            if reduce:
+                sums = np.empty((2, channels))
+                partials_per_channel(p[0], p[1], inner, sums)
+                moments_channels(k, sums[0], sums[1], params[P_COUNT], stats[MEAN], stats[VAR])
         zero = np.int64(0)
         finish_channels(stats, zero, channels, gamma, beta, running_mean, running_var, params)
         for task in prange(nt * nrb):
@@ -726,14 +733,15 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     return bad
 
 
-@parallel_kernel(*BACKWARD)
+@parallel_kernel(*BACKWARD, returns=True, small=True)
 def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     """The backward of every mode: the training gradient, the frozen-statistics gradient
     ``dx = scale * dy`` (one pass), the two sums alone (into ``sums``, for a synchronized
     backward), or dx, dgamma and dbeta from the given ``sums`` over ``params[P_COUNT]`` values.
     dy is behind the activation's mask, recomputed from x and the block. ``sums`` (2, C)
     receives the two sums in the training and frozen modes too; (2, 0) when not wanted (then
-    the fused route needs only its tiles' own buffers)."""
+    the fused route needs only its tiles' own buffers). Returns 0 (-1 from the ``.small``
+    twin where its route does not apply)."""
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     mode = params[P_MODE]
@@ -743,47 +751,52 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     d2 = dx.reshape(rows, lanes)
     frozen = mode == BACKWARD_FROZEN
     fused = nrb == 1 and (mode == BACKWARD_TRAIN or frozen)
+    if not ALL_ROUTES and (frozen or not fused):
+        return -1
     reduce = not fused and mode != BACKWARD_GIVEN  # the two-pass route's partials
     p = np.empty((2, nrb if reduce else 0, lanes))
     tasks = nt if fused else (nt * nrb if reduce else 0)
     for task in prange(tasks):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
         b = task // nt
-        if fused and frozen:
-            frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, sums, dgamma, dbeta)
-        elif fused:
+        if fused and not frozen:
             backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, dbeta)
-        elif frozen:
-            frozen_task(
-                x2,
-                g2,
-                d2,
-                inner,
-                stats,
-                relu,
-                thr,
-                r0,
-                r1,
-                l0,
-                l1,
-                p[0, b, l0:l1],
-                p[1, b, l0:l1],
-            )
-        else:
-            gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b)
-    if not fused:
-        s = sums if sums.shape[1] > 0 else np.empty((2, channels))
-        zero = np.int64(0)
-        if reduce:
-            partials_per_channel(p[0], p[1], inner, s)
-        if frozen:
-            parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
-        elif mode != BACKWARD_SUMS:
-            coef = np.empty((3, channels))
-            gradient_channels(s, zero, n, stats, zero, channels, coef, dgamma, dbeta)
-            for task in prange(nt * nrb):
-                r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-                gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1)
+        elif ALL_ROUTES:
+            if fused:
+                frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, sums, dgamma, dbeta)
+            elif frozen:
+                frozen_task(
+                    x2,
+                    g2,
+                    d2,
+                    inner,
+                    stats,
+                    relu,
+                    thr,
+                    r0,
+                    r1,
+                    l0,
+                    l1,
+                    p[0, b, l0:l1],
+                    p[1, b, l0:l1],
+                )
+            else:
+                gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b)
+    if ALL_ROUTES:
+        if not fused:
+            s = sums if sums.shape[1] > 0 else np.empty((2, channels))
+            zero = np.int64(0)
+            if reduce:
+                partials_per_channel(p[0], p[1], inner, s)
+            if frozen:
+                parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
+            elif mode != BACKWARD_SUMS:
+                coef = np.empty((3, channels))
+                gradient_channels(s, zero, n, stats, zero, channels, coef, dgamma, dbeta)
+                for task in prange(nt * nrb):
+                    r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+                    gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1)
+    return 0
 
 
 @parallel_kernel(*BACKWARD_INPUT)

@@ -27,6 +27,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import (
+    ALL_ROUTES,
     BACKWARD,
     BACKWARD_FROZEN,
     BACKWARD_GIVEN,
@@ -35,6 +36,7 @@ from ._jit import (
     BACKWARD_TRAIN,
     FORWARD,
     FORWARD_BATCH,
+    FORWARD_GIVEN,
     FORWARD_RUNNING,
     MIN_TASKS,
     MOMENTS,
@@ -256,7 +258,7 @@ def moments(x, mean, var, tune):
     return bad
 
 
-@parallel_kernel(*FORWARD, returns=True)
+@parallel_kernel(*FORWARD, returns=True, small=True)
 def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     """The forward of every mode (see ``lanes.forward``); with :func:`fused` shapes and batch
     statistics each channel is one task (its rows summed in order, then normalized from
@@ -268,6 +270,8 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     batch = mode == FORWARD_BATCH
     fused_route = batch and fused(x, tune)
     reduce = batch and not fused_route
+    if not ALL_ROUTES and (reduce or mode == FORWARD_GIVEN):
+        return -1
     k = np.empty(channels)
     if batch:
         shifts(x, k)
@@ -289,15 +293,16 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
             )
             finish_channels(stats, c, c + 1, gamma, beta, running_mean, running_var, params)
             write_task(x, stats, relu, thr, zero, outer, c, c + 1, y)
-        else:
+        elif ALL_ROUTES:
             b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
             moment_task(x, k, o0, o1, c0, c1, part[b])
     if not fused_route:
-        if reduce:
-            combine(part, sums)
-            moments_channels(k, sums[0], sums[1], params[P_COUNT], stats[MEAN], stats[VAR])
-        elif mode == FORWARD_RUNNING:
+        if mode == FORWARD_RUNNING:
             running_channels(stats, running_mean, running_var)
+        elif ALL_ROUTES:
+            if reduce:
+                combine(part, sums)
+                moments_channels(k, sums[0], sums[1], params[P_COUNT], stats[MEAN], stats[VAR])
         finish_channels(stats, zero, channels, gamma, beta, running_mean, running_var, params)
         for t in prange(nb * ng):
             b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
@@ -310,7 +315,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     return bad
 
 
-@parallel_kernel(*BACKWARD)
+@parallel_kernel(*BACKWARD, returns=True, small=True)
 def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     """The backward of every mode (see ``lanes.backward``); per channel from cache when
     :func:`fused` and training."""
@@ -318,10 +323,12 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     mode = params[P_MODE]
     relu, thr, n = params[P_RELU] != 0.0, params[P_THR], params[P_COUNT]
     rb, nb, cg, ng = grid(x, tune)
-    s = sums if sums.shape[1] > 0 else np.empty((2, channels))  # rows: O(C) is <= x/16
-    zero = np.int64(0)
     frozen = mode == BACKWARD_FROZEN
     fused_route = mode == BACKWARD_TRAIN and fused(x, tune)
+    if not ALL_ROUTES and not fused_route:
+        return -1
+    s = sums if sums.shape[1] > 0 else np.empty((2, channels))  # rows: O(C) is <= x/16
+    zero = np.int64(0)
     reduce = not fused_route and mode != BACKWARD_GIVEN
     coef = np.empty((3, channels))
     part = np.empty((nb if reduce else 0, channels, 2))
@@ -332,22 +339,24 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
             channel_gradient_sums(x, dy, stats, relu, thr, c, s)
             gradient_channels(s, c, n, stats, c, c + 1, coef, dgamma, dbeta)
             grad_input_task(x, dy, stats, relu, thr, coef, zero, outer, c, c + 1, dx)
-        else:
+        elif ALL_ROUTES:
             b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
             if frozen:
                 frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part[b])
             else:
                 gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
-    if not fused_route:
-        if reduce:
-            combine(part, s)
-        if frozen:
-            parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
-        elif mode != BACKWARD_SUMS:
-            gradient_channels(s, zero, n, stats, zero, channels, coef, dgamma, dbeta)
-            for t in prange(nb * ng):
-                b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-                grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx)
+    if ALL_ROUTES:
+        if not fused_route:
+            if reduce:
+                combine(part, s)
+            if frozen:
+                parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
+            elif mode != BACKWARD_SUMS:
+                gradient_channels(s, zero, n, stats, zero, channels, coef, dgamma, dbeta)
+                for t in prange(nb * ng):
+                    b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+                    grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx)
+    return 0
 
 
 @parallel_kernel(*BACKWARD_INPUT)

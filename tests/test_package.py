@@ -69,12 +69,18 @@ def test_declared_signatures_compile():
     for name, family in kernels.FAMILIES.items():
         for k in kernels.KERNELS:
             dispatcher = getattr(family, k)
-            for d in (dispatcher, dispatcher.serial):
+            for d in (dispatcher, dispatcher.serial, getattr(dispatcher, "small", dispatcher)):
                 assert {str(sig.args[0].dtype) for sig in d.declared} == {"float32", "float64"}
                 assert {sig.args[0].layout for sig in d.declared} == {"C"}, (name, k)
     for d in kernels.RESCUE:
         assert {str(sig.args[0].dtype) for sig in d.declared} == {"float32", "float64"}
-    n = len(kernels.FAMILIES) * len(kernels.KERNELS) * 2 * 2 + len(kernels.RESCUE) * 2
+    twins = sum(
+        3 if hasattr(getattr(family, k), "small") else 2
+        for family in kernels.FAMILIES.values()
+        for k in kernels.KERNELS
+    )
+    assert twins == 2 * (4 * 2 + 2)  # forward and backward have a fused-only small twin
+    n = twins * 2 + len(kernels.RESCUE) * 2
     assert kernels.compile_all() == n
 
 
@@ -100,10 +106,8 @@ def test_calls_use_the_declared_types():
             bnfast.backward_from_input(np.ones_like(v), v, axis=axis)
     for family in ("rows", "lanes"):
         for k in kernels.KERNELS:
-            for d in (
-                getattr(kernels.FAMILIES[family], k),
-                getattr(kernels.FAMILIES[family], k).serial,
-            ):
+            dispatcher = getattr(kernels.FAMILIES[family], k)
+            for d in (dispatcher, dispatcher.serial, getattr(dispatcher, "small", dispatcher)):
                 extra = set(d.signatures) - {tuple(s.args) for s in d.declared}
                 assert not extra, (family, k, extra)
 

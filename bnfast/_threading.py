@@ -5,8 +5,11 @@
   guarantees (``_checks.Layout.view3``: a view, or one copy).
 - Parallel or serial: the serial twin of a parallel kernel is the same code, so both give
   bitwise identical results; serial is used below ``_machine.SERIAL_BELOW`` bytes of x
-  (launching the thread pool costs more than it saves there) and in a forked child whose parent
-  had started numba's GNU OpenMP pool (not fork-safe: numba aborts such a child).
+  (launching the thread pool costs more than it saves there; there forward and backward run
+  their fused-only ``.small`` twins, again the same code, falling back to the serial twin
+  where those return -1) and in a forked child whose parent had started numba's GNU OpenMP
+  pool (not fork-safe: numba aborts such a child).
+- Fork during compilation: see ``_before_fork``.
 - Threads: numba's TBB and OpenMP layers are thread-safe; its ``workqueue`` layer (a host with
   neither) is not: two Python threads launching parallel kernels at once abort the process. Until
   a parallel call has shown a thread-safe layer, and for good under ``workqueue``, one thread

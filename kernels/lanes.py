@@ -658,16 +658,17 @@ def moments(x, mean, var, tune):
     if not fused:
         channel_shifts(x2, inner, k)
     tasks = nt if fused else nt * nrb
-    for task in prange(tasks):
-        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-        if fused:
-            c0, c1 = span_channels(l0, l1, inner, channels)
-            kt = np.empty(c1 - c0)
-            st = np.empty((2, c1 - c0))
-            sums_tile(x2, inner, l0, l1, kt, st)
-            moments_channels(kt, st[0], st[1], n, mean[c0:c1], var[c0:c1])
-        else:
-            block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
+    if tasks > 0:  # an empty parallel region still wakes the thread pool
+        for task in prange(tasks):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+            if fused:
+                c0, c1 = span_channels(l0, l1, inner, channels)
+                kt = np.empty(c1 - c0)
+                st = np.empty((2, c1 - c0))
+                sums_tile(x2, inner, l0, l1, kt, st)
+                moments_channels(kt, st[0], st[1], n, mean[c0:c1], var[c0:c1])
+            else:
+                block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
     if not fused:
         sums = np.empty((2, channels))
         partials_per_channel(p[0], p[1], inner, sums)
@@ -704,14 +705,15 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
         if reduce:
             channel_shifts(x2, inner, k)
     tasks = nt if fused else (nt * nrb if reduce else 0)
-    for task in prange(tasks):
-        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-        if fused:
-            forward_tile(
-                x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats
-            )
-        elif ALL_ROUTES:
-            block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
+    if tasks > 0:  # an empty parallel region still wakes the thread pool
+        for task in prange(tasks):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+            if fused:
+                forward_tile(
+                    x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats
+                )
+            elif ALL_ROUTES:
+                block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
     if not fused:
         if mode == FORWARD_RUNNING:
             running_channels(stats, running_mean, running_var)
@@ -756,32 +758,33 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     reduce = not fused and mode != BACKWARD_GIVEN  # the two-pass route's partials
     p = np.empty((2, nrb if reduce else 0, lanes))
     tasks = nt if fused else (nt * nrb if reduce else 0)
-    for task in prange(tasks):
-        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-        b = task // nt
-        if fused and not frozen:
-            backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, dbeta)
-        elif ALL_ROUTES:
-            if fused:
-                frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, sums, dgamma, dbeta)
-            elif frozen:
-                frozen_task(
-                    x2,
-                    g2,
-                    d2,
-                    inner,
-                    stats,
-                    relu,
-                    thr,
-                    r0,
-                    r1,
-                    l0,
-                    l1,
-                    p[0, b, l0:l1],
-                    p[1, b, l0:l1],
-                )
-            else:
-                gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b)
+    if tasks > 0:  # an empty parallel region still wakes the thread pool
+        for task in prange(tasks):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+            b = task // nt
+            if fused and not frozen:
+                backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, dbeta)
+            elif ALL_ROUTES:
+                if fused:
+                    frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, sums, dgamma, dbeta)
+                elif frozen:
+                    frozen_task(
+                        x2,
+                        g2,
+                        d2,
+                        inner,
+                        stats,
+                        relu,
+                        thr,
+                        r0,
+                        r1,
+                        l0,
+                        l1,
+                        p[0, b, l0:l1],
+                        p[1, b, l0:l1],
+                    )
+                else:
+                    gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b)
     if ALL_ROUTES:
         if not fused:
             s = sums if sums.shape[1] > 0 else np.empty((2, channels))
@@ -816,25 +819,26 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     if not fused:
         channel_shifts(x2, inner, k)
     tasks = nt if fused else nt * nrb
-    for task in prange(tasks):
-        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-        b = task // nt
-        if fused:
-            input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta)
-        else:
-            input_sums(
-                x2,
-                g2,
-                expand(k, inner, l0 // inner, l1 - l0),
-                r0,
-                r1,
-                l0,
-                l1,
-                p[0, b, l0:l1],
-                p[1, b, l0:l1],
-                p[2, b, l0:l1],
-                p[3, b, l0:l1],
-            )
+    if tasks > 0:  # an empty parallel region still wakes the thread pool
+        for task in prange(tasks):
+            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+            b = task // nt
+            if fused:
+                input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta)
+            else:
+                input_sums(
+                    x2,
+                    g2,
+                    expand(k, inner, l0 // inner, l1 - l0),
+                    r0,
+                    r1,
+                    l0,
+                    l1,
+                    p[0, b, l0:l1],
+                    p[1, b, l0:l1],
+                    p[2, b, l0:l1],
+                    p[3, b, l0:l1],
+                )
     if not fused:
         s = np.empty((4, channels))
         partials_per_channel(p[0], p[1], inner, s[0:2])

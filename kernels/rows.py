@@ -279,23 +279,24 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     part = np.empty((nb if reduce else 0, channels, 2))
     zero = np.int64(0)
     tasks = channels if fused_route else (nb * ng if reduce else 0)
-    for t in prange(tasks):
-        if fused_route:
-            c = t
-            channel_sums(x, c, k, sums)
-            moments_channels(
-                k[c : c + 1],
-                sums[0, c : c + 1],
-                sums[1, c : c + 1],
-                params[P_COUNT],
-                stats[MEAN, c : c + 1],
-                stats[VAR, c : c + 1],
-            )
-            finish_channels(stats, c, c + 1, gamma, beta, running_mean, running_var, params)
-            write_task(x, stats, relu, thr, zero, outer, c, c + 1, y)
-        elif ALL_ROUTES:
-            b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-            moment_task(x, k, o0, o1, c0, c1, part[b])
+    if tasks > 0:  # an empty parallel region still wakes the thread pool
+        for t in prange(tasks):
+            if fused_route:
+                c = t
+                channel_sums(x, c, k, sums)
+                moments_channels(
+                    k[c : c + 1],
+                    sums[0, c : c + 1],
+                    sums[1, c : c + 1],
+                    params[P_COUNT],
+                    stats[MEAN, c : c + 1],
+                    stats[VAR, c : c + 1],
+                )
+                finish_channels(stats, c, c + 1, gamma, beta, running_mean, running_var, params)
+                write_task(x, stats, relu, thr, zero, outer, c, c + 1, y)
+            elif ALL_ROUTES:
+                b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+                moment_task(x, k, o0, o1, c0, c1, part[b])
     if not fused_route:
         if mode == FORWARD_RUNNING:
             running_channels(stats, running_mean, running_var)
@@ -333,18 +334,19 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     coef = np.empty((3, channels))
     part = np.empty((nb if reduce else 0, channels, 2))
     tasks = channels if fused_route else (nb * ng if reduce else 0)
-    for t in prange(tasks):
-        if fused_route:
-            c = t
-            channel_gradient_sums(x, dy, stats, relu, thr, c, s)
-            gradient_channels(s, c, n, stats, c, c + 1, coef, dgamma, dbeta)
-            grad_input_task(x, dy, stats, relu, thr, coef, zero, outer, c, c + 1, dx)
-        elif ALL_ROUTES:
-            b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-            if frozen:
-                frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part[b])
-            else:
-                gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
+    if tasks > 0:  # an empty parallel region still wakes the thread pool
+        for t in prange(tasks):
+            if fused_route:
+                c = t
+                channel_gradient_sums(x, dy, stats, relu, thr, c, s)
+                gradient_channels(s, c, n, stats, c, c + 1, coef, dgamma, dbeta)
+                grad_input_task(x, dy, stats, relu, thr, coef, zero, outer, c, c + 1, dx)
+            elif ALL_ROUTES:
+                b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
+                if frozen:
+                    frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part[b])
+                else:
+                    gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
     if ALL_ROUTES:
         if not fused_route:
             if reduce:

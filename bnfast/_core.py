@@ -58,7 +58,6 @@ RELU_THRESHOLD = {
     np.dtype(np.float32): float(np.finfo(np.float32).smallest_subnormal) / 2,
     np.dtype(np.float64): 0.0,
 }
-ACTIVATIONS = (None, "relu")
 
 
 class BatchNormCache(NamedTuple):

@@ -306,7 +306,8 @@ class BatchNorm:
     def _planned_output(self, kind: str, p: _Plan, *avoid: np.ndarray):
         """``(array, its canonical view)`` for a planned call to write: with ``reuse_buffers``
         the kept buffer of this kind while it has the plan's layout and overlaps none of
-        ``avoid`` (else a new one is kept), otherwise a fresh array laid out canonically."""
+        ``avoid`` (the first of which is x; else :meth:`_buffer` picks or makes one), otherwise a
+        fresh array laid out canonically."""
         layout = p.layout
         if self.reuse_buffers:
             kept = self._kept.get(kind)
@@ -316,15 +317,8 @@ class BatchNorm:
                 or kept[1].dtype != p.dtype
                 or any(np.may_share_memory(kept[1], a) for a in avoid)
             ):
-                buf = self._buffers.get(kind)  # the checked path's, if it fits
-                if (
-                    buf is None
-                    or buf.shape != p.shape
-                    or buf.dtype != p.dtype
-                    or chk.Layout.of(buf, layout.axis).order != layout.order
-                    or any(np.may_share_memory(buf, a) for a in avoid)
-                ):
-                    buf = self._buffers[kind] = layout.output(None, p.dtype)[0]
+                buf = self._buffer(kind, avoid[0], *avoid)  # the checked path's rule
+                assert buf is not None  # reuse_buffers, and x passed the plan's checks
                 kept = self._kept[kind] = (layout, buf, layout.view3(buf))
             return kept[1], kept[2]
         if layout.transposed:

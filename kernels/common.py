@@ -139,13 +139,12 @@ def running_channels(stats, running_mean, running_var):
 
 
 @helper
-def count_bad(stats):
-    """How many channels have a non-finite MEAN or VAR (a vectorized pass): a training forward
-    returns it, and the caller runs :func:`rescue` when it is not 0."""
-    means, variances = stats[MEAN], stats[VAR]
+def count_nonfinite(mean, var):
+    """How many channels have a non-finite mean or variance (a vectorized pass): a training
+    forward or moments kernel returns it, and the caller runs the rescue when it is not 0."""
     bad = 0
-    for c in range(means.shape[0]):
-        bad += not (np.isfinite(means[c]) and np.isfinite(variances[c]))
+    for c in range(mean.shape[0]):
+        bad += not (np.isfinite(mean[c]) and np.isfinite(var[c]))
     return bad
 
 

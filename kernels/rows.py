@@ -57,7 +57,7 @@ from .common import (
     STATS_ROWS,
     VAR,
     activate,
-    count_bad,
+    count_nonfinite,
     finish_channels,
     gradient_channels,
     input_channels,
@@ -252,10 +252,7 @@ def moments(x, mean, var, tune):
     sums = np.empty((2, channels))
     combine(part, sums)
     moments_channels(k, sums[0], sums[1], np.float64(x.shape[0] * x.shape[2]), mean, var)
-    bad = 0
-    for c in range(channels):
-        bad += not (np.isfinite(mean[c]) and np.isfinite(var[c]))
-    return bad
+    return count_nonfinite(mean, var)
 
 
 @parallel_kernel(*FORWARD, returns=True, small=True)
@@ -310,7 +307,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
             write_task(x, stats, relu, thr, o0, o1, c0, c1, y)
     if mode == FORWARD_RUNNING:
         return 0
-    bad = count_bad(stats) if batch else 0
+    bad = count_nonfinite(stats[MEAN], stats[VAR]) if batch else 0
     if bad == 0:
         update_running(stats, params, running_mean, running_var)
     return bad

@@ -109,3 +109,45 @@ def numeric_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
 @pytest.fixture(scope="session")
 def torch():
     return pytest.importorskip("torch")
+
+
+def _parts(x, dy, cache_ref):
+    """``(rows, x part, dy part, cache)`` of each virtual batch of a reference cache along axis
+    0 (the whole batch when there are none)."""
+    if "parts" not in cache_ref:
+        return [(slice(None), x, dy, cache_ref)]
+    return [
+        (slice(s, e), x[s:e], None if dy is None else dy[s:e], c) for s, e, c in cache_ref["parts"]
+    ]
+
+
+def forward_bound(x, axis, cache_ref) -> np.ndarray:
+    """Per-element tolerance for y (x's shape): each virtual batch's rows bounded by its own
+    statistics (a constant part has invstd 1/sqrt(eps): its bound is its own, not the batch's)."""
+    shape_c = [1] * x.ndim
+    shape_c[axis % x.ndim] = x.shape[axis]
+    out = np.empty(x.shape)
+    for rows, xp, _, c in _parts(x, None, cache_ref):
+        out[rows] = forward_tolerance(xp, axis, c).reshape(shape_c)
+    return out
+
+
+def backward_bounds(x, dy, axis, cache_ref):
+    """``(dx per element, dgamma per channel, dbeta per channel)`` tolerances: dx of each virtual
+    batch by its own statistics, dgamma and dbeta as the sum of the parts' bounds (they are sums
+    over the parts)."""
+    shape_c = [1] * x.ndim
+    shape_c[axis % x.ndim] = x.shape[axis]
+    dx = np.empty(x.shape)
+    dgamma = dbeta = 0.0
+    for rows, xp, dyp, c in _parts(x, dy, cache_ref):
+        tdx, tdg, tdb = backward_tolerance(xp, dyp, axis, c)
+        dx[rows] = tdx.reshape(shape_c)
+        dgamma, dbeta = dgamma + tdg, dbeta + tdb
+    return dx, dgamma, dbeta
+
+
+def assert_close_to_bound(got, want, bound, axis, what: str) -> None:
+    """:func:`assert_channels_close` with a per-element bound of x's shape (or per channel)."""
+    atol = bound if np.ndim(bound) == 1 else channels_last64(bound, axis)
+    assert_channels_close(got, want, atol, axis, what)

@@ -559,7 +559,8 @@ def run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats) ->
         return
     rm, rv = _running_for_kernel(running_mean, running_var, dtype)
     tune = _threading.tune(x3)
-    bad = _threading.kernels_for(x3).forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
+    kernels = _threading.kernels_for(x3, block[P_MODE] == FORWARD_GIVEN)
+    bad = kernels.forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad < 0:  # the fused-only small twin's routes do not apply
         bad = _threading.fallback(x3).forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad:
@@ -605,7 +606,7 @@ def _forward_synced(
     local = count > 0 and channels > 0
     x3 = layout.view3(x)
     mean, var = _moments64(x3) if local else (np.zeros(channels), np.zeros(channels))
-    total, mean, var = _sync.global_moments(comm, count, mean, var, dtype, eps, momentum)
+    total = _sync.global_moments(comm, count, mean, var, dtype, eps, momentum)
     if total == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got 1 over all ranks of "
@@ -805,7 +806,8 @@ def run_backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3) -> None:
         sums[...] = 0.0  # (nothing when NO_SUMS)
         return
     tune = _threading.tune(x3)
-    if _threading.kernels_for(x3).backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune):
+    kernels = _threading.kernels_for(x3, block[P_MODE] != BACKWARD_TRAIN)
+    if kernels.backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune):
         # -1: the fused-only small twin's route does not apply
         _threading.fallback(x3).backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune)
 

@@ -38,7 +38,7 @@ import sys
 
 import numpy as np
 
-from .kernels.common import merge_moments
+from .kernels.common import merge_moments, pack_moments, unpack_moments
 
 _DTYPE_CODE = {np.dtype(np.float32): 32.0, np.dtype(np.float64): 64.0}
 _CHECKS = 4  # rows after the channels: C, dtype, eps, momentum
@@ -109,27 +109,40 @@ def _allreduce(comm, send: np.ndarray, merged: bool) -> np.ndarray:
     return recv
 
 
-def global_moments(comm, count: int, mean, var, dtype, eps: float, momentum: float):
-    """``(total, mean, var)`` of the global batch (float64; var biased) from this rank's
-    ``count`` values per channel and their float64 ``mean`` and biased ``var``; one collective.
-    Raises ``ValueError`` on every rank when ranks disagree on C, dtype, eps or momentum."""
+def global_moments(comm, count: int, mean, var, dtype, eps: float, momentum: float) -> int:
+    """The global batch's count per channel; ``mean`` and ``var`` (this rank's float64 mean
+    and biased variance over its ``count`` values) are overwritten with the global batch's.
+    One collective. Raises ``ValueError`` on every rank when ranks disagree on C, dtype, eps
+    or momentum."""
     channels = len(mean)
-    msg = np.zeros((channels + _CHECKS, 3))
-    msg[:channels, 0] = count
-    if count:
-        msg[:channels, 1] = mean
-        msg[:channels, 2] = var * count
-    msg[channels:, 0] = 1.0
-    msg[channels:, 1] = (channels, _DTYPE_CODE[np.dtype(dtype)], eps, momentum)
-    out = _allreduce(comm, msg, merged=True)
-    if np.any(out[channels:, 2] != 0.0):
+    msg = np.empty((channels + _CHECKS, 3))
+    pack_moments(count, mean, var, _check_rows(channels, dtype, eps, momentum), msg)
+    total = unpack_moments(_allreduce(comm, msg, merged=True), mean, var)
+    if total < 0:
         raise ValueError(
             f"synchronized batch norm: the ranks of comm disagree on the channel count, dtype, "
             f"eps or momentum (this rank: C={channels}, {np.dtype(dtype).name}, eps={eps}, "
             f"momentum={momentum}); every rank must call with the same settings"
         )
-    total = int(out[0, 0]) if channels else 0
-    return total, out[:channels, 1].copy(), out[:channels, 2] / max(total, 1)
+    return total
+
+
+def _check_rows(channels: int, dtype, eps: float, momentum: float) -> np.ndarray:
+    """The message's check rows ``(1, value, 0)``: the channel count, the dtype, eps and
+    momentum (made once per setting: a trainer repeats the same few)."""
+    key = (channels, np.dtype(dtype), eps, momentum)
+    rows = _CHECK_ROWS.get(key)
+    if rows is None:
+        if len(_CHECK_ROWS) >= 64:
+            _CHECK_ROWS.clear()
+        rows = np.zeros((_CHECKS, 3))
+        rows[:, 0] = 1.0
+        rows[:, 1] = (channels, _DTYPE_CODE[np.dtype(dtype)], eps, momentum)
+        _CHECK_ROWS[key] = rows
+    return rows
+
+
+_CHECK_ROWS: dict = {}
 
 
 def global_sums(comm, sums: np.ndarray) -> np.ndarray:

@@ -178,9 +178,16 @@ def tune(x: np.ndarray) -> np.ndarray:
     return with_threads(numba.get_num_threads())
 
 
-def kernels_for(x3: np.ndarray):
-    """The family's kernels for a call on the C-contiguous canonical (outer, C, inner) x3."""
-    return family(x3.shape[2] >= ROWS_MIN, x3.nbytes)
+def kernels_for(x3: np.ndarray, general: bool = False):
+    """The family's kernels for a call on the C-contiguous canonical (outer, C, inner) x3;
+    ``general``: a mode the fused-only ``.small`` twins lack (a synchronized call's given
+    statistics or sums, the frozen backward), so a small call goes straight to the general
+    serial kernels instead of dispatching a twin that returns -1 (a dispatch is ~1 us: two
+    of them per synchronized forward and backward at 32x256)."""
+    rows = x3.shape[2] >= ROWS_MIN
+    if general and x3.nbytes < SERIAL_BELOW:
+        return _SERIAL["rows" if rows else "lanes"]
+    return family(rows, x3.nbytes)
 
 
 def fallback(x3: np.ndarray):

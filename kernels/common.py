@@ -272,6 +272,37 @@ def merge_moments(a, b):
         b[i, 0] = n
 
 
+@shared
+def pack_moments(count, mean, var, checks, msg):
+    """A synchronized forward's message: rows ``(count, mean, M2 = var * count)`` per channel
+    (all 0 from a rank without values), then the check rows (``bnfast._sync``). One call
+    instead of six NumPy assignments (4 us of a 10 us merge at C = 64)."""
+    channels = mean.shape[0]
+    for j in range(channels):
+        msg[j, 0] = count
+        msg[j, 1] = mean[j] if count > 0 else 0.0
+        msg[j, 2] = var[j] * count if count > 0 else 0.0
+    for i in range(checks.shape[0]):
+        for k in range(3):
+            msg[channels + i, k] = checks[i, k]
+
+
+@shared
+def unpack_moments(out, mean, var):
+    """The merged message into the global ``mean`` and biased ``var`` (M2 / count); returns
+    the global count, or -1 when a check row's M2 is not 0 (the ranks disagree)."""
+    channels = mean.shape[0]
+    for i in range(channels, out.shape[0]):
+        if out[i, 2] != 0.0:
+            return -1
+    total = out[0, 0] if channels > 0 else 0.0
+    n = total if total > 1.0 else 1.0
+    for j in range(channels):
+        mean[j] = out[j, 1]
+        var[j] = out[j, 2] / n
+    return np.int64(total)
+
+
 # --- The rescue of a channel whose shifted sums overflowed (float64 data beyond ~1e154: the
 # squares overflow; beyond ~9e307 the differences do). Cold path, a kernel of its own: a
 # training forward or moments kernel counts the non-finite channels once (a vectorized O(C)

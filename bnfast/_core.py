@@ -258,12 +258,12 @@ def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(x.dtype), var.astype(x.dtype)  # one rounding of the float64 results
 
 
-def _moments64(x3) -> tuple[np.ndarray, np.ndarray]:
+def _moments64(x3, mean=None, var=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance in float64 of a canonical view (the ``moments``
     kernel, then the rescue kernel if it reports overflowed channels; needs a value per
-    channel)."""
-    mean = np.empty(x3.shape[1])
-    var = np.empty(x3.shape[1])
+    channel), into ``mean`` and ``var`` when given (C-contiguous float64)."""
+    mean = np.empty(x3.shape[1]) if mean is None else mean
+    var = np.empty(x3.shape[1]) if var is None else var
     if x3.shape[1]:
         if _threading.kernels_for(x3).moments(x3, mean, var, _threading.tune(x3)):
             _threading.rescue_moments(x3, mean, var)
@@ -605,20 +605,20 @@ def _forward_synced(
     dtype, channels, count = x.dtype, layout.channels, layout.count
     local = count > 0 and channels > 0
     x3 = layout.view3(x)
-    mean, var = _moments64(x3) if local else (np.zeros(channels), np.zeros(channels))
+    stats = np.empty((STATS_ROWS, channels))
+    mean, var = stats[MEAN], stats[VAR]  # this rank's, then (in place) the global batch's
+    if local:
+        _moments64(x3, mean, var)
     total = _sync.global_moments(comm, count, mean, var, dtype, eps, momentum)
     if total == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got 1 over all ranks of "
             f"comm (this rank's input has shape {x.shape}, channel axis {layout.axis})"
         )
-    stats = np.empty((STATS_ROWS, channels))
     if total == 0 or channels == 0:
         stats[...] = np.nan
         return stats, total
     block = params(FORWARD_GIVEN, eps, momentum, unbiased, 0.0, 0.0, *relu_thr, total)
-    stats[MEAN] = mean
-    stats[VAR] = var
     if local:
         run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats)
     else:  # this rank holds no values: the block and the running averages only

@@ -332,15 +332,19 @@ def interleaved_ms(
     min_rounds: int = 3,
     max_rounds: int = 100,
     sample_s: float = 0.02,
+    settle_s: float = 0.015,
 ) -> dict:
     """Median ms per call of each callable, measured in interleaved rounds (one sample of each
     per round), so that a slow spell of a shared machine hits every implementation alike.
 
-    A sample is one untimed call, then enough timed calls to last about ``sample_s``. The
-    untimed call absorbs the switch from another implementation: PyTorch's OpenMP workers spin
-    for a while after each of its calls, and with one call per sample that made bnfast's
-    2-thread forward on (512, 1024) 28% slower (356 against 278 us alone) while PyTorch's own
-    time barely moved (229 against 221 us).
+    A sample is untimed calls for ``settle_s``, then enough timed calls to last about
+    ``sample_s``. The untimed calls absorb the switch from another implementation: PyTorch's
+    OpenMP (libgomp) workers keep spinning on the cores after its last call, and bnfast's
+    2-thread calls share those cores until they stop. Measured on Zen 5 (2 cores), bnfast's
+    2-thread inference on (512, 1024) right after PyTorch's calls: 85 us per call for the
+    first 8 ms, then 61 us; with a single untimed call per sample the grid reported 74-82 us
+    against 52 us alone, while PyTorch's own time did not move (bnfast's TBB workers stop
+    spinning within microseconds). Each implementation gets the same settling time.
     """
     repeats = {}
     for name, fn in fns.items():
@@ -354,7 +358,10 @@ def interleaved_ms(
     while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
         for name, fn in fns.items():
             k = repeats[name]
+            t = time.perf_counter()
             fn()
+            while time.perf_counter() - t < settle_s:
+                fn()
             t = time.perf_counter()
             for _ in range(k):
                 fn()

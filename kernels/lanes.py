@@ -162,6 +162,23 @@ def geometry(x, tune):
     strip = tile
     while narrow and strip > inner and rows * strip * x.itemsize > tune[TUNE_STRIP]:
         strip = max(inner, strip // 2 // inner * inner)
+    nbytes = rows * lanes * x.itemsize
+    if (
+        narrow
+        and strip == lanes < 2 * FUSE_LANES_MIN
+        and nbytes >= tune[TUNE_L2]
+        and nbytes <= tune[TUNE_STRIP]
+    ):
+        # One fused tile that threads could not split (a strip is halved only from 2 *
+        # FUSE_LANES_MIN lanes), larger than one core's L2 (so the fused tile's second read
+        # came from L3 anyway): the two-pass partition instead, at every thread count (the
+        # route must not depend on it: the sums' order would), its row blocks grouped like a
+        # fused tile's (``cached``: in cache that gains; streaming from memory it loses).
+        # Float32, Zen 5, medians of interleaved rounds, fused -> this (us): (2048, 256)
+        # forward 1 thread 130 -> 139, 2 threads 128 -> 76, backward 190 -> 198 / 192 -> 108;
+        # (8192, 64) forward 127 -> 130 / 129 -> 74, backward 215 -> 220 / 218 -> 116. Arrays
+        # of L2/2 to L2 (two blocks) gained nothing on two threads and lost 5-10% on one.
+        return rows, lanes, tile, nt, rb, nrb
     threads = tune[TUNE_THREADS]
     tasks = 1 if threads == 1 else FUSE_TASKS_PER_THREAD * threads
     while narrow and (lanes + strip - 1) // strip < tasks and strip >= 2 * FUSE_LANES_MIN:
@@ -218,14 +235,15 @@ def grouped(x2, r0, r1, l0, l1):
 
 
 @helper
-def moment_sums(x2, k, r0, r1, l0, l1, a1, a2):
-    """``a1[j], a2[j] = sum(x - k[j]), sum((x - k[j])**2)`` over rows r0:r1 of lane l0 + j."""
+def moment_sums(x2, k, r0, r1, l0, l1, a1, a2, cached):
+    """``a1[j], a2[j] = sum(x - k[j]), sum((x - k[j])**2)`` over rows r0:r1 of lane l0 + j;
+    a group of rows at a time where ``grouped`` says so or the whole array is ``cached``."""
     w = l1 - l0
     for j in range(w):
         a1[j] = 0.0
         a2[j] = 0.0
     r = r0
-    while grouped(x2, r0, r1, l0, l1) and r + 8 <= r1:
+    while (cached or grouped(x2, r0, r1, l0, l1)) and r + 8 <= r1:
         x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
         x4, x5, x6, x7 = x2[r + 4, l0:l1], x2[r + 5, l0:l1], x2[r + 6, l0:l1], x2[r + 7, l0:l1]
         for j in range(w):
@@ -247,7 +265,7 @@ def moment_sums(x2, k, r0, r1, l0, l1, a1, a2):
 
 
 @helper
-def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
+def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2, cached):
     """``a1[j], a2[j] = sum(dy), sum(dy * (x - m[j]))`` over rows r0:r1 of lane l0 + j, dy
     behind the activation's mask (``(x - m) * s + b`` recomputed from x); four rows at a time,
     as the moment sums (the accumulators loaded and stored once per four rows)."""
@@ -256,7 +274,7 @@ def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
         a1[j] = 0.0
         a2[j] = 0.0
     r = r0
-    while grouped(x2, r0, r1, l0, l1) and r + 4 <= r1:
+    while (cached or grouped(x2, r0, r1, l0, l1)) and r + 4 <= r1:
         x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
         g0, g1, g2_, g3 = g2[r, l0:l1], g2[r + 1, l0:l1], g2[r + 2, l0:l1], g2[r + 3, l0:l1]
         for j in range(w):
@@ -280,7 +298,7 @@ def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
 
 
 @helper
-def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4):
+def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4, cached):
     """The cache-free backward's one read of x and dy: per lane ``sum(x - k)``,
     ``sum((x - k)**2)``, ``sum(dy)``, ``sum(dy * (x - k))`` over rows r0:r1, four rows at a
     time (one row at a time, loading and storing four accumulators per element, made it slower
@@ -292,7 +310,7 @@ def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4):
         a3[j] = 0.0
         a4[j] = 0.0
     r = r0
-    while grouped(x2, r0, r1, l0, l1) and r + 4 <= r1:
+    while (cached or grouped(x2, r0, r1, l0, l1)) and r + 4 <= r1:
         x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
         g0, g1, g2_, g3 = g2[r, l0:l1], g2[r + 1, l0:l1], g2[r + 2, l0:l1], g2[r + 3, l0:l1]
         for j in range(w):
@@ -476,12 +494,12 @@ def channel_shifts(x2, inner, k):
 
 
 @step
-def block_sums_task(x2, inner, k, r0, r1, l0, l1, p, b):
+def block_sums_task(x2, inner, k, r0, r1, l0, l1, p, b, cached):
     """Per-lane shifted moment sums of a task's rows into the partials ``p[0, b]``, ``p[1, b]``."""
     w = l1 - l0
     a1 = np.empty(w)
     a2 = np.empty(w)
-    moment_sums(x2, expand(k, inner, l0 // inner, w), r0, r1, l0, l1, a1, a2)
+    moment_sums(x2, expand(k, inner, l0 // inner, w), r0, r1, l0, l1, a1, a2, cached)
     p0, p1 = p[0, b], p[1, b]
     for j in range(w):
         p0[l0 + j] = a1[j]
@@ -503,7 +521,10 @@ def sums_tile(x2, inner, l0, l1, k, s):
     w = l1 - l0
     a1 = np.empty(w)
     a2 = np.empty(w)
-    moment_sums(x2, expand(k, inner, np.int64(0), w), np.int64(0), x2.shape[0], l0, l1, a1, a2)
+    whole = np.bool_(False)  # a fused tile has every row: grouped anyway
+    moment_sums(
+        x2, expand(k, inner, np.int64(0), w), np.int64(0), x2.shape[0], l0, l1, a1, a2, whole
+    )
     fold_into(a1, inner, s[0])
     fold_into(a2, inner, s[1])
 
@@ -524,12 +545,12 @@ def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, 
 
 
 @step
-def gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b):
+def gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b, cached):
     w = l1 - l0
     m, s, c = coefficients(stats, inner, l0 // inner, w)
     a1 = np.empty(w)
     a2 = np.empty(w)
-    gradient_sums(x2, g2, m, s, c, relu, thr, r0, r1, l0, l1, a1, a2)
+    gradient_sums(x2, g2, m, s, c, relu, thr, r0, r1, l0, l1, a1, a2, cached)
     p0, p1 = p[0, b], p[1, b]
     for j in range(w):
         p0[l0 + j] = a1[j]
@@ -594,7 +615,8 @@ def backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, 
     m, s, b = coefficients(stats, inner, c0, w)
     a1 = np.empty(w)
     a2 = np.empty(w)
-    gradient_sums(x2, g2, m, s, b, relu, thr, np.int64(0), x2.shape[0], l0, l1, a1, a2)
+    whole = np.bool_(False)  # every row: grouped anyway
+    gradient_sums(x2, g2, m, s, b, relu, thr, np.int64(0), x2.shape[0], l0, l1, a1, a2, whole)
     t = np.empty((2, c1 - c0))
     fold_into(a1, inner, t[0])
     fold_into(a2, inner, t[1])
@@ -651,7 +673,9 @@ def input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta):
     for j in range(wc):
         k[j] = x2[0, l0 + j * inner]
     a = np.empty((4, w))
-    input_sums(x2, g2, expand(k, inner, zero, w), zero, x2.shape[0], l0, l1, a[0], a[1], a[2], a[3])
+    whole = np.bool_(False)  # every row: grouped anyway
+    ki = expand(k, inner, zero, w)
+    input_sums(x2, g2, ki, zero, x2.shape[0], l0, l1, a[0], a[1], a[2], a[3], whole)
     s = np.empty((4, wc))
     for i in range(4):
         fold_into(a[i], inner, s[i])
@@ -681,6 +705,7 @@ def moments(x, mean, var, tune):
     finite (the caller then runs ``common.rescue_moments``)."""
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
+    cached = rows * lanes * x.itemsize <= tune[TUNE_STRIP]  # two-pass in cache: see geometry
     n = np.float64(outer * inner)
     x2 = x.reshape(rows, lanes)
     fused = nrb == 1
@@ -699,7 +724,7 @@ def moments(x, mean, var, tune):
                 sums_tile(x2, inner, l0, l1, kt, st)
                 moments_channels(kt, st[0], st[1], n, mean[c0:c1], var[c0:c1])
             else:
-                block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
+                block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt, cached)
     if not fused:
         sums = np.empty((2, channels))
         partials_per_channel(p[0], p[1], inner, sums)
@@ -721,6 +746,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     batch = mode == FORWARD_BATCH
     # a pass that only writes takes whole rows of a tile per task (``blocks``)
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune) if batch else blocks(x, tune)
+    cached = rows * lanes * x.itemsize <= tune[TUNE_STRIP]  # two-pass in cache: see geometry
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
     x2 = x.reshape(rows, lanes)
     y2 = y.reshape(rows, lanes)
@@ -742,7 +768,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
                     x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats
                 )
             elif ALL_ROUTES:
-                block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt)
+                block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt, cached)
     if not fused:
         if mode == FORWARD_RUNNING:
             running_channels(stats, running_mean, running_var)
@@ -775,6 +801,7 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     twin where its route does not apply)."""
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
+    cached = rows * lanes * x.itemsize <= tune[TUNE_STRIP]  # two-pass in cache: see geometry
     mode = params[P_MODE]
     relu, thr, n = params[P_RELU] != 0.0, params[P_THR], params[P_COUNT]
     x2 = x.reshape(rows, lanes)
@@ -813,7 +840,9 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
                         p[1, b, l0:l1],
                     )
                 else:
-                    gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b)
+                    gradient_sums_task(
+                        x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b, cached
+                    )
     if ALL_ROUTES:
         if not fused:
             s = sums if sums.shape[1] > 0 else np.empty((2, channels))
@@ -838,6 +867,7 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     sums' partials, then dx)."""
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
+    cached = rows * lanes * x.itemsize <= tune[TUNE_STRIP]  # two-pass in cache: see geometry
     x2 = x.reshape(rows, lanes)
     g2 = dy.reshape(rows, lanes)
     d2 = dx.reshape(rows, lanes)
@@ -867,6 +897,7 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
                     p[1, b, l0:l1],
                     p[2, b, l0:l1],
                     p[3, b, l0:l1],
+                    cached,
                 )
     if not fused:
         s = np.empty((4, channels))

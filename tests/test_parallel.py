@@ -35,6 +35,13 @@ def _two_pass_rows(lanes):
     return rows // 60 * 60 + 60
 
 
+def _cached_rows(lanes):
+    """Rows of ``lanes`` float32 lanes making x half the fused strip budget (twice L2): one fused
+    tile that threads cannot split when lanes < 512, so ``lanes.geometry`` takes the two-pass
+    partition with grouped row blocks (at every thread count)."""
+    return int(TUNE[TUNE_STRIP]) // (2 * 4 * lanes)
+
+
 # One per family and layout kind, scaled above SERIAL_BELOW.
 CASES = [
     (label, _parallel_size(shape, axis), axis)
@@ -52,6 +59,7 @@ CASES = [
         ("lanes NHWC C=3", (16, 60, 60, 3), -1),
         ("lanes small inner", (1700, 16, 5), 1),
         ("lanes wide C", (80, 2000), 1),
+        ("lanes one unsplittable tile in cache", (_cached_rows(256), 256), 1),
     ]
 ]
 

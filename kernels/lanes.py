@@ -26,7 +26,11 @@ rows (``TUNE_BLOCK`` bytes of x per task).
   page streams poorly from L3.)
 - Two-pass route otherwise (then ``outer > rb >= 64``): each task writes its block's per-lane sums
   into partials (``nrb x P`` float64 pairs), combined per lane in block order, then lanes per
-  channel in lane order; then a second parallel pass writes.
+  channel in lane order; then a second parallel pass writes. Also for an array whose single
+  fused tile threads could not split (fewer than ``2 * FUSE_LANES_MIN`` lanes) once it exceeds
+  one core's L2 (see ``geometry``), its blocks then summed a group of rows at a time
+  (``cached``). Passes that only write (inference, given statistics) take the same row-block
+  partition (``blocks``).
 - Memory beyond the outputs: O(T) per task on the fused route; on the two-pass route the
   partials (at most ``16 * P * ceil(outer / rb)`` bytes, <= x/8 for float32 since rb >= 64)
   and two float64 values per channel (<= x/8): at most x/4 in all, x/8 for float64 x.

@@ -31,13 +31,51 @@ TARGETS = {"forward": 1.5, "backward": 1.2, "inference": 1.1, "step": 4.0}
 
 
 def bandwidth(threads: int, nbytes: int = 256 * 2**20) -> dict:
-    """Read and copy GB/s of this machine with ``threads`` threads (median of 5)."""
+    """Read and copy GB/s of this machine with ``threads`` threads over an ``nbytes`` array
+    (median of 5 samples, each of enough back-to-back calls to move 16 MiB)."""
     numba.set_num_threads(threads)
     a = np.ones(nbytes // 4, np.float32)
     b = np.empty_like(a)
-    read = cmp.median_ms(lambda: probe.read(a), min_repeats=5, max_repeats=5)
-    copy = cmp.median_ms(lambda: probe.copy(a, b), min_repeats=5, max_repeats=5)
+    k = max(1, 2**24 // nbytes)  # calls per sample: a cache-sized call is microseconds long
+
+    def reads():
+        for _ in range(k):
+            probe.read(a)
+
+    def copies():
+        for _ in range(k):
+            probe.copy(a, b)
+
+    read = cmp.median_ms(reads, min_repeats=5, max_repeats=5) / k
+    copy = cmp.median_ms(copies, min_repeats=5, max_repeats=5) / k
     return {"read": a.nbytes / read / 1e6, "copy": 2 * a.nbytes / copy / 1e6}
+
+
+# Arrays an operation touches (x and its output; backward x, dy and dx; a layer step x, y, dy,
+# dx): a case's working set, which decides the level of the memory hierarchy it runs from.
+ARRAYS = {"forward": 2, "backward": 3, "inference": 2, "step": 4}
+
+
+def levels(threads: int) -> dict:
+    """``{level: {"read", "copy", "capacity"}}`` for "L3" and "memory": the bandwidths measured
+    on a copy whose two arrays fill half the last-level cache, or 256 MiB, and how many bytes
+    of working set the level holds. A case is reported against the smallest level that holds
+    its working set (issue 16: cache-resident cases showed 2-3x "of read" when everything was
+    compared with memory). No L2 level: with two threads the probe's halves move between the
+    cores' L2s (TBB schedules without affinity), and one core's float32-to-float64 sum is
+    compute-bound at L2 speed (72 GB/s "read" here, against 90 from L3), so an L2 figure
+    would not be a limit."""
+    l3 = _machine.cache_sizes()["L3"]
+    return {
+        "L3": {**bandwidth(threads, l3 // 4), "capacity": l3},
+        "memory": {**bandwidth(threads), "capacity": None},
+    }
+
+
+def level_of(op: str, nbytes: int, bws: dict) -> str:
+    """The smallest level of ``bws`` holding the working set of ``op`` on an nbytes array."""
+    capacity = bws["L3"]["capacity"]
+    return "L3" if ARRAYS[op] * nbytes <= capacity else "memory"
 
 
 def _set_threads(n: int, impls: dict) -> None:
@@ -60,7 +98,7 @@ def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
     done = 0
     for n in threads:
         _set_threads(n, impls)
-        bw = bandwidth(n)
+        bws = levels(n)
         for op in ops:
             for case in cases:
                 done += 1
@@ -84,6 +122,8 @@ def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
                         budget_s=budget,
                     )
                 times["numpy"] = numpy_ms[(op, case.label)]
+                level = level_of(op, case.nbytes, bws)
+                bw = bws[level]
                 for name in impls:
                     ms = times[name]
                     gbs = cmp.TRAFFIC[op] * case.nbytes / ms / 1e6
@@ -100,8 +140,11 @@ def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
                             copy_fraction=gbs / bw["copy"],
                             err=errors[name],
                             nbytes=case.nbytes,
+                            level=level,
                             read_gbs=bw["read"],
                             copy_gbs=bw["copy"],
+                            memory_read_gbs=bws["memory"]["read"],
+                            memory_copy_gbs=bws["memory"]["copy"],
                         )
                     )
     return records, failures
@@ -115,7 +158,7 @@ def table(records: list, op: str, n: int, impls: dict) -> str:
         f"{'PyTorch ms':>11}" if torch else ""
     )
     head += f"{'vs NumPy':>9}" + (f"{'vs PyTorch':>11}" if torch else "")
-    head += f"{'GB/s':>7}{'of read':>8}{'of copy':>8}{'err':>9}"
+    head += f"{'GB/s':>7}{'from':>7}{'of read':>8}{'of copy':>8}{'err':>9}"
     lines = [head]
     for case in cases:
         b, np_ = rows[(case, "bnfast")], rows[(case, "numpy")]
@@ -125,7 +168,8 @@ def table(records: list, op: str, n: int, impls: dict) -> str:
         line += f"{np_['ms'] / b['ms']:>8.1f}x"
         if torch:
             line += f"{rows[(case, 'pytorch')]['ms'] / b['ms']:>10.2f}x"
-        line += f"{b['gbs']:>7.1f}{b['fraction']:>8.2f}{b['copy_fraction']:>8.2f}{b['err']:>9.1e}"
+        line += f"{b['gbs']:>7.1f}{b['level']:>7}{b['fraction']:>8.2f}{b['copy_fraction']:>8.2f}"
+        line += f"{b['err']:>9.1e}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -326,14 +370,22 @@ def main(argv=None) -> int:
     print(
         "float32; ms = median wall time, bnfast and PyTorch in interleaved rounds; GB/s = "
         "minimum traffic (forward 3x, backward 5x, inference 2x, layer step 8x the array's "
-        "bytes) / time; of read / of copy = that GB/s over the measured read / copy "
-        "bandwidth; err = max |out - reference| / max |reference|"
+        "bytes) / time; from = where the arrays the call touches fit (L3: the last-level cache, "
+        "or memory); of read / of copy = that GB/s over the read / copy bandwidth measured at "
+        "that level; err = max |out - reference| / max |reference|"
     )
     for n in threads:
+        seen = {r["level"]: r for r in records if r["threads"] == n}
         r = next(r for r in records if r["threads"] == n)
+        bws = ", ".join(
+            f"{lv} read {seen[lv]['read_gbs']:.1f} / copy {seen[lv]['copy_gbs']:.1f}"
+            for lv in ("L3", "memory")
+            if lv in seen
+        )
         print(
-            f"\n### {n} thread(s): read {r['read_gbs']:.1f} GB/s, copy {r['copy_gbs']:.1f} "
-            "GB/s (read + write)"
+            f"\n### {n} thread(s): memory read {r['memory_read_gbs']:.1f} GB/s, copy "
+            f"{r['memory_copy_gbs']:.1f} GB/s (read + write); at the levels these cases ran "
+            f"from: {bws}"
         )
         for op in ops:
             print(f"== {op}\n{table(records, op, n, impls)}")

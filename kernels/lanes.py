@@ -367,21 +367,22 @@ def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1):
 
 
 @helper
-def gradient_rows(x2, g2, d2, m, s, b, relu, thr, k, c1, c0, r0, r1, l0, l1):
-    """``dx = k[j]*dy - c1[j]*(x - m[j]) + c0[j]`` (dy behind the activation's mask) on rows
+def gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
+    """``dx = s[j]*dy - c1[j]*(x - m[j]) + c0[j]`` (dy behind the activation's mask) on rows
     r0:r1, lanes l0:l1, one row at a time (two rows per pass were slower at every width
-    measured: (12544, 256) 1861 against 1117 us, (2048, 1024) 762 against 676 us). Callers
-    pass s itself as k (``gradient_channels``' k is SCALE, the same values): one per-lane
-    float64 vector fewer, so a 1024-lane tile's five (40 KiB) stay in a 48 KiB L1d where six
-    did not. Bare loop, float32, one thread, Zen 5, paired medians: with the ReLU mask (which
-    reads s and b) (512, 1024) 209 -> 171 us, (2048, 1024) 1200 -> 1078 us; without it, and
-    at 512 lanes or fewer, unchanged; same bits."""
+    measured: (12544, 256) 1861 against 1117 us, (2048, 1024) 762 against 676 us). The
+    coefficient of dy is ``gradient_channels``' k, which is SCALE, so the lanes' s serves for
+    it instead of a second expanded copy: one per-lane float64 vector fewer, so a 1024-lane
+    tile's five (40 KiB) stay in a 48 KiB L1d where six did not. Bare loop, float32, one
+    thread, Zen 5, paired medians: with the ReLU mask (which reads s and b) (512, 1024) 209 ->
+    171 us, (2048, 1024) 1200 -> 1078 us; without it, and at 512 lanes or fewer, unchanged;
+    same bits."""
     for r in range(r0, r1):
         xr, gr, dr = x2[r, l0:l1], g2[r, l0:l1], d2[r, l0:l1]
         for j in range(l1 - l0):
             d = xr[j] - m[j]
             e = np.float64(gr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
-            dr[j] = k[j] * e - c1[j] * d + c0[j]
+            dr[j] = s[j] * e - c1[j] * d + c0[j]
 
 
 @helper
@@ -564,7 +565,7 @@ def gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b, ca
 @step
 def gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1):
     """dx on a task's rows and lanes from the whole array's per-channel ``coef`` rows c1, c0
-    (k, ``coef[0]``, is SCALE: the lanes' s, see ``gradient_rows``)."""
+    (``coef[0]`` is SCALE, the lanes' s: see ``gradient_rows``)."""
     c0, w = l0 // inner, l1 - l0
     m, s, b = coefficients(stats, inner, c0, w)
     gradient_rows(
@@ -576,7 +577,6 @@ def gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1):
         b,
         relu,
         thr,
-        s,
         expand(coef[1], inner, c0, w),
         expand(coef[2], inner, c0, w),
         r0,
@@ -599,7 +599,6 @@ def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef):
         b,
         relu,
         thr,
-        s,
         expand(coef[1], inner, zero, w),
         expand(coef[2], inner, zero, w),
         zero,

@@ -126,6 +126,12 @@ class BatchNormCache(NamedTuple):
         mode = "training" if self.training else "inference"
         return f"BatchNormCache({mode}, x shape {self.x.shape} {self.x.dtype}, axis={self.axis})"
 
+    @classmethod
+    def of(cls, x, stats, axis, training, layout, view, activation) -> BatchNormCache:
+        """A plain (not synchronized, no virtual batches) cache, built positionally: the run
+        path's constructor (0.14 us where the keyword call took 0.43 us)."""
+        return tuple.__new__(cls, (x, stats, axis, training, layout, view, activation, (), None, 0))
+
     def __reduce__(self):
         """Pickle and copy without the view of x (rebuilt from x, so x is stored once)."""
         fields = self._asdict()
@@ -265,7 +271,8 @@ def _moments64(x3, mean=None, var=None) -> tuple[np.ndarray, np.ndarray]:
     mean = np.empty(x3.shape[1]) if mean is None else mean
     var = np.empty(x3.shape[1]) if var is None else var
     if x3.shape[1]:
-        if _threading.kernels_for(x3).moments(x3, mean, var, _threading.tune(x3)):
+        kernels, tune = _threading.kernels_for(x3)
+        if kernels.moments(x3, mean, var, tune):
             _threading.rescue_moments(x3, mean, var)
     return mean, var
 
@@ -494,14 +501,14 @@ def forward(
             block = params(FORWARD_RUNNING, eps, 0.0, unbiased, 0.0, 0.0, *relu_thr, count)
         run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats)
         layout.finish_output(y, y3)
-        cache = BatchNormCache(
-            x=x,
-            stats=stats,
-            axis=axis,
-            training=training,
-            layout=layout,
-            view=x3 if layout.is_view(x) else None,
-            activation="relu" if relu else None,
+        cache = BatchNormCache.of(
+            x,
+            stats,
+            axis,
+            training,
+            layout,
+            x3 if layout.is_view(x) else None,
+            "relu" if relu else None,
         )
     return (y if out is None else given), cache
 
@@ -558,8 +565,7 @@ def run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats) ->
         stats[...] = np.nan
         return
     rm, rv = _running_for_kernel(running_mean, running_var, dtype)
-    tune = _threading.tune(x3)
-    kernels = _threading.kernels_for(x3, block[P_MODE] == FORWARD_GIVEN)
+    kernels, tune = _threading.kernels_for(x3, block[P_MODE] == FORWARD_GIVEN)
     bad = kernels.forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad < 0:  # the fused-only small twin's routes do not apply
         bad = _threading.fallback(x3).forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
@@ -805,8 +811,7 @@ def run_backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3) -> None:
         dbeta[...] = 0.0
         sums[...] = 0.0  # (nothing when NO_SUMS)
         return
-    tune = _threading.tune(x3)
-    kernels = _threading.kernels_for(x3, block[P_MODE] != BACKWARD_TRAIN)
+    kernels, tune = _threading.kernels_for(x3, block[P_MODE] != BACKWARD_TRAIN)
     if kernels.backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune):
         # -1: the fused-only small twin's route does not apply
         _threading.fallback(x3).backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune)
@@ -907,8 +912,7 @@ def backward_from_input(
     else:
         x3, dy3 = layout.view3(x), layout.view3(dy)
         block = params(0, eps, 0.0, 0, 0.0, 0.0, 0.0, 0.0, layout.count)
-        _threading.kernels_for(x3).backward_input(
-            x3, dy3, gamma, block, dgamma, dbeta, dx3, _threading.tune(x3)
-        )
+        kernels, tune = _threading.kernels_for(x3)
+        kernels.backward_input(x3, dy3, gamma, block, dgamma, dbeta, dx3, tune)
     layout.finish_output(dx, dx3)
     return (dx if out is None else given), dgamma, dbeta

@@ -335,6 +335,7 @@ class BatchNorm:
         q.layout, q.dtype, q.shape = cache.layout, cache.x.dtype, cache.x.shape
         q.view = cache.layout.is_view(cache.x)
         q.reshapes = q.view and not cache.layout.transposed
+        q.backward_blocks = _backward_blocks(q.dtype, q.layout.count)
         return q
 
     def _own_rows(self) -> bool:
@@ -409,7 +410,7 @@ class BatchNorm:
             and x.dtype is p.dtype
             and p.mode == self._mode()
             and self._own_rows()
-            and not np.may_share_memory(x, self._block)
+            and chk.apart(x, self._block)
         ):
             return self._forward_planned(x, p)
         if out is None:
@@ -470,24 +471,36 @@ class BatchNorm:
             if self.track_running_stats:
                 self.num_batches_tracked += 1
         elif p.batch_stats:
-            block[P_MOMENTUM] = self._momentum()  # changes with momentum=None
+            if self.momentum is None:  # the cumulative average's weight changes every call
+                block[P_MOMENTUM] = self._momentum()  # (else set in the plan: _mode has it)
             rm, rv = (rows[2], rows[3]) if self.track_running_stats else (None, None)
             run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats)
             if self.track_running_stats:
                 self.num_batches_tracked += 1
         else:
             run_forward(x3, y3, p.gamma, p.beta, rows[2], rows[3], block, stats)
-        self._cache = BatchNormCache(
-            x=x,
-            stats=stats,
-            axis=layout.axis,
-            training=p.batch_stats,
-            layout=layout,
-            view=x3 if p.view else None,
-            activation=self.activation,
-            comm=p.comm,
-            total=total,
-        )
+        if p.comm is None:
+            self._cache = BatchNormCache.of(
+                x,
+                stats,
+                layout.axis,
+                p.batch_stats,
+                layout,
+                x3 if p.view else None,
+                self.activation,
+            )
+        else:
+            self._cache = BatchNormCache(
+                x=x,
+                stats=stats,
+                axis=layout.axis,
+                training=p.batch_stats,
+                layout=layout,
+                view=x3 if p.view else None,
+                activation=self.activation,
+                comm=p.comm,
+                total=total,
+            )
         return y
 
     def backward(self, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -505,7 +518,7 @@ class BatchNorm:
             and dy.dtype is x.dtype
             and x.dtype is self.dtype
             and self._own_rows()
-            and not np.may_share_memory(dy, self._block)
+            and chk.apart(dy, self._block)
         ):
             return self._backward_planned(dy, cache)
         if out is None:
@@ -538,9 +551,7 @@ class BatchNorm:
             relu_thr = (1.0, RELU_THRESHOLD[x3.dtype]) if relu else (0.0, 0.0)
             _backward_synced(cache, dy3, relu_thr, self._rows[4], self._rows[5], dx3)
             return dx
-        mode = BACKWARD_TRAIN if cache.training else BACKWARD_FROZEN
-        thr = RELU_THRESHOLD[x3.dtype] if relu else 0.0
-        block = params(mode, 0.0, 0.0, 0, 0.0, 0.0, float(relu), thr, layout.count)
+        block = p.backward_blocks[relu][cache.training]
         run_backward(x3, dy3, cache.stats, block, NO_SUMS, self._rows[4], self._rows[5], dx3)
         return dx
 
@@ -655,6 +666,7 @@ class _Plan:
         "block",
         "comm",
         "relu_thr",
+        "backward_blocks",
     )
     shape: tuple
     strides: tuple
@@ -669,6 +681,7 @@ class _Plan:
     block: np.ndarray
     comm: Any
     relu_thr: tuple[float, float]
+    backward_blocks: tuple  # the backward kernel's blocks: [relu][training]
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
@@ -696,13 +709,14 @@ class _Plan:
         thr = RELU_THRESHOLD[bn.dtype] if relu else 0.0
         p.comm = bn.comm if bn.training else None  # eval: no collective
         p.relu_thr = (1.0, thr) if relu else (0.0, 0.0)
+        p.backward_blocks = _backward_blocks(bn.dtype, cache.layout.count)
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)
-            p.block = params(  # a copy: the plan sets P_MOMENTUM per call (momentum=None)
+            p.block = params(  # a copy: with momentum=None the plan sets P_MOMENTUM per call
                 FORWARD_BATCH,
                 bn.eps,
-                0.0,
+                bn._momentum() if bn.track_running_stats else 0.0,
                 bn.unbiased,
                 rmax,
                 dmax,
@@ -723,3 +737,15 @@ class _Plan:
                 cache.layout.count,
             )
         return p
+
+
+def _backward_blocks(dtype: np.dtype, count: int) -> tuple:
+    """The backward kernel's parameter blocks for a plan, indexed ``[relu][training]`` by the
+    cache's activation and mode (the frozen or the training gradient)."""
+    return tuple(
+        tuple(
+            params(mode, 0.0, 0.0, 0, 0.0, 0.0, float(relu), RELU_THRESHOLD[dtype] * relu, count)
+            for mode in (BACKWARD_FROZEN, BACKWARD_TRAIN)
+        )
+        for relu in (False, True)
+    )

@@ -179,15 +179,17 @@ def tune(x: np.ndarray) -> np.ndarray:
 
 
 def kernels_for(x3: np.ndarray, general: bool = False):
-    """The family's kernels for a call on the C-contiguous canonical (outer, C, inner) x3;
-    ``general``: a mode the fused-only ``.small`` twins lack (a synchronized call's given
-    statistics or sums, the frozen backward), so a small call goes straight to the general
-    serial kernels instead of dispatching a twin that returns -1 (a dispatch is ~1 us: two
-    of them per synchronized forward and backward at 32x256)."""
-    rows = x3.shape[2] >= ROWS_MIN
-    if general and x3.nbytes < SERIAL_BELOW:
-        return _SERIAL["rows" if rows else "lanes"]
-    return family(rows, x3.nbytes)
+    """``(kernels, tune)``: the family's kernels for a call on the C-contiguous canonical
+    (outer, C, inner) x3, and the tuning vector to pass them. ``general``: a mode the
+    fused-only ``.small`` twins lack (a synchronized call's given statistics or sums, the
+    frozen backward), so a small call goes straight to the general serial kernels instead of
+    dispatching a twin that returns -1 (a dispatch is ~1 us: two of them per synchronized
+    forward and backward at 32x256). Small calls are decided first, in one test (the two
+    lookups this replaces took 0.25 us of a 5 us layer call)."""
+    name = "rows" if x3.shape[2] >= ROWS_MIN else "lanes"
+    if x3.nbytes < SERIAL_BELOW:
+        return (_SERIAL if general else _SMALL)[name], TUNE
+    return family(name == "rows", x3.nbytes), tune(x3)
 
 
 def fallback(x3: np.ndarray):

@@ -33,7 +33,7 @@ import numba
 import numpy as np
 from numba.core.compiler_lock import global_compiler_lock
 
-from . import kernels
+from . import _ahead, kernels
 from ._machine import SERIAL_BELOW, TUNE, with_threads
 from ._tbb import TBB_LOADED  # noqa: F401  (re-exported for tests and the main job)
 from .kernels import _jit
@@ -42,10 +42,13 @@ from .kernels._jit import ROWS_MIN, Launcher
 _announced = False
 
 
-def _announce(dispatcher, sig) -> None:
-    """Tell the user once per process, on stderr, that kernels are being compiled (instead of
-    a silent pause); ``BNFAST_QUIET=1`` silences it."""
+def _on_compile(dispatcher, sig) -> None:
+    """A kernel is about to be compiled (not loaded from the cache): start compiling the next
+    kernel of a training step in a helper process (``bnfast._ahead``), and tell the user once
+    per process, on stderr, what is happening (instead of a silent pause; ``BNFAST_QUIET=1``
+    silences it)."""
     global _announced
+    _ahead.start(dispatcher, sig.args[0].dtype)
     if _announced or os.environ.get("BNFAST_QUIET"):
         return
     _announced = True
@@ -58,7 +61,8 @@ def _announce(dispatcher, sig) -> None:
     sys.stderr.flush()
 
 
-_jit.on_compile = _announce
+_jit.on_compile = _on_compile
+_jit.before_compile = _ahead.wait
 
 
 def _family(module, serial: bool) -> SimpleNamespace:
@@ -118,6 +122,7 @@ def _after_fork_in_child() -> None:
     global _serial_only, _launch
     _serial_only = _serial_only or _layer_at_fork == "omp"
     _launch = threading.Lock()  # a lock held by another thread at fork time stays held
+    _ahead._pending.clear()  # the parent's helper processes are not this child's to wait for
     _NUMBA_COMPILER_LOCK.release()  # held by this (the forking) thread: see above
     _jit._COMPILE.release()
 

@@ -164,8 +164,12 @@ def _declared(dispatcher, sigs: list):
 
 _COMPILE = threading.Lock()
 # Called with (dispatcher, signature) when a declared signature is about to be compiled rather
-# than loaded from the cache (``bnfast._threading`` tells the user once); None: silent.
+# than loaded from the cache (``bnfast._threading`` tells the user once and starts compiling
+# the next kernel of a training step in a helper process, ``bnfast._ahead``); None: silent.
 on_compile = None
+# Called with (dispatcher, dtype) before a dispatcher's signatures for dtype are compiled or
+# loaded (``bnfast._ahead`` waits there for a helper process compiling them); None: nothing.
+before_compile = None
 
 
 class _Compiling(event.Listener):
@@ -188,6 +192,9 @@ def compile_declared(dispatcher, dtype=None) -> int:
     """Compile (or load from the cache) the declared signatures of a locked dispatcher, those
     whose data arrays have ``dtype`` (all when None); returns how many."""
     count = 0
+    hook = before_compile
+    if hook is not None and dtype is not None:
+        hook(dispatcher, dtype)
     with _COMPILE:
         for sig in dispatcher.declared:
             if dtype is None or str(sig.args[0].dtype) == str(dtype):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import hashlib
 import importlib
 import os
 import subprocess
@@ -185,6 +186,7 @@ for fam in FAMILIES.values():
         print(fam.__name__, name, loops, found)
 """
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "BNFAST_QUIET": "1"}
+    env["BNFAST_COMPILE_AHEAD"] = "0"  # a kernel a helper compiled is loaded: no diagnostics
     r = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
     )
@@ -193,6 +195,52 @@ for fam in FAMILIES.values():
     assert len(lines) == 8, r.stdout
     for family, name, loops, found in lines:
         assert int(loops) >= 1 and loops == found, (family, name, loops, found)
+
+
+AHEAD_SCRIPT = """
+import hashlib, numpy as np, bnfast
+from numba.core import event
+from bnfast.kernels import lanes
+compiled = []
+class Seen(event.Listener):
+    def on_start(self, ev):
+        compiled.append(ev.data.get("dispatcher"))
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Seen())
+rng = np.random.default_rng(0)
+x, dy = rng.normal(size=(2, 64, 256)).astype(np.float32)
+bn = bnfast.BatchNorm(256)
+y = bn(x)
+dx = bn.backward(dy)
+digest = hashlib.sha256(y.tobytes() + dx.tobytes() + bn.running_var.tobytes()).hexdigest()
+print(any(d is lanes.forward.small for d in compiled),
+      any(d is lanes.backward.small for d in compiled), digest)
+"""
+
+
+@pytest.mark.parametrize("ahead", ["1", "0"])
+def test_first_step_compiles_backward_in_a_helper_process(ahead, tmp_path):
+    """With an empty cache, the first forward compilation starts a helper process that compiles
+    the backward kernel (``bnfast._ahead``): this process compiles the forward and loads the
+    backward from the cache; the same bits as with ``BNFAST_COMPILE_AHEAD=0``, where it
+    compiles both itself."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "BNFAST_QUIET": "1"}
+    env["BNFAST_COMPILE_AHEAD"] = ahead
+    r = subprocess.run(
+        [sys.executable, "-c", AHEAD_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr
+    forward, backward, digest = r.stdout.split()
+    assert forward == "True"
+    assert backward == ("False" if ahead == "1" else "True")
+    x, dy = np.random.default_rng(0).normal(size=(2, 64, 256)).astype(np.float32)
+    bn = bnfast.BatchNorm(256)
+    y = bn(x)
+    dx = bn.backward(dy)
+    assert hashlib.sha256(y.tobytes() + dx.tobytes() + bn.running_var.tobytes()).hexdigest() == (
+        digest
+    )
 
 
 NOTICE_SCRIPT = """

@@ -13,13 +13,16 @@ cold first step changes (5.5 -> ~3.6 s, Zen 5, 2 cores), not the CPU time.
 
 Not started when: ``BNFAST_COMPILE_AHEAD=0``; in the helper itself; on a one-core machine;
 where a process cannot be started (the caller then compiles as before). The helper writes
-nothing but numba's cache; its output goes to /dev/null. A helper that fails or takes longer
-than ``WAIT_S`` is ignored (killed after that wait): this process then compiles the kernel
-itself, as it would have without one.
+nothing but numba's cache (atomically, file by file: numba writes a temporary and renames it);
+its output goes to /dev/null. A helper that fails or takes longer than ``WAIT_S`` is ignored
+(killed after that wait): this process then compiles the kernel itself, as it would have
+without one. One still running when this process exits (a script that never ran a backward)
+is stopped then, so that exiting never waits for it.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -103,6 +106,16 @@ def wait(dispatcher, dtype) -> None:
         helper.wait(timeout=WAIT_S)
     except subprocess.TimeoutExpired:
         helper.kill()
+        helper.wait()
+
+
+@atexit.register
+def _stop() -> None:
+    """At exit: stop the helpers nobody waited for."""
+    while _pending:
+        helper = _pending.popitem()[1]
+        if helper.poll() is None:
+            helper.kill()
         helper.wait()
 
 

@@ -171,6 +171,19 @@ def update_running(stats, params, running_mean, running_var):
 
 
 @helper
+def same(a, b):
+    """Do arrays a and b start at the same address? Then b is the caller's a itself: inference
+    with ``out=x``, backward with ``out=dy`` (the API allows only that very view, not a partial
+    overlap). A loop that reads a and writes b must then read b: LLVM vectorizes it behind a
+    runtime check that the two ranges do not overlap, and with the same range it runs its
+    scalar loop instead. Float32, one thread, Zen 5, ms, out of place / in place before / in
+    place reading the output: inference (12544, 256) 0.58 / 1.67 / 0.45; backward 1.50 / 3.18;
+    (2048, 1024) inference 0.32 / 1.74, backward 1.50 / 2.16; NCHW (32, 64, 28, 28) inference
+    0.13 / 0.59, backward 0.43 / 1.17. The same values are read, so the same bits."""
+    return a.ctypes.data == b.ctypes.data
+
+
+@helper
 def activate(v, relu, thr):
     """The fused activation: ReLU when ``relu``, as ``relu(y)`` of the rounded output y: 0 when
     v would round to a value <= 0 in the data's dtype (``thr`` is half its smallest subnormal);
@@ -412,6 +425,14 @@ def row_frozen(x_row, dy_row, dx_row, m, scale, shift, relu, thr):
     ``(sum(dy), sum(dy * (x - m)))`` for dgamma, dbeta."""
     a = 0.0
     b = 0.0
+    if same(dy_row, dx_row):  # dx into dy: read dy through dx_row (see ``same``)
+        for i in range(x_row.shape[0]):
+            d = x_row[i] - m
+            g = np.float64(dx_row[i]) if passes(d * scale + shift, relu, thr) else 0.0
+            a += g
+            b += g * d
+            dx_row[i] = scale * g
+        return a, b
     for i in range(x_row.shape[0]):
         d = x_row[i] - m
         g = np.float64(dy_row[i]) if passes(d * scale + shift, relu, thr) else 0.0

@@ -97,6 +97,38 @@ def test_parallel_families_match_reference(label, shape, axis, dtype):
             assert_channels_close(gg, w, t, axis, f"{what} {name}")
 
 
+IN_PLACE_CASES = [("lanes small", (64, 48), 1), ("rows small", (4, 6, 9, 10), 1), *CASES]
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("label,shape,axis", IN_PLACE_CASES, ids=[c[0] for c in IN_PLACE_CASES])
+def test_in_place_calls_give_the_same_bits(label, shape, axis, dtype, activation):
+    """Inference with ``out=x`` and backward with ``out=dy`` (training and frozen) write the
+    bits of the out-of-place calls: every write loop reads its input through the output when
+    they are the same array (``kernels.common.same``: the vectorized in-place loops)."""
+    x, dy = _data(shape, dtype)
+    c = shape[axis]
+    rm, rv = np.linspace(2, 4, c).astype(dtype), np.linspace(3, 5, c).astype(dtype)
+    kw = dict(axis=axis, activation=activation)
+    y, _ = bnfast.forward(x, training=False, running_mean=rm, running_var=rv, **kw)
+    xi = x.copy()
+    assert (
+        bnfast.forward(xi, training=False, running_mean=rm, running_var=rv, out=xi, **kw)[0] is xi
+    )
+    np.testing.assert_array_equal(xi, y, err_msg=f"{label}: inference out=x")
+    for training in (True, False):
+        _, cache = bnfast.forward(
+            x, training=training, running_mean=rm.copy(), running_var=rv.copy(), **kw
+        )
+        want = bnfast.backward(dy, cache)
+        dyi = dy.copy()
+        got = bnfast.backward(dyi, cache, out=dyi)
+        assert got[0] is dyi
+        for name, a, b in zip(("dx", "dgamma", "dbeta"), got, want, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{label}: {name}, training={training}")
+
+
 DETERMINISM_SCRIPT = textwrap.dedent("""
     import hashlib, sys
     import numba, numpy as np

@@ -555,17 +555,25 @@ def _running_for_kernel(running_mean, running_var, dtype):
     return running_mean.astype(dtype), running_var.astype(dtype)
 
 
-def run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats) -> None:
+def run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats, launch=None) -> None:
     """The forward kernel on checked arguments (the layer's planned path too): one call, and
     the rescue kernel when it reports channels whose float64 sums overflowed. Running arrays
     of another dtype than x's are updated afterwards from the same statistics
-    (:func:`update_running_of`)."""
-    dtype, channels = x3.dtype, x3.shape[1]
-    if x3.shape[0] * x3.shape[2] == 0 or channels == 0:  # nothing to normalize (PyTorch)
-        stats[...] = np.nan
-        return
-    rm, rv = _running_for_kernel(running_mean, running_var, dtype)
-    kernels, tune = _threading.kernels_for(x3, block[P_MODE] == FORWARD_GIVEN)
+    (:func:`update_running_of`). ``launch``: a plan's ``(kernels, tune)`` for a small call in
+    the batch or running mode, with values per channel and running arrays in x's dtype (or
+    none), writeable (0.5 us of checks and lookups saved per call)."""
+    if launch is not None:
+        kernels, tune = launch
+        rm, rv = running_mean, running_var
+        if rm is None:
+            rm = rv = _NO_RUNNING[x3.dtype]
+    else:
+        dtype, channels = x3.dtype, x3.shape[1]
+        if x3.shape[0] * x3.shape[2] == 0 or channels == 0:  # nothing to normalize (PyTorch)
+            stats[...] = np.nan
+            return
+        rm, rv = _running_for_kernel(running_mean, running_var, dtype)
+        kernels, tune = _threading.kernels_for(x3, block[P_MODE] == FORWARD_GIVEN)
     bad = kernels.forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad < 0:  # the fused-only small twin's routes do not apply
         bad = _threading.fallback(x3).forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
@@ -804,14 +812,18 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
     return (dx if out is None else given), dgamma, dbeta
 
 
-def run_backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3) -> None:
-    """The backward kernel on checked arguments (the layer's planned path too)."""
-    if x3.shape[0] * x3.shape[2] == 0 or x3.shape[1] == 0:
+def run_backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, launch=None) -> None:
+    """The backward kernel on checked arguments (the layer's planned path too); ``launch``: a
+    plan's ``(kernels, tune)`` for a small call in the training mode (see ``run_forward``)."""
+    if launch is not None:
+        kernels, tune = launch
+    elif x3.shape[0] * x3.shape[2] == 0 or x3.shape[1] == 0:
         dgamma[...] = 0.0
         dbeta[...] = 0.0
         sums[...] = 0.0  # (nothing when NO_SUMS)
         return
-    kernels, tune = _threading.kernels_for(x3, block[P_MODE] != BACKWARD_TRAIN)
+    else:
+        kernels, tune = _threading.kernels_for(x3, block[P_MODE] != BACKWARD_TRAIN)
     if kernels.backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune):
         # -1: the fused-only small twin's route does not apply
         _threading.fallback(x3).backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune)

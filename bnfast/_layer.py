@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks as chk
-from . import _sync
+from . import _sync, _threading
 from ._core import (
     NO_SUMS,
     RELU_THRESHOLD,
@@ -336,6 +336,7 @@ class BatchNorm:
         q.view = cache.layout.is_view(cache.x)
         q.reshapes = q.view and not cache.layout.transposed
         q.backward_blocks = _backward_blocks(q.dtype, q.layout.count)
+        q.launch = None
         return q
 
     def _own_rows(self) -> bool:
@@ -474,11 +475,11 @@ class BatchNorm:
             if self.momentum is None:  # the cumulative average's weight changes every call
                 block[P_MOMENTUM] = self._momentum()  # (else set in the plan: _mode has it)
             rm, rv = (rows[2], rows[3]) if self.track_running_stats else (None, None)
-            run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats)
+            run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats, p.launch)
             if self.track_running_stats:
                 self.num_batches_tracked += 1
         else:
-            run_forward(x3, y3, p.gamma, p.beta, rows[2], rows[3], block, stats)
+            run_forward(x3, y3, p.gamma, p.beta, rows[2], rows[3], block, stats, p.launch)
         if p.comm is None:
             self._cache = BatchNormCache.of(
                 x,
@@ -552,7 +553,10 @@ class BatchNorm:
             _backward_synced(cache, dy3, relu_thr, self._rows[4], self._rows[5], dx3)
             return dx
         block = p.backward_blocks[relu][cache.training]
-        run_backward(x3, dy3, cache.stats, block, NO_SUMS, self._rows[4], self._rows[5], dx3)
+        launch = p.launch if cache.training else None  # (the frozen mode: the general kernels)
+        run_backward(
+            x3, dy3, cache.stats, block, NO_SUMS, self._rows[4], self._rows[5], dx3, launch
+        )
         return dx
 
     def params(self) -> dict[str, np.ndarray]:
@@ -667,6 +671,7 @@ class _Plan:
         "comm",
         "relu_thr",
         "backward_blocks",
+        "launch",
     )
     shape: tuple
     strides: tuple
@@ -682,6 +687,7 @@ class _Plan:
     comm: Any
     relu_thr: tuple[float, float]
     backward_blocks: tuple  # the backward kernel's blocks: [relu][training]
+    launch: tuple | None  # (kernels, tune) of a call below the serial threshold, else None
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
@@ -710,6 +716,7 @@ class _Plan:
         p.comm = bn.comm if bn.training else None  # eval: no collective
         p.relu_thr = (1.0, thr) if relu else (0.0, 0.0)
         p.backward_blocks = _backward_blocks(bn.dtype, cache.layout.count)
+        p.launch = _threading.small_launch(cache.layout.canon, bn.dtype)
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)

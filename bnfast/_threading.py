@@ -197,6 +197,15 @@ def kernels_for(x3: np.ndarray, general: bool = False):
     return family(name == "rows", x3.nbytes), tune(x3)
 
 
+def small_launch(canon: tuple, dtype: np.dtype):
+    """``kernels_for``'s answer for every C-contiguous x3 of shape ``canon`` and ``dtype`` below
+    the serial threshold (it depends on nothing else there), for a plan to keep; None above it
+    (where the thread count and the threading layer's state decide)."""
+    if canon[0] * canon[1] * canon[2] * dtype.itemsize >= SERIAL_BELOW:
+        return None
+    return _SMALL["rows" if canon[2] >= ROWS_MIN else "lanes"], TUNE
+
+
 def fallback(x3: np.ndarray):
     """The general serial kernels, for a call the ``.small`` twin returned -1 for."""
     return _SERIAL["rows" if x3.shape[2] >= ROWS_MIN else "lanes"]

@@ -12,7 +12,8 @@ code either way (one compiler, one CPU), so results are the same bits; only the 
 cold first step changes (5.5 -> ~3.6 s, Zen 5, 2 cores), not the CPU time.
 
 Not started when: ``BNFAST_COMPILE_AHEAD=0``; in the helper itself; on a one-core machine;
-where a process cannot be started (the caller then compiles as before). The helper writes
+in a frozen application; where a process cannot be started (the caller then compiles as
+before). The helper writes
 nothing but numba's cache (atomically, file by file: numba writes a temporary and renames it);
 its output goes to /dev/null. A helper that fails or takes longer than ``WAIT_S`` is ignored
 (killed after that wait): this process then compiles the kernel itself, as it would have
@@ -60,10 +61,14 @@ _pending: dict = {}  # (id(dispatcher), dtype name) -> the helper process compil
 
 
 def enabled() -> bool:
+    """Not turned off, not in the helper, more than one core, and a Python to start (in a
+    frozen application ``sys.executable`` is the application itself)."""
     return (
         os.environ.get(_ENV, "1") != "0"
         and not os.environ.get(_CHILD)
         and (os.cpu_count() or 1) > 1
+        and not getattr(sys, "frozen", False)
+        and bool(sys.executable)
     )
 
 
@@ -83,6 +88,9 @@ def start(dispatcher, dtype) -> None:
     env["BNFAST_QUIET"] = "1"
     if numba.config.CACHE_DIR:  # set in this process, perhaps not in its environment
         env["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR
+    # this process's module path (bnfast may be importable only through a sys.path entry
+    # added at run time), so the helper compiles the very same bnfast
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     command = [sys.executable, "-m", "bnfast._ahead", family, _NEXT[name], twin, str(dtype)]
     try:
         _pending[key] = subprocess.Popen(

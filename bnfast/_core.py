@@ -271,7 +271,7 @@ def _moments64(x3, mean=None, var=None) -> tuple[np.ndarray, np.ndarray]:
     mean = np.empty(x3.shape[1]) if mean is None else mean
     var = np.empty(x3.shape[1]) if var is None else var
     if x3.shape[1]:
-        kernels, tune = _threading.kernels_for(x3)
+        kernels, tune = _threading.kernels_for(x3, fused=True)
         if kernels.moments(x3, mean, var, tune):
             _threading.rescue_moments(x3, mean, var)
     return mean, var
@@ -573,7 +573,10 @@ def run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats, la
             stats[...] = np.nan
             return
         rm, rv = _running_for_kernel(running_mean, running_var, dtype)
-        kernels, tune = _threading.kernels_for(x3, block[P_MODE] == FORWARD_GIVEN)
+        mode = block[P_MODE]
+        kernels, tune = _threading.kernels_for(
+            x3, mode == FORWARD_GIVEN, fused=mode == FORWARD_BATCH
+        )
     bad = kernels.forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad < 0:  # the fused-only small twin's routes do not apply
         bad = _threading.fallback(x3).forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
@@ -823,7 +826,7 @@ def run_backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, launch=None) -
         sums[...] = 0.0  # (nothing when NO_SUMS)
         return
     else:
-        kernels, tune = _threading.kernels_for(x3, block[P_MODE] != BACKWARD_TRAIN)
+        kernels, tune = _threading.kernels_for(x3, block[P_MODE] != BACKWARD_TRAIN, fused=True)
     if kernels.backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune):
         # -1: the fused-only small twin's route does not apply
         _threading.fallback(x3).backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune)
@@ -924,7 +927,7 @@ def backward_from_input(
     else:
         x3, dy3 = layout.view3(x), layout.view3(dy)
         block = params(0, eps, 0.0, 0, 0.0, 0.0, 0.0, 0.0, layout.count)
-        kernels, tune = _threading.kernels_for(x3)
+        kernels, tune = _threading.kernels_for(x3, fused=True)
         kernels.backward_input(x3, dy3, gamma, block, dgamma, dbeta, dx3, tune)
     layout.finish_output(dx, dx3)
     return (dx if out is None else given), dgamma, dbeta

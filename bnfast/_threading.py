@@ -183,18 +183,36 @@ def tune(x: np.ndarray) -> np.ndarray:
     return with_threads(numba.get_num_threads())
 
 
-def kernels_for(x3: np.ndarray, general: bool = False):
+def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
     """``(kernels, tune)``: the family's kernels for a call on the C-contiguous canonical
     (outer, C, inner) x3, and the tuning vector to pass them. ``general``: a mode the
     fused-only ``.small`` twins lack (a synchronized call's given statistics or sums, the
     frozen backward), so a small call goes straight to the general serial kernels instead of
     dispatching a twin that returns -1 (a dispatch is ~1 us: two of them per synchronized
     forward and backward at 32x256). Small calls are decided first, in one test (the two
-    lookups this replaces took 0.25 us of a 5 us layer call)."""
+    lookups this replaces took 0.25 us of a 5 us layer call).
+
+    ``fused``: a call partitioned by ``lanes.geometry`` (a training forward, any backward,
+    ``moments``, ``backward_input``). Below one core's L2, a lanes-family array
+    with fewer than ``2 * FUSE_LANES_MIN`` lanes per row is one tile, one task, on any thread
+    count (``lanes.geometry``); the parallel kernel then only adds the pool's launch, so the
+    serial twin runs it (the same task: the same bits). Float32, 2 threads, Zen 5, medians of
+    3000 interleaved pairs, parallel -> serial (us): forward (512, 256) 34.0 -> 31.7, (2048,
+    64) 42.2 -> 40.3, (4096, 32) 40.6 -> 38.6; backward (512, 256) 51.7 -> 44.8, (2048, 64)
+    64.6 -> 57.6, (1024, 128) 57.8 -> 50.1. Inference and a forward with given statistics
+    split such arrays into row blocks (``lanes.blocks``), which two threads share."""
     name = "rows" if x3.shape[2] >= ROWS_MIN else "lanes"
-    if x3.nbytes < SERIAL_BELOW:
+    nbytes = x3.nbytes
+    if nbytes < SERIAL_BELOW:
         return (_SERIAL if general else _SMALL)[name], TUNE
-    return family(name == "rows", x3.nbytes), tune(x3)
+    if (
+        fused
+        and name == "lanes"
+        and nbytes < TUNE[_jit.TUNE_L2]
+        and x3.shape[1] * x3.shape[2] < 2 * _jit.FUSE_LANES_MIN
+    ):
+        return _SERIAL[name], TUNE
+    return family(name == "rows", nbytes), tune(x3)
 
 
 def small_launch(canon: tuple, dtype: np.dtype):

@@ -42,7 +42,9 @@ def _cached_rows(lanes):
     return int(TUNE[TUNE_STRIP]) // (2 * 4 * lanes)
 
 
-# One per family and layout kind, scaled above SERIAL_BELOW.
+# One per family and layout kind, scaled above SERIAL_BELOW. (Below one core's L2 an array
+# with fewer than 512 lanes per row is a single task and runs the serial twin, the same code:
+# ``_threading.kernels_for``; the two-pass cases are beyond L2 and run in parallel.)
 CASES = [
     (label, _parallel_size(shape, axis), axis)
     for label, shape, axis in [
@@ -279,7 +281,9 @@ def test_four_threads_under_the_workqueue_layer(tmp_path):
     once (issue 8 item 11): bnfast lets one thread at a time run in parallel and the others
     run the serial twins; all four threads get the serial results."""
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
-    shape = _parallel_size((256, 64), 1)
+    # 1024 lanes: several fused tiles, so the parallel kernels run (an array below L2 with
+    # fewer than 512 lanes is one task, which runs serially: _threading.kernels_for)
+    shape = _parallel_size((128, 1024), 1)
     r = subprocess.run(
         [sys.executable, "-c", WORKQUEUE_SCRIPT % (shape,)],
         env=env,

@@ -116,6 +116,13 @@ def unit_momentum(momentum) -> float:
 def channel_vector(v, name: str, channels: int, *, writeable: bool = False) -> np.ndarray:
     """A per-channel array: floating dtype, shape ``(channels,)``; writeable if asked (then it
     must be a NumPy array already: it is updated in place)."""
+    if (
+        type(v) is np.ndarray
+        and (v.dtype is DATA_DTYPES[0] or v.dtype is DATA_DTYPES[1])
+        and v.shape == (channels,)
+        and (not writeable or v.flags.writeable)
+    ):
+        return v  # the common case, in four tests (0.28 -> 0.12 us)
     if writeable and (not isinstance(v, np.ndarray) or isinstance(v, np.ma.MaskedArray)):
         raise TypeError(
             f"{name} must be a NumPy array (it is updated in place), got {type(v).__name__}"
@@ -153,6 +160,8 @@ def parameter(v, name: str, channels: int, dtype: np.dtype, default: float) -> n
     dtype, which rounds it to the data's precision, as documented)."""
     if v is None:
         return constant(default, channels, dtype)
+    if type(v) is np.ndarray and v.dtype is dtype and v.shape == (channels,):
+        return v  # the common case: x's dtype, the right shape (0.23 -> 0.08 us)
     v = channel_vector(v, name, channels)
     return v if v.dtype == dtype else v.astype(dtype)
 

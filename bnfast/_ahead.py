@@ -9,16 +9,15 @@ compilation), a helper process is started that compiles the same family's and tw
 core, while this process compiles the forward. When this process first needs that backward it
 waits for the helper (if still running) and loads the kernel from the cache. The same machine
 code either way (one compiler, one CPU), so results are the same bits; only the wall time of a
-cold first step changes (5.5 -> ~3.6 s, Zen 5, 2 cores), not the CPU time.
+cold first step changes (5.6-5.8 -> 3.8-3.9 s, Zen 5, 2 cores), not the CPU time.
 
 Not started when: ``BNFAST_COMPILE_AHEAD=0``; in the helper itself; on a one-core machine;
 in a frozen application; where a process cannot be started (the caller then compiles as
-before). The helper writes
-nothing but numba's cache (atomically, file by file: numba writes a temporary and renames it);
-its output goes to /dev/null. A helper that fails or takes longer than ``WAIT_S`` is ignored
-(killed after that wait): this process then compiles the kernel itself, as it would have
-without one. One still running when this process exits (a script that never ran a backward)
-is stopped then, so that exiting never waits for it.
+before). The helper writes nothing but numba's cache (atomically, file by file: numba writes a
+temporary and renames it); its output goes to /dev/null. A helper that fails or takes longer
+than ``WAIT_S`` is ignored (killed after that wait): this process then compiles the kernel
+itself, as it would have without one. One still running when this process exits (a script
+that never ran a backward) is stopped then, so that exiting never waits for it.
 """
 
 from __future__ import annotations

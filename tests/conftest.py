@@ -33,17 +33,31 @@ def channels_last64(a: np.ndarray, axis: int) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
-def _slack(dtype, m: int) -> float:
+def _slack(dtype, m: int, factor=1.0):
     """Error budget in units of the scale below: float32 results are rounded once from float64
     (a few float32 ulps). float64 results carry float64 error of both bnfast and the reference:
-    summation, ~(8 + m) ulps for m values per channel, and in bnfast's shifted variance a
-    cancellation factor up to m when a channel's first value is its extreme outlier (see
-    kernels/strided.py); the thorough Hypothesis profile reached 2.05x (8 + m) ulps at m = 54."""
-    return (
-        8 * np.finfo(np.float32).eps
-        if np.dtype(dtype) == np.float32
-        else (4 * (8 + m) * np.finfo(np.float64).eps)
-    )
+    summation, ~(8 + m) ulps for m values per channel, times the cancellation factor of
+    bnfast's shifted variance (``_shift_factor``, 1 to about m: a channel whose first value is
+    its extreme outlier). The budget ``(3 + factor) (8 + m)`` ulps keeps the former ``4 (8 + m)``
+    where the factor is 1; CI's Hypothesis run found 1.8x that former budget at m = 48 with
+    the factor 48 (one outlier, first, among zeros), and a scan of 20,000 such channels
+    reached 1.79x: 0.14x of this budget."""
+    if np.dtype(dtype) == np.float32:
+        return 8 * np.finfo(np.float32).eps
+    return (3 + factor) * (8 + m) * np.finfo(np.float64).eps
+
+
+def _shift_factor(x, axis, cache):
+    """Per channel, how much bnfast's shifted variance can amplify the float64 summation error:
+    ``1 + (mean - k)**2 / (var + eps)``, k the channel's shift (its first value in the canonical
+    view; the accuracy notes of ``kernels/lanes.py``), ``var + eps = 1 / invstd**2``."""
+    from bnfast._checks import Layout
+
+    v = Layout.of(x, axis % x.ndim).view3(x)
+    if v.shape[0] * v.shape[2] == 0:
+        return 1.0
+    first = v[0, :, 0].astype(np.float64)
+    return 1.0 + (np.asarray(cache["mean"]) - first) ** 2 * np.asarray(cache["invstd"]) ** 2
 
 
 def forward_tolerance(x, axis, cache) -> np.ndarray:
@@ -56,7 +70,8 @@ def forward_tolerance(x, axis, cache) -> np.ndarray:
     xmax = np.max(np.abs(z), axis=0, initial=0.0)
     s = np.abs(cache["gamma"]) * cache["invstd"] * (xmax + np.abs(cache["mean"]))
     beta = np.asarray(cache.get("beta", 0.0))
-    return _slack(x.dtype, z.shape[0]) * (s + np.abs(beta) + np.finfo(np.float64).tiny)
+    slack = _slack(x.dtype, z.shape[0], _shift_factor(x, axis, cache))
+    return slack * (s + np.abs(beta) + np.finfo(np.float64).tiny)
 
 
 def backward_tolerance(x, dy, axis, cache):
@@ -67,7 +82,7 @@ def backward_tolerance(x, dy, axis, cache):
     invstd, gamma, mean = cache["invstd"], cache["gamma"], cache["mean"]
     spread = (np.max(np.abs(z), axis=0, initial=0.0) + np.abs(mean)) * invstd  # >= max|xhat|
     gmax = np.max(np.abs(g), axis=0, initial=0.0)
-    slack = _slack(x.dtype, m)
+    slack = _slack(x.dtype, m, _shift_factor(x, axis, cache))
     tiny = np.finfo(np.float64).tiny
     dx = slack * np.abs(gamma) * invstd * gmax * (3 + 2 * spread**2) + tiny
     dgamma = slack * m * gmax * (1 + spread) + tiny

@@ -41,6 +41,7 @@ from ._jit import (
     kernel,
     reduction,
     shared,
+    step,
 )
 
 # Rows of the float64 (8, C) statistics block a forward call writes (the cache keeps it): the
@@ -179,7 +180,14 @@ def same(a, b):
     scalar loop instead. Float32, one thread, Zen 5, ms, out of place / in place before / in
     place reading the output: inference (12544, 256) 0.58 / 1.67 / 0.45; backward 1.50 / 3.18;
     (2048, 1024) inference 0.32 / 1.74, backward 1.50 / 2.16; NCHW (32, 64, 28, 28) inference
-    0.13 / 0.59, backward 0.43 / 1.17. The same values are read, so the same bits."""
+    0.13 / 0.59, backward 0.43 / 1.17. The same values are read, so the same bits.
+
+    Each such loop of the rows family and ``row_frozen`` is written once, as a ``step``
+    (inlined) called with the output as its own source when in place. The lanes family's three
+    keep an explicit in-place twin: their rows are slices, and two slices of one array were
+    still two pointers to LLVM (inlined the same way, in-place inference (12544, 256) stayed
+    at 1.65 ms); per-row inlined bodies fixed that but measured 5-10% slower out of place on
+    backward, within this VM's noise but not shown equal."""
     return a.ctypes.data == b.ctypes.data
 
 
@@ -423,16 +431,18 @@ def row_frozen(x_row, dy_row, dx_row, m, scale, shift, relu, thr):
     """One row of the frozen backward: ``dx = scale * dy`` (x is not read for it unless the
     activation's mask needs it, so an inf or NaN in x cannot reach dx) and the row's
     ``(sum(dy), sum(dy * (x - m)))`` for dgamma, dbeta."""
+    if same(dy_row, dx_row):  # dx into dy: read dy through dx_row (see ``same``)
+        return frozen_row_loop(x_row, dx_row, dx_row, m, scale, shift, relu, thr)
+    return frozen_row_loop(x_row, dy_row, dx_row, m, scale, shift, relu, thr)
+
+
+@step
+def frozen_row_loop(x_row, dy_row, dx_row, m, scale, shift, relu, thr):
+    """``row_frozen``'s loop, inlined at both of its calls (so, called with dx_row as its own
+    source, it reads and writes through one array: ``same``); compiled with the caller's
+    fastmath flags."""
     a = 0.0
     b = 0.0
-    if same(dy_row, dx_row):  # dx into dy: read dy through dx_row (see ``same``)
-        for i in range(x_row.shape[0]):
-            d = x_row[i] - m
-            g = np.float64(dx_row[i]) if passes(d * scale + shift, relu, thr) else 0.0
-            a += g
-            b += g * d
-            dx_row[i] = scale * g
-        return a, b
     for i in range(x_row.shape[0]):
         d = x_row[i] - m
         g = np.float64(dy_row[i]) if passes(d * scale + shift, relu, thr) else 0.0

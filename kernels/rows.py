@@ -185,33 +185,39 @@ def input_task(x, dy, k, o0, o1, c0, c1, part):
 
 @step
 def write_task(x, stats, relu, thr, o0, o1, c0, c1, y):
-    inplace = same(x, y)  # inference with out=x: read y itself (see ``common.same``)
+    if same(x, y):  # inference with out=x: read y itself (see ``common.same``)
+        write_rows(y, stats, relu, thr, o0, o1, c0, c1, y)
+    else:
+        write_rows(x, stats, relu, thr, o0, o1, c0, c1, y)
+
+
+@step
+def write_rows(x, stats, relu, thr, o0, o1, c0, c1, y):
+    """``write_task``'s loop, inlined at both of its calls (see ``lanes.affine_row_by_row``)."""
     for o in range(o0, o1):
         for c in range(c0, c1):
             xr, yr = x[o, c], y[o, c]
             m, s, b = stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c]
-            if inplace:
-                for i in range(yr.shape[0]):
-                    yr[i] = activate((yr[i] - m) * s + b, relu, thr)
-                continue
             for i in range(xr.shape[0]):
                 yr[i] = activate((xr[i] - m) * s + b, relu, thr)
 
 
 @step
 def grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx):
-    inplace = same(dy, dx)  # dx into dy: read dy through dx (see ``common.same``)
+    if same(dy, dx):  # dx into dy: read dy through dx (see ``common.same``)
+        grad_input_rows(x, dx, stats, relu, thr, coef, o0, o1, c0, c1, dx)
+    else:
+        grad_input_rows(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx)
+
+
+@step
+def grad_input_rows(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx):
+    """``grad_input_task``'s loop, inlined at both of its calls (see ``write_rows``)."""
     for o in range(o0, o1):
         for c in range(c0, c1):
             xr, gr, dr = x[o, c], dy[o, c], dx[o, c]
             m, s, b = stats[MEAN, c], stats[SCALE, c], stats[SHIFT, c]
             kc, c1c, c0c = coef[0, c], coef[1, c], coef[2, c]
-            if inplace:
-                for i in range(xr.shape[0]):
-                    d = xr[i] - m
-                    e = np.float64(dr[i]) if passes(d * s + b, relu, thr) else 0.0
-                    dr[i] = kc * e - c1c * d + c0c
-                continue
             for i in range(xr.shape[0]):
                 d = xr[i] - m
                 e = np.float64(gr[i]) if passes(d * s + b, relu, thr) else 0.0

@@ -201,7 +201,7 @@ def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
     64) 42.2 -> 40.3, (4096, 32) 40.6 -> 38.6; backward (512, 256) 51.7 -> 44.8, (2048, 64)
     64.6 -> 57.6, (1024, 128) 57.8 -> 50.1. Inference and a forward with given statistics
     split such arrays into row blocks (``lanes.blocks``), which two threads share."""
-    name = "rows" if x3.shape[2] >= ROWS_MIN else "lanes"
+    name = _name(x3.shape)
     nbytes = x3.nbytes
     if nbytes < SERIAL_BELOW:
         return (_SERIAL if general else _SMALL)[name], TUNE
@@ -221,9 +221,14 @@ def small_launch(canon: tuple, dtype: np.dtype):
     (where the thread count and the threading layer's state decide)."""
     if canon[0] * canon[1] * canon[2] * dtype.itemsize >= SERIAL_BELOW:
         return None
-    return _SMALL["rows" if canon[2] >= ROWS_MIN else "lanes"], TUNE
+    return _SMALL[_name(canon)], TUNE
+
+
+def _name(canon: tuple) -> str:
+    """The family of a canonical (outer, C, inner) shape: ``rows`` when its rows are long."""
+    return "rows" if canon[2] >= ROWS_MIN else "lanes"
 
 
 def fallback(x3: np.ndarray):
     """The general serial kernels, for a call the ``.small`` twin returned -1 for."""
-    return _SERIAL["rows" if x3.shape[2] >= ROWS_MIN else "lanes"]
+    return _SERIAL[_name(x3.shape)]

@@ -139,13 +139,34 @@ def running_channels(stats, running_mean, running_var):
         variances[j] = running_var[j]
 
 
+# A channel's one-pass sums run around a shift k, its first value (every family). Their
+# rounding errors grow with |mean - k|, which the float64 mean then carries into the outputs
+# near zero: float32, 10^6 values per channel with the first value at 30 / 10^3 / 10^4 sigma
+# from the mean, worst y 0.5 / 5.2 / 91 ulps of the exact result (10^5 values at 316 sigma:
+# 109 ulps, dx 2.7). Such a channel counts as bad, like one whose sums overflowed, and the
+# rescue recomputes it around its first-pass mean. Normal data never comes near (a first
+# value 32 sigma from the mean); the criterion costs one compare per channel.
+ILL_SHIFT = 1024.0  # (mean - k)**2 > ILL_SHIFT * (var + eps): |mean - k| beyond 32 sigma
+
+
 @helper
-def count_nonfinite(mean, var):
-    """How many channels have a non-finite mean or variance (a vectorized pass): a training
-    forward or moments kernel returns it, and the caller runs the rescue when it is not 0."""
+def ill_shifted(k, mean, var, eps):
+    """Whether sums around the shift k lose accuracy that shows (see ``ILL_SHIFT``); False for
+    non-finite statistics."""
+    d = mean - k
+    return d * d > ILL_SHIFT * (var + eps)
+
+
+@helper
+def count_bad(x, mean, var, eps):
+    """How many channels of x's statistics are not finite or came from ill-placed shifts
+    (``ill_shifted``; the shift is ``x[0, c, 0]`` in every family): a training forward or
+    moments kernel returns it, and the caller runs the rescue when it is not 0."""
     bad = 0
-    for c in range(mean.shape[0]):
-        bad += not (np.isfinite(mean[c]) and np.isfinite(var[c]))
+    for c in range(mean.shape[0]):  # branch-free, so that it stays one vectorized pass
+        m, v = mean[c], var[c]
+        finite = np.isfinite(m) & np.isfinite(v)
+        bad += (not finite) | ill_shifted(np.float64(x[0, c, 0]), m, v, eps)
     return bad
 
 
@@ -255,14 +276,22 @@ def parameter_gradients(s, so, stats, c0, c1, dgamma, dbeta):
 
 
 @helper
-def input_channels(k, s, n, gamma, params, stats, c0, c1):
+def input_channels(x, dy, base, k, s, n, gamma, params, stats, c0, c1):
     """The cache-free backward's statistics of channels c0:c1 from one pass of sums around the
     shifts k (``s`` rows: ``sum(x - k)``, ``sum((x - k)**2)``, ``sum(dy)``, ``sum(dy * (x -
     k))``): MEAN, VAR and the rest of the block, and in place of ``s[3]``, ``sum(dy * (x -
     mean)) = sum(dy * (x - k)) - (mean - k) * sum(dy)``: the shift is a value of the channel, so
     the correction is small against the sum and loses nothing that matters (the same argument
-    as for the variance, in ``lanes``)."""
+    as for the variance, in ``lanes``) unless the shift lies far from the mean
+    (``ill_shifted``): such a channel's sums are taken again around its first-pass mean, from
+    x and dy (index ``base + j`` of channel j of these vectors), before anything is written."""
     moments_channels(k[c0:c1], s[0, c0:c1], s[1, c0:c1], n, stats[MEAN, c0:c1], stats[VAR, c0:c1])
+    eps = params[P_EPS]
+    for j in range(c0, c1):
+        if ill_shifted(k[j], stats[MEAN, j], stats[VAR, j], eps):
+            k[j] = stats[MEAN, j]
+            recentred_input_sums(x, dy, base + j, k[j], s, j)
+            stats[MEAN, j], stats[VAR, j] = moments_from_sums(k[j], s[0, j], s[1, j], n)
     zeros = stats[D]  # beta does not enter the gradient; no renorm (P_RMAX is 0)
     for j in range(c0, c1):
         zeros[j] = 0.0
@@ -270,6 +299,27 @@ def input_channels(k, s, n, gamma, params, stats, c0, c1):
     means, s3, s4, kk = stats[MEAN, c0:c1], s[2, c0:c1], s[3, c0:c1], k[c0:c1]
     for j in range(s4.shape[0]):
         s4[j] = s4[j] - (means[j] - kk[j]) * s3[j]
+
+
+@helper
+def recentred_input_sums(x, dy, c, m, s, j):
+    """Channel c's four sums of the cache-free backward around m, into ``s[:, j]``."""
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    s4 = 0.0
+    for o in range(x.shape[0]):
+        for i in range(x.shape[2]):
+            d = np.float64(x[o, c, i]) - m
+            e = np.float64(dy[o, c, i])
+            s1 += d
+            s2 += d * d
+            s3 += e
+            s4 += e * d
+    s[0, j] = s1
+    s[1, j] = s2
+    s[2, j] = s3
+    s[3, j] = s4
 
 
 @exact
@@ -325,10 +375,11 @@ def unpack_moments(out, mean, var):
 
 
 # --- The rescue of a channel whose shifted sums overflowed (float64 data beyond ~1e154: the
-# squares overflow; beyond ~9e307 the differences do). Cold path, a kernel of its own: a
-# training forward or moments kernel counts the non-finite channels once (a vectorized O(C)
-# loop, the whole cost on normal data) and returns the count; the caller runs these only when
-# it is not 0. (Inside the hot kernels, the rescue added ~1.2 s to a cold first training step.)
+# squares overflow; beyond ~9e307 the differences do) or ran around an ill-placed shift
+# (``ILL_SHIFT``). Cold path, a kernel of its own: a training forward or moments kernel counts
+# such channels once (``count_bad``, a vectorized O(C) loop, the whole cost on normal data) and
+# returns the count; the caller runs these only when it is not 0. (Inside the hot kernels, the
+# rescue added ~1.2 s to a cold first training step.)
 
 
 @helper
@@ -344,17 +395,8 @@ def channel_extent(x, c):
 
 
 @helper
-def rescued_moments(x, c):
-    """Channel c's ``(scale, mean, var)`` recomputed from its values times f, a power of two
-    that brings them to at most 2**500 (exact), shifted sums in float64, scaled back (var
-    overflows to inf only if the true variance does); ``(0.0, NaN, NaN)`` when the channel
-    holds inf or NaN."""
-    top = channel_extent(x, c)
-    if not np.isfinite(top):
-        return 0.0, np.nan, np.nan
-    e = math.frexp(top)[1]
-    f = math.ldexp(1.0, 500 - e) if e > 500 else 1.0
-    k = np.float64(x[0, c, 0]) * f
+def shifted_moments(x, c, f, k):
+    """Channel c's ``(mean, var)`` of its values times f, from float64 sums around k."""
     s1 = 0.0
     s2 = 0.0
     for o in range(x.shape[0]):
@@ -362,21 +404,38 @@ def rescued_moments(x, c):
             d = np.float64(x[o, c, i]) * f - k
             s1 += d
             s2 += d * d
-    mean, var = moments_from_sums(k, s1, s2, x.shape[0] * x.shape[2])
+    return moments_from_sums(k, s1, s2, x.shape[0] * x.shape[2])
+
+
+@helper
+def rescued_moments(x, c):
+    """Channel c's ``(scale, mean, var)`` recomputed from its values times f, a power of two
+    that brings them to at most 2**500 (exact), in two passes of shifted float64 sums: around
+    its first value, then around that pass's mean (``ILL_SHIFT``: the second pass is what the
+    shift's distance from the mean cannot spoil); scaled back (var overflows to inf only if the
+    true variance does). ``(0.0, NaN, NaN)`` when the channel holds inf or NaN."""
+    top = channel_extent(x, c)
+    if not np.isfinite(top):
+        return 0.0, np.nan, np.nan
+    e = math.frexp(top)[1]
+    f = math.ldexp(1.0, 500 - e) if e > 500 else 1.0
+    mean, var = shifted_moments(x, c, f, np.float64(x[0, c, 0]) * f)
+    mean, var = shifted_moments(x, c, f, mean)
     return f, mean / f, var / f / f
 
 
 @kernel(*RESCUE)
 def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
     """After a training forward that returned a non-zero count: channels whose statistics are
-    not finite are recomputed from rescaled values when the channel's values are finite (then
-    their y rewritten with rescaled arithmetic), NaN statistics and an all-NaN y when the
-    channel holds inf or NaN (as the README says); then the running averages (the forward
-    skipped them)."""
-    relu, thr = params[P_RELU] != 0.0, params[P_THR]
+    not finite or ill-shifted (``count_bad``) are recomputed in two passes from rescaled values
+    when the channel's values are finite (then their y rewritten with rescaled arithmetic),
+    NaN statistics and an all-NaN y when the channel holds inf or NaN (as the README says);
+    then the running averages (the forward skipped them)."""
+    relu, thr, eps = params[P_RELU] != 0.0, params[P_THR], params[P_EPS]
     means, variances = stats[MEAN], stats[VAR]
     for c in range(means.shape[0]):
-        if np.isfinite(means[c]) and np.isfinite(variances[c]):
+        m, v = means[c], variances[c]
+        if np.isfinite(m) and np.isfinite(v) and not ill_shifted(np.float64(x[0, c, 0]), m, v, eps):
             continue
         f, mean, var = rescued_moments(x, c)
         means[c] = mean
@@ -396,7 +455,8 @@ def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
 def rescue_moments(x, mean, var):
     """:func:`rescue` for the moments kernel (float64 statistics, no output)."""
     for c in range(mean.shape[0]):
-        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+        m, v, k = mean[c], var[c], np.float64(x[0, c, 0])
+        if not (np.isfinite(m) and np.isfinite(v)) or ill_shifted(k, m, v, 0.0):
             f, mean[c], var[c] = rescued_moments(x, c)
 
 

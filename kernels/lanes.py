@@ -77,6 +77,7 @@ from ._jit import (
     FUSE_TASKS_PER_THREAD,
     MOMENTS,
     P_COUNT,
+    P_EPS,
     P_MODE,
     P_RELU,
     P_THR,
@@ -97,7 +98,7 @@ from .common import (
     STATS_ROWS,
     VAR,
     activate,
-    count_nonfinite,
+    count_bad,
     finish_channels,
     gradient_channels,
     input_channels,
@@ -696,7 +697,7 @@ def frozen_task(x2, g2, d2, inner, stats, relu, thr, r0, r1, l0, l1, a1, a2):
 
 
 @step
-def input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta):
+def input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta):
     """The fused cache-free backward of one tile: one read of x and dy for the statistics and
     both gradient sums, its channels' coefficients, then dx while the tile is in cache. Its
     own buffers, O(T): shifts, the four sums, a statistics block and the coefficients of its
@@ -716,7 +717,7 @@ def input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta):
         fold_into(a[i], inner, s[i])
     stats = np.empty((STATS_ROWS, wc))
     n = params[P_COUNT]
-    input_channels(k, s, n, gamma[c0:c1], params, stats, zero, wc)
+    input_channels(x, dy, c0, k, s, n, gamma[c0:c1], params, stats, zero, wc)
     coef = np.empty((3, wc))
     gradient_channels(s[2:], zero, n, stats, zero, wc, coef, dgamma[c0:c1], dbeta[c0:c1])
     m, sc, b = coefficients(stats, inner, zero, w)
@@ -764,7 +765,7 @@ def moments(x, mean, var, tune):
         sums = np.empty((2, channels))
         partials_per_channel(p[0], p[1], inner, sums)
         moments_channels(k, sums[0], sums[1], n, mean, var)
-    return count_nonfinite(mean, var)
+    return count_bad(x, mean, var, 0.0)
 
 
 @parallel_kernel(*FORWARD, returns=True, small=True)
@@ -819,7 +820,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
             write_task(x2, y2, inner, stats, relu, thr, r0, r1, l0, l1)
     if mode == FORWARD_RUNNING:
         return 0
-    bad = count_nonfinite(stats[MEAN], stats[VAR]) if batch else 0
+    bad = count_bad(x, stats[MEAN], stats[VAR], params[P_EPS]) if batch else 0
     if bad == 0:
         update_running(stats, params, running_mean, running_var)
     return bad
@@ -918,7 +919,7 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
             b = task // nt
             if fused:
-                input_tile(x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta)
+                input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta)
             else:
                 input_sums(
                     x2,
@@ -941,7 +942,7 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
         stats = np.empty((STATS_ROWS, channels))
         zero = np.int64(0)
         n = params[P_COUNT]
-        input_channels(k, s, n, gamma, params, stats, zero, channels)
+        input_channels(x, dy, zero, k, s, n, gamma, params, stats, zero, channels)
         coef = np.empty((3, channels))
         gradient_channels(s[2:], zero, n, stats, zero, channels, coef, dgamma, dbeta)
         for task in prange(nt * nrb):

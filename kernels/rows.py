@@ -41,6 +41,7 @@ from ._jit import (
     MIN_TASKS,
     MOMENTS,
     P_COUNT,
+    P_EPS,
     P_MODE,
     P_RELU,
     P_THR,
@@ -57,7 +58,7 @@ from .common import (
     STATS_ROWS,
     VAR,
     activate,
-    count_nonfinite,
+    count_bad,
     finish_channels,
     gradient_channels,
     input_channels,
@@ -271,7 +272,7 @@ def moments(x, mean, var, tune):
     sums = np.empty((2, channels))
     combine(part, sums)
     moments_channels(k, sums[0], sums[1], np.float64(x.shape[0] * x.shape[2]), mean, var)
-    return count_nonfinite(mean, var)
+    return count_bad(x, mean, var, 0.0)
 
 
 @parallel_kernel(*FORWARD, returns=True, small=True)
@@ -326,7 +327,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
             write_task(x, stats, relu, thr, o0, o1, c0, c1, y)
     if mode == FORWARD_RUNNING:
         return 0
-    bad = count_nonfinite(stats[MEAN], stats[VAR]) if batch else 0
+    bad = count_bad(x, stats[MEAN], stats[VAR], params[P_EPS]) if batch else 0
     if bad == 0:
         update_running(stats, params, running_mean, running_var)
     return bad
@@ -394,7 +395,7 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     stats = np.empty((STATS_ROWS, channels))
     zero = np.int64(0)
     n = params[P_COUNT]
-    input_channels(k, s, n, gamma, params, stats, zero, channels)
+    input_channels(x, dy, zero, k, s, n, gamma, params, stats, zero, channels)
     coef = np.empty((3, channels))
     gradient_channels(s[2:], zero, n, stats, zero, channels, coef, dgamma, dbeta)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]  # off: variables, not literals

@@ -253,17 +253,25 @@ def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
     for a in (*written.values(), *read.values()):
         if a is None:
             continue
-        o = _owner(a)
-        if o is None or id(o) in seen:
+        if a.base is None:  # (``_owner``'s first step, inline: 0.06 us a call saved)
+            if not a.flags.owndata:
+                break
+            key = id(a)
+        else:
+            o = _owner(a)
+            if o is None:
+                break
+            key = id(o)
+        if key in seen:
             break
-        seen.add(id(o))
+        seen.add(key)
     else:
         # the common case, every array its own memory: only self-overlap can remain (a
         # contiguous array is checked by its flags). A training forward's five arrays at
         # (32, 64): 2.5 us for NumPy's pairwise check, 1.6 us for this test built from
         # comprehensions, 0.8 us as this loop (Zen 5).
         for w, a in written.items():
-            if a is not None and self_overlapping(a):
+            if a is not None and not a.flags.c_contiguous and self_overlapping(a):
                 raise ValueError(
                     f"{w} has elements that share memory (strides {a.strides}); "
                     "pass an array whose elements are distinct"

@@ -857,12 +857,13 @@ def _backward_synced(
             dbeta,
             dx3,
         )
+    else:  # this rank's share of dgamma and dbeta (written by the kernel's BACKWARD_SUMS)
+        parameter_gradients(sums, 0, stats, 0, layout.channels, dgamma, dbeta)
     total = _sync.global_sums(cache.comm, sums)
-    if local:
+    if local:  # dgamma and dbeta not wanted again (length 0): the kernel keeps the share
         block = params(BACKWARD_GIVEN, 0.0, 0.0, 0, 0.0, 0.0, *relu_thr, cache.total)
-        run_backward(x3, dy3, stats, block, total, dgamma, dbeta, dx3)
-    # this rank's share, by the kernels' own rule
-    parameter_gradients(sums, 0, stats, 0, layout.channels, dgamma, dbeta)
+        none = _NO_RUNNING[x3.dtype]
+        run_backward(x3, dy3, stats, block, total, none, none, dx3)
 
 
 def backward_from_input(

@@ -118,8 +118,9 @@ FORWARD_RUNNING = 1  # running statistics (inference)
 FORWARD_GIVEN = 2  # the MEAN and VAR rows of the block are given (a synchronized forward)
 BACKWARD_TRAIN = 0  # the training gradient; the two sums also written to ``sums``
 BACKWARD_FROZEN = 1  # dx = scale * dy (inference statistics); sums as in TRAIN
-BACKWARD_SUMS = 2  # only the two sums (a synchronized backward reduces them across ranks)
-BACKWARD_GIVEN = 3  # dx, dgamma, dbeta from the given ``sums`` over params[P_COUNT] values
+BACKWARD_SUMS = 2  # the two sums and dgamma, dbeta from them (a synchronized rank's share)
+BACKWARD_GIVEN = 3  # dx from the given ``sums`` over params[P_COUNT] values (and dgamma,
+# dbeta from them, unless passed with length 0: a synchronized call keeps its rank's share)
 
 # The parameter kinds of the kernels every family has (kernels/__init__.py describes them).
 MOMENTS = ("x", "vec_out", "vec_out", "tune")

@@ -885,9 +885,9 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
             zero = np.int64(0)
             if reduce:
                 partials_per_channel(p[0], p[1], inner, s)
-            if frozen:
+            if frozen or mode == BACKWARD_SUMS:  # (a synchronized rank's share: its sums)
                 parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
-            elif mode != BACKWARD_SUMS:
+            else:
                 coef = np.empty((3, channels))
                 gradient_channels(s, zero, n, stats, zero, channels, coef, dgamma, dbeta)
                 for task in prange(nt * nrb):

@@ -368,9 +368,9 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
         if not fused_route:
             if reduce:
                 combine(part, s)
-            if frozen:
+            if frozen or mode == BACKWARD_SUMS:  # (a synchronized rank's share: its sums)
                 parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
-            elif mode != BACKWARD_SUMS:
+            else:
                 gradient_channels(s, zero, n, stats, zero, channels, coef, dgamma, dbeta)
                 for t in prange(nb * ng):
                     b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)

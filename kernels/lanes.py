@@ -254,11 +254,12 @@ def moment_sums(x2, k, r0, r1, l0, l1, a1, a2, cached):
     for j in range(w):
         a1[j] = 0.0
         a2[j] = 0.0
-    r = r0
+    xb = x2[r0:r1]  # rows from 0: see ``affine_rows``
+    n, r = xb.shape[0], 0
     whole = l0 == 0 and l1 == x2.shape[1]
-    while (cached or whole or grouped(x2, r0, r1, l0, l1)) and r + 8 <= r1:
-        x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
-        x4, x5, x6, x7 = x2[r + 4, l0:l1], x2[r + 5, l0:l1], x2[r + 6, l0:l1], x2[r + 7, l0:l1]
+    while (cached or whole or grouped(x2, r0, r1, l0, l1)) and r + 8 <= n:
+        x0, x1, x2_, x3 = xb[r, l0:l1], xb[r + 1, l0:l1], xb[r + 2, l0:l1], xb[r + 3, l0:l1]
+        x4, x5, x6, x7 = xb[r + 4, l0:l1], xb[r + 5, l0:l1], xb[r + 6, l0:l1], xb[r + 7, l0:l1]
         for j in range(w):
             kj = k[j]
             d0, d1, d2, d3 = x0[j] - kj, x1[j] - kj, x2_[j] - kj, x3[j] - kj
@@ -268,8 +269,8 @@ def moment_sums(x2, k, r0, r1, l0, l1, a1, a2, cached):
                 (d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)
             )
         r += 8
-    while r < r1:
-        xr = x2[r, l0:l1]
+    while r < n:
+        xr = xb[r, l0:l1]
         for j in range(w):
             d = xr[j] - k[j]
             a1[j] += d
@@ -286,10 +287,11 @@ def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2, cached):
     for j in range(w):
         a1[j] = 0.0
         a2[j] = 0.0
-    r = r0
-    while (cached or grouped(x2, r0, r1, l0, l1)) and r + 4 <= r1:
-        x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
-        g0, g1, g2_, g3 = g2[r, l0:l1], g2[r + 1, l0:l1], g2[r + 2, l0:l1], g2[r + 3, l0:l1]
+    xb, gb = x2[r0:r1], g2[r0:r1]  # rows from 0: see ``affine_rows``
+    n, r = xb.shape[0], 0
+    while (cached or grouped(x2, r0, r1, l0, l1)) and r + 4 <= n:
+        x0, x1, x2_, x3 = xb[r, l0:l1], xb[r + 1, l0:l1], xb[r + 2, l0:l1], xb[r + 3, l0:l1]
+        g0, g1, g2_, g3 = gb[r, l0:l1], gb[r + 1, l0:l1], gb[r + 2, l0:l1], gb[r + 3, l0:l1]
         for j in range(w):
             mj, sj, bj = m[j], s[j], b[j]
             d0, d1, d2, d3 = x0[j] - mj, x1[j] - mj, x2_[j] - mj, x3[j] - mj
@@ -300,8 +302,8 @@ def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2, cached):
             a1[j] += (e0 + e1) + (e2 + e3)
             a2[j] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)
         r += 4
-    while r < r1:
-        xr, gr = x2[r, l0:l1], g2[r, l0:l1]
+    while r < n:
+        xr, gr = xb[r, l0:l1], gb[r, l0:l1]
         for j in range(w):
             d = xr[j] - m[j]
             e = np.float64(gr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
@@ -322,10 +324,11 @@ def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4, cached):
         a2[j] = 0.0
         a3[j] = 0.0
         a4[j] = 0.0
-    r = r0
-    while (cached or grouped(x2, r0, r1, l0, l1)) and r + 4 <= r1:
-        x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
-        g0, g1, g2_, g3 = g2[r, l0:l1], g2[r + 1, l0:l1], g2[r + 2, l0:l1], g2[r + 3, l0:l1]
+    xb, gb = x2[r0:r1], g2[r0:r1]  # rows from 0: see ``affine_rows``
+    n, r = xb.shape[0], 0
+    while (cached or grouped(x2, r0, r1, l0, l1)) and r + 4 <= n:
+        x0, x1, x2_, x3 = xb[r, l0:l1], xb[r + 1, l0:l1], xb[r + 2, l0:l1], xb[r + 3, l0:l1]
+        g0, g1, g2_, g3 = gb[r, l0:l1], gb[r + 1, l0:l1], gb[r + 2, l0:l1], gb[r + 3, l0:l1]
         for j in range(w):
             kj = k[j]
             d0, d1, d2, d3 = x0[j] - kj, x1[j] - kj, x2_[j] - kj, x3[j] - kj
@@ -336,8 +339,8 @@ def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4, cached):
             a3[j] += (e0 + e1) + (e2 + e3)
             a4[j] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)
         r += 4
-    while r < r1:
-        xr, gr = x2[r, l0:l1], g2[r, l0:l1]
+    while r < n:
+        xr, gr = xb[r, l0:l1], gb[r, l0:l1]
         for j in range(w):
             d = xr[j] - k[j]
             e = np.float64(gr[j])
@@ -350,35 +353,48 @@ def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4, cached):
 
 @helper
 def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1):
-    """``y = activation((x - m[j]) * s[j] + b[j])`` on rows r0:r1, lanes l0:l1; on wide tiles
-    four rows per pass over the per-lane values. (Those three float64 loads per element bound
-    the loop on wide tiles: float32 (2048, 1024), one thread, 431 us four rows at a time against
-    552 us one row at a time. On tiles narrower than 512 lanes the four-row loop's per-group
-    set-up (runtime alias checks of eight rows) costs more than it saves: (12544, 256), 2038
-    against 974 us.)"""
+    """``y = activation((x - m[j]) * s[j] + b[j])`` on rows r0:r1, lanes l0:l1: whole rows as
+    one 2-D loop; on wide tiles of part of a row four rows per pass over the per-lane values,
+    else one. (Those three float64 loads per element bound the loop on wide tiles: float32
+    (2048, 1024), one thread, 431 us four rows at a time against 552 us one row at a time. On
+    tiles narrower than 512 lanes the four-row loop's per-group set-up (runtime alias checks of
+    eight rows) costs more than it saves: (12544, 256), 2038 against 974 us.)
+
+    Rows are indexed from 0 in the block ``x2[r0:r1]`` (numba knows such an index is not
+    negative): counted from r0, each row's index took a wrap-around test and the loop ran 5-30%
+    slower than a bare loop over the same rows (float32, one thread, Zen 5, us, bare / rows
+    from r0 / from 0: (2048, 64) 19.1 / 25.2 / 19.4, (8192, 64) 73.5 / 96.6 / 74.1, (2048, 256)
+    62.2 / 73.2 / 62.6, (512, 1024) 62.1 / 65.4 / 61.8)."""
     w = l1 - l0
+    xb, yb = x2[r0:r1], y2[r0:r1]
+    n = xb.shape[0]
     if same(x2, y2):  # in place (inference with out=x): read y itself, see ``common.same``
-        for r in range(r0, r1):
-            yr = y2[r, l0:l1]
+        for i in range(n):
+            yr = yb[i, l0:l1]
             for j in range(w):
                 yr[j] = activate((yr[j] - m[j]) * s[j] + b[j], relu, thr)
         return
-    r = r0
-    while w >= 512 and grouped(x2, r0, r1, l0, l1) and r + 4 <= r1:
-        x0, x1, x2_, x3 = x2[r, l0:l1], x2[r + 1, l0:l1], x2[r + 2, l0:l1], x2[r + 3, l0:l1]
-        y0, y1, y2_, y3 = y2[r, l0:l1], y2[r + 1, l0:l1], y2[r + 2, l0:l1], y2[r + 3, l0:l1]
+    if l0 == 0 and w == x2.shape[1]:
+        for i in range(n):
+            for j in range(w):
+                yb[i, j] = activate((xb[i, j] - m[j]) * s[j] + b[j], relu, thr)
+        return
+    i = 0
+    while w >= 512 and grouped(x2, r0, r1, l0, l1) and i + 4 <= n:
+        x0, x1, x2_, x3 = xb[i, l0:l1], xb[i + 1, l0:l1], xb[i + 2, l0:l1], xb[i + 3, l0:l1]
+        y0, y1, y2_, y3 = yb[i, l0:l1], yb[i + 1, l0:l1], yb[i + 2, l0:l1], yb[i + 3, l0:l1]
         for j in range(w):
             mj, sj, bj = m[j], s[j], b[j]
             y0[j] = activate((x0[j] - mj) * sj + bj, relu, thr)
             y1[j] = activate((x1[j] - mj) * sj + bj, relu, thr)
             y2_[j] = activate((x2_[j] - mj) * sj + bj, relu, thr)
             y3[j] = activate((x3[j] - mj) * sj + bj, relu, thr)
-        r += 4
-    while r < r1:
-        xr, yr = x2[r, l0:l1], y2[r, l0:l1]
+        i += 4
+    while i < n:
+        xr, yr = xb[i, l0:l1], yb[i, l0:l1]
         for j in range(w):
             yr[j] = activate((xr[j] - m[j]) * s[j] + b[j], relu, thr)
-        r += 1
+        i += 1
 
 
 @helper
@@ -392,17 +408,27 @@ def gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
     thread, Zen 5, paired medians: with the ReLU mask (which reads s and b) (512, 1024) 209 ->
     171 us, (2048, 1024) 1200 -> 1078 us; without it, and at 512 lanes or fewer, unchanged;
     same bits."""
+    w = l1 - l0
+    xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # rows from 0: see ``affine_rows``
+    n = xb.shape[0]
     if same(g2, d2):  # dx into dy: read dy through dx (see ``common.same``)
-        for r in range(r0, r1):
-            xr, dr = x2[r, l0:l1], d2[r, l0:l1]
-            for j in range(l1 - l0):
+        for i in range(n):
+            xr, dr = xb[i, l0:l1], db[i, l0:l1]
+            for j in range(w):
                 d = xr[j] - m[j]
                 e = np.float64(dr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
                 dr[j] = s[j] * e - c1[j] * d + c0[j]
         return
-    for r in range(r0, r1):
-        xr, gr, dr = x2[r, l0:l1], g2[r, l0:l1], d2[r, l0:l1]
-        for j in range(l1 - l0):
+    if l0 == 0 and w == x2.shape[1]:  # whole rows
+        for i in range(n):
+            for j in range(w):
+                d = xb[i, j] - m[j]
+                e = np.float64(gb[i, j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
+                db[i, j] = s[j] * e - c1[j] * d + c0[j]
+        return
+    for i in range(n):
+        xr, gr, dr = xb[i, l0:l1], gb[i, l0:l1], db[i, l0:l1]
+        for j in range(w):
             d = xr[j] - m[j]
             e = np.float64(gr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
             dr[j] = s[j] * e - c1[j] * d + c0[j]
@@ -417,9 +443,10 @@ def frozen_rows(x2, g2, d2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
     for j in range(w):
         a1[j] = 0.0
         a2[j] = 0.0
+    xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # rows from 0: see ``affine_rows``
     if same(g2, d2):  # dx into dy: read dy through dx (see ``common.same``)
-        for r in range(r0, r1):
-            xr, dr = x2[r, l0:l1], d2[r, l0:l1]
+        for i in range(xb.shape[0]):
+            xr, dr = xb[i, l0:l1], db[i, l0:l1]
             for j in range(w):
                 d = xr[j] - m[j]
                 e = np.float64(dr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
@@ -427,8 +454,8 @@ def frozen_rows(x2, g2, d2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
                 a2[j] += e * d
                 dr[j] = s[j] * e
         return
-    for r in range(r0, r1):
-        xr, gr, dr = x2[r, l0:l1], g2[r, l0:l1], d2[r, l0:l1]
+    for i in range(xb.shape[0]):
+        xr, gr, dr = xb[i, l0:l1], gb[i, l0:l1], db[i, l0:l1]
         for j in range(w):
             d = xr[j] - m[j]
             e = np.float64(gr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0

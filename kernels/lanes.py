@@ -353,48 +353,26 @@ def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4, cached):
 
 @helper
 def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1):
-    """``y = activation((x - m[j]) * s[j] + b[j])`` on rows r0:r1, lanes l0:l1: whole rows as
-    one 2-D loop; on wide tiles of part of a row four rows per pass over the per-lane values,
-    else one. (Those three float64 loads per element bound the loop on wide tiles: float32
-    (2048, 1024), one thread, 431 us four rows at a time against 552 us one row at a time. On
-    tiles narrower than 512 lanes the four-row loop's per-group set-up (runtime alias checks of
-    eight rows) costs more than it saves: (12544, 256), 2038 against 974 us.)
+    """``y = activation((x - m[j]) * s[j] + b[j])`` on rows r0:r1, lanes l0:l1.
 
-    Rows are indexed from 0 in the block ``x2[r0:r1]`` (numba knows such an index is not
-    negative): counted from r0, each row's index took a wrap-around test and the loop ran 5-30%
-    slower than a bare loop over the same rows (float32, one thread, Zen 5, us, bare / rows
-    from r0 / from 0: (2048, 64) 19.1 / 25.2 / 19.4, (8192, 64) 73.5 / 96.6 / 74.1, (2048, 256)
-    62.2 / 73.2 / 62.6, (512, 1024) 62.1 / 65.4 / 61.8)."""
-    w = l1 - l0
+    One 2-D loop over the row block ``x2[r0:r1]``, rows from 0 and lanes at an unsigned
+    offset: numba then knows no index is negative. Rows counted from r0 (or lanes at a signed
+    offset) took a wrap-around test each and ran 5-30% slower than a bare loop over the same
+    rows; this form runs at the bare loop's speed, and one row at a time it matches the
+    four-rows-per-pass loop of wide tiles it replaces (float32, one thread, Zen 5, us, bare /
+    rows from r0 / this: (2048, 64) 19.1 / 25.2 / 19.4, (8192, 64) 73.5 / 96.6 / 74.1, (2048,
+    256) 62.2 / 73.2 / 62.6; four rows per pass / this: (2048, 1024) 292 / 292, a 1024-lane
+    tile of (512, 4096) 83.5 / 72.5, of (2048, 4096) 345 / 330)."""
     xb, yb = x2[r0:r1], y2[r0:r1]
-    n = xb.shape[0]
+    lo, w = np.uint64(l0), np.uint64(l1 - l0)
     if same(x2, y2):  # in place (inference with out=x): read y itself, see ``common.same``
-        for i in range(n):
-            yr = yb[i, l0:l1]
+        for i in range(xb.shape[0]):
             for j in range(w):
-                yr[j] = activate((yr[j] - m[j]) * s[j] + b[j], relu, thr)
+                yb[i, lo + j] = activate((yb[i, lo + j] - m[j]) * s[j] + b[j], relu, thr)
         return
-    if l0 == 0 and w == x2.shape[1]:
-        for i in range(n):
-            for j in range(w):
-                yb[i, j] = activate((xb[i, j] - m[j]) * s[j] + b[j], relu, thr)
-        return
-    i = 0
-    while w >= 512 and grouped(x2, r0, r1, l0, l1) and i + 4 <= n:
-        x0, x1, x2_, x3 = xb[i, l0:l1], xb[i + 1, l0:l1], xb[i + 2, l0:l1], xb[i + 3, l0:l1]
-        y0, y1, y2_, y3 = yb[i, l0:l1], yb[i + 1, l0:l1], yb[i + 2, l0:l1], yb[i + 3, l0:l1]
+    for i in range(xb.shape[0]):
         for j in range(w):
-            mj, sj, bj = m[j], s[j], b[j]
-            y0[j] = activate((x0[j] - mj) * sj + bj, relu, thr)
-            y1[j] = activate((x1[j] - mj) * sj + bj, relu, thr)
-            y2_[j] = activate((x2_[j] - mj) * sj + bj, relu, thr)
-            y3[j] = activate((x3[j] - mj) * sj + bj, relu, thr)
-        i += 4
-    while i < n:
-        xr, yr = xb[i, l0:l1], yb[i, l0:l1]
-        for j in range(w):
-            yr[j] = activate((xr[j] - m[j]) * s[j] + b[j], relu, thr)
-        i += 1
+            yb[i, lo + j] = activate((xb[i, lo + j] - m[j]) * s[j] + b[j], relu, thr)
 
 
 @helper
@@ -408,30 +386,20 @@ def gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
     thread, Zen 5, paired medians: with the ReLU mask (which reads s and b) (512, 1024) 209 ->
     171 us, (2048, 1024) 1200 -> 1078 us; without it, and at 512 lanes or fewer, unchanged;
     same bits."""
-    w = l1 - l0
-    xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # rows from 0: see ``affine_rows``
-    n = xb.shape[0]
+    xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # 2-D, lanes at an unsigned offset:
+    lo, w = np.uint64(l0), np.uint64(l1 - l0)  # see ``affine_rows``
     if same(g2, d2):  # dx into dy: read dy through dx (see ``common.same``)
-        for i in range(n):
-            xr, dr = xb[i, l0:l1], db[i, l0:l1]
+        for i in range(xb.shape[0]):
             for j in range(w):
-                d = xr[j] - m[j]
-                e = np.float64(dr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
-                dr[j] = s[j] * e - c1[j] * d + c0[j]
+                d = xb[i, lo + j] - m[j]
+                e = np.float64(db[i, lo + j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
+                db[i, lo + j] = s[j] * e - c1[j] * d + c0[j]
         return
-    if l0 == 0 and w == x2.shape[1]:  # whole rows
-        for i in range(n):
-            for j in range(w):
-                d = xb[i, j] - m[j]
-                e = np.float64(gb[i, j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
-                db[i, j] = s[j] * e - c1[j] * d + c0[j]
-        return
-    for i in range(n):
-        xr, gr, dr = xb[i, l0:l1], gb[i, l0:l1], db[i, l0:l1]
+    for i in range(xb.shape[0]):
         for j in range(w):
-            d = xr[j] - m[j]
-            e = np.float64(gr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
-            dr[j] = s[j] * e - c1[j] * d + c0[j]
+            d = xb[i, lo + j] - m[j]
+            e = np.float64(gb[i, lo + j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
+            db[i, lo + j] = s[j] * e - c1[j] * d + c0[j]
 
 
 @helper
@@ -443,25 +411,24 @@ def frozen_rows(x2, g2, d2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
     for j in range(w):
         a1[j] = 0.0
         a2[j] = 0.0
-    xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # rows from 0: see ``affine_rows``
+    xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # 2-D, lanes at an unsigned offset:
+    lo, uw = np.uint64(l0), np.uint64(w)  # see ``affine_rows``
     if same(g2, d2):  # dx into dy: read dy through dx (see ``common.same``)
         for i in range(xb.shape[0]):
-            xr, dr = xb[i, l0:l1], db[i, l0:l1]
-            for j in range(w):
-                d = xr[j] - m[j]
-                e = np.float64(dr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
+            for j in range(uw):
+                d = xb[i, lo + j] - m[j]
+                e = np.float64(db[i, lo + j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
                 a1[j] += e
                 a2[j] += e * d
-                dr[j] = s[j] * e
+                db[i, lo + j] = s[j] * e
         return
     for i in range(xb.shape[0]):
-        xr, gr, dr = xb[i, l0:l1], gb[i, l0:l1], db[i, l0:l1]
-        for j in range(w):
-            d = xr[j] - m[j]
-            e = np.float64(gr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
+        for j in range(uw):
+            d = xb[i, lo + j] - m[j]
+            e = np.float64(gb[i, lo + j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
             a1[j] += e
             a2[j] += e * d
-            dr[j] = s[j] * e
+            db[i, lo + j] = s[j] * e
 
 
 # --- Per-lane copies of per-channel values, and per-channel sums of per-lane ones. A tile

@@ -194,7 +194,7 @@ def write_task(x, stats, relu, thr, o0, o1, c0, c1, y):
 
 @step
 def write_rows(x, stats, relu, thr, o0, o1, c0, c1, y):
-    """``write_task``'s loop, inlined at both of its calls (see ``lanes.affine_row_by_row``)."""
+    """``write_task``'s loop, inlined at both of its calls (see ``common.same``)."""
     for o in range(o0, o1):
         for c in range(c0, c1):
             xr, yr = x[o, c], y[o, c]

@@ -100,3 +100,42 @@ def test_first_value_far_from_the_mean_keeps_one_ulp(case, first):
     want_rm = 0.1 * mean.ravel()
     want_rv = 0.9 + 0.1 * var.ravel() * m / (m - 1)
     assert np.all(_ulps(rm, want_rm) <= 1.0) and np.all(_ulps(rv, want_rv) <= 1.0)
+
+
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((2000, 1500), 1), ((200, 100, 5, 5), 1), ((300, 6, 6, 40), -1)],
+    ids=["2-D, two tiles of channels", "NCHW 5x5 (lanes, inner 25)", "NHWC"],
+)
+def test_sparse_channels_all_rescued_keep_one_ulp(shape, axis):
+    """Post-ReLU-like channels, ~0.1% non-zero, each starting with one of its non-zeros (its
+    shift 30-60 sigma from the mean): every channel is recomputed around its mean, a tile of
+    channels at a time in memory order; y, dx, dx from input and the moments stay within one
+    ulp of the float64 result."""
+    rng = np.random.default_rng(11)
+    x = np.maximum(rng.normal(-3.2, 1.0, shape), 0.0).astype(np.float32)
+    first = np.moveaxis(x, axis, -1)[(0,) * (x.ndim - 1)]
+    first[...] = np.abs(rng.normal(size=first.shape)) + 3.0
+    dy = rng.standard_normal(shape).astype(np.float32)
+    over = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean, var = x64.mean(over, keepdims=True), x64.var(over, keepdims=True)
+    far = (np.moveaxis(x64, axis, -1)[(0,) * (x.ndim - 1)] - mean.ravel()) ** 2 / var.ravel()
+    assert far.min() > 1024  # every channel takes the rescue (common.ILL_SHIFT)
+    invstd = 1.0 / np.sqrt(var + 1e-5)
+    xhat = (x64 - mean) * invstd
+    want_dx = (
+        dy64 - dy64.mean(over, keepdims=True) - xhat * (dy64 * xhat).mean(over, keepdims=True)
+    ) * invstd
+    y, cache = bnfast.forward(x, axis=axis)
+    dx = bnfast.backward(dy, cache)[0]
+    dx_input = bnfast.backward_from_input(dy, x, axis=axis)[0]
+    for name, got, want in (
+        ("y", y, xhat),
+        ("dx", dx, want_dx),
+        ("dx from input", dx_input, want_dx),
+    ):
+        worst = _ulps(got, want).max()
+        assert worst <= 1.0, f"{shape}: {name} off by {worst:.2f} ulps"
+    m, v = bnfast.moments(x, axis=axis)
+    assert np.all(_ulps(m, mean.ravel()) <= 1.0) and np.all(_ulps(v, var.ravel()) <= 1.0)

@@ -69,14 +69,56 @@ Options, and why:
 
 from __future__ import annotations
 
+import functools
+import sys
 import threading
 import types as types_module
+from pathlib import Path
 
 import numba
 from numba import types
-from numba.core import event
+from numba.core import caching, event
 
 DATA_DTYPES = (types.float32, types.float64)
+
+_HERE = Path(__file__).resolve().parent
+
+
+@functools.cache
+def _package_stamp() -> tuple:
+    """Every module of this package by name, modification time and size, once per process."""
+    return tuple(
+        (p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(_HERE.glob("*.py"))
+    )
+
+
+def _kernels_locator(base):
+    """Numba keys a cached function on its own file's stamp only, and a kernel carries the
+    machine code of every helper it calls, from other modules of this package too: edited
+    alone, ``common.py`` left the ``lanes`` and ``rows`` kernels loading from the cache with the
+    old helpers inside (seen: an edited rescue measured at its old speed until the cache was
+    emptied). A kernel's stamp here is its file's and this package's, so any edit of
+    ``kernels/`` recompiles them (a pip install rewrites every file anyway)."""
+
+    class Locator(base):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if getattr(sys, "frozen", False) or Path(py_file).resolve().parent != _HERE:
+                return None  # numba's own locators then (a frozen app has no sources to stat)
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            return (super().get_source_stamp(), _package_stamp())
+
+    Locator.__name__ = Locator.__qualname__ = "Kernels" + base.__name__
+    return Locator
+
+
+caching.CacheImpl._locator_classes[:0] = [
+    _kernels_locator(caching.UserProvidedCacheLocator),
+    _kernels_locator(caching.InTreeCacheLocator),
+    _kernels_locator(caching.UserWideCacheLocator),
+]
 
 KERNEL_FASTMATH = {"contract"}
 JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=KERNEL_FASTMATH)

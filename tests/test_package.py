@@ -270,3 +270,29 @@ def test_first_use_says_once_that_it_compiles(quiet, tmp_path):
     else:
         assert len(notes) == 1, r.stderr
         assert str(tmp_path) in notes[0] and "BNFAST_QUIET=1" in notes[0]
+
+
+def test_kernel_cache_stamp_covers_every_kernel_module(tmp_path, monkeypatch):
+    """A cached kernel carries its helpers' machine code, from other modules of
+    ``bnfast.kernels`` too, while numba stamps a cache entry with the kernel's own file only:
+    bnfast's locator adds every module of the package to the stamp, so editing ``common.py``
+    alone invalidates the ``lanes`` and ``rows`` kernels."""
+    from bnfast.kernels import _jit, common, lanes, rows
+
+    for dispatcher in (lanes.forward, rows.backward, lanes.forward.serial, common.rescue):
+        locator = dispatcher._cache._impl.locator
+        assert type(locator).__name__.startswith("Kernels")
+        files = {name for name, _, _ in locator.get_source_stamp()[1]}
+        assert {"common.py", "lanes.py", "rows.py", "_jit.py"} <= files
+    # the stamp follows any module's modification time or size
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    monkeypatch.setattr(_jit, "_HERE", tmp_path)
+    _jit._package_stamp.cache_clear()
+    before = _jit._package_stamp()
+    (tmp_path / "b.py").write_text("y = 22\n")
+    _jit._package_stamp.cache_clear()
+    after = _jit._package_stamp()
+    monkeypatch.undo()
+    _jit._package_stamp.cache_clear()
+    assert before != after and [f for f, _, _ in before] == ["a.py", "b.py"]

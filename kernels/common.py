@@ -293,8 +293,7 @@ def input_channels(x, dy, base, k, s, n, gamma, params, stats, c0, c1):
         flags[j] = ill_shifted(k[c0 + j], stats[MEAN, c0 + j], stats[VAR, c0 + j], eps)
     if flags.any():  # sums again around the mean (the correction below is then 0)
         means, variances = stats[MEAN, c0:c1], stats[VAR, c0:c1]
-        recentred_moments(x, base + c0, means, variances, flags)
-        recentred_products(x, dy, base + c0, means, flags, k[c0:c1], s[3, c0:c1])
+        recentred(x, dy, base + c0, means, variances, flags, k[c0:c1], s[3, c0:c1])
     zeros = stats[D]  # beta does not enter the gradient; no renorm (P_RMAX is 0)
     for j in range(c0, c1):
         zeros[j] = 0.0
@@ -421,12 +420,17 @@ def ill_channels(x, mean, var, eps):
 
 
 @helper
-def recentred_moments(x, base, mean, var, flags):
+def recentred(x, dy, base, mean, var, flags, k, s4):
     """The flagged channels' mean and var again, from float64 sums around their first-pass
-    mean, in memory order (see ``RECENTRE_LANES``; lanes at an unsigned offset, rows from 0:
-    see ``lanes.affine_rows``). Entry j of mean, var and flags is channel ``base + j`` of x."""
+    mean; with an ``s4`` of nonzero length, then the cache-free backward's ``sum(dy * (x -
+    mean))`` around that new mean into s4, and the mean into their shifts k. In memory order
+    (see ``RECENTRE_LANES``; lanes at an unsigned offset, rows from 0: see
+    ``lanes.affine_rows``); the products in a pass of their own (one loop writing three
+    accumulators ran scalar: LLVM's runtime alias checks). Entry j of the vectors is channel
+    ``base + j`` of x."""
     outer, channels, inner = x.shape
     x2 = x.reshape(outer, channels * inner)
+    g2 = dy.reshape(outer, channels * inner)
     per = max(1, RECENTRE_LANES // inner)
     n = outer * inner
     for t0 in range(0, flags.shape[0], per):
@@ -434,13 +438,13 @@ def recentred_moments(x, base, mean, var, flags):
         if not flags[t0:t1].any():
             continue
         w = (t1 - t0) * inner
-        k = lane_values(mean[t0:t1], inner)
+        lo = np.uint64((base + t0) * inner)
+        m = lane_values(mean[t0:t1], inner)
         a1 = np.zeros(w)
         a2 = np.zeros(w)
-        lo = np.uint64((base + t0) * inner)
         for o in range(outer):
             for j in range(np.uint64(w)):
-                d = np.float64(x2[o, lo + j]) - k[j]
+                d = np.float64(x2[o, lo + j]) - m[j]
                 a1[j] += d
                 a2[j] += d * d
         for c in range(t1 - t0):
@@ -451,34 +455,19 @@ def recentred_moments(x, base, mean, var, flags):
                     s1 += a1[i]
                     s2 += a2[i]
                 mean[t0 + c], var[t0 + c] = moments_from_sums(mean[t0 + c], s1, s2, n)
-
-
-@helper
-def recentred_products(x, dy, base, mean, flags, k, s4):
-    """The cache-free backward's ``sum(dy * (x - mean))`` of the flagged channels, around their
-    (recentred) mean, which becomes their shift k; memory order as ``recentred_moments``, in
-    a pass of its own (one loop writing three accumulators ran scalar: LLVM's runtime alias
-    checks)."""
-    outer, channels, inner = x.shape
-    x2 = x.reshape(outer, channels * inner)
-    g2 = dy.reshape(outer, channels * inner)
-    per = max(1, RECENTRE_LANES // inner)
-    for t0 in range(0, flags.shape[0], per):
-        t1 = min(flags.shape[0], t0 + per)
-        if not flags[t0:t1].any():
+        if s4.shape[0] == 0:
             continue
-        w = (t1 - t0) * inner
         m = lane_values(mean[t0:t1], inner)
-        a = np.zeros(w)
-        lo = np.uint64((base + t0) * inner)
+        for j in range(w):
+            a1[j] = 0.0
         for o in range(outer):
             for j in range(np.uint64(w)):
-                a[j] += np.float64(g2[o, lo + j]) * (np.float64(x2[o, lo + j]) - m[j])
+                a1[j] += np.float64(g2[o, lo + j]) * (np.float64(x2[o, lo + j]) - m[j])
         for c in range(t1 - t0):
             if flags[t0 + c]:
                 t = 0.0
                 for i in range(c * inner, (c + 1) * inner):
-                    t += a[i]
+                    t += a1[i]
                 s4[t0 + c] = t
                 k[t0 + c] = mean[t0 + c]
 
@@ -520,7 +509,7 @@ def rewrite_flagged(x, y, stats, flags, relu, thr):
 @kernel(*RESCUE)
 def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
     """After a training forward that returned a non-zero count: channels from ill-placed shifts
-    are recomputed around their mean (``recentred_moments``) and their y rewritten, in memory
+    are recomputed around their mean (``recentred``) and their y rewritten, in memory
     order; channels whose statistics are not finite are recomputed from rescaled values when
     the channel's values are finite (then their y rewritten with rescaled arithmetic), NaN
     statistics and an all-NaN y when the channel holds inf or NaN (as the README says); then
@@ -529,7 +518,8 @@ def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
     means, variances = stats[MEAN], stats[VAR]
     ill = ill_channels(x, means, variances, eps)
     if ill.any():
-        recentred_moments(x, np.int64(0), means, variances, ill)
+        none = np.empty(0)
+        recentred(x, x, np.int64(0), means, variances, ill, none, none)
         for c in range(means.shape[0]):
             if ill[c]:
                 finish_channels(stats, c, c + 1, gamma, beta, running_mean, running_var, params)
@@ -556,7 +546,8 @@ def rescue_moments(x, mean, var):
     """:func:`rescue` for the moments kernel (float64 statistics, no output)."""
     ill = ill_channels(x, mean, var, 0.0)
     if ill.any():
-        recentred_moments(x, np.int64(0), mean, var, ill)
+        none = np.empty(0)
+        recentred(x, x, np.int64(0), mean, var, ill, none, none)
     for c in range(mean.shape[0]):
         if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
             f, mean[c], var[c] = rescued_moments(x, c)

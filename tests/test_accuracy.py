@@ -57,6 +57,33 @@ def _ulps(got, want):
     return np.abs(got.astype(np.float64) - want) / np.spacing(np.abs(want).astype(np.float32))
 
 
+def _reference(x, dy, axis):
+    """float64 mean, var (keepdims), xhat and dx of batch norm (gamma 1, eps 1e-5)."""
+    over = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean, var = x64.mean(over, keepdims=True), x64.var(over, keepdims=True)
+    invstd = 1.0 / np.sqrt(var + 1e-5)
+    xhat = (x64 - mean) * invstd
+    dx = (
+        dy64 - dy64.mean(over, keepdims=True) - xhat * (dy64 * xhat).mean(over, keepdims=True)
+    ) * invstd
+    return mean, var, xhat, dx
+
+
+def _assert_one_ulp(x, dy, axis, cache, xhat, want_dx, label):
+    """y (from the cache's forward), dx and dx from input within one float32 ulp."""
+    y = cache[0]
+    dx = bnfast.backward(dy, cache[1])[0]
+    dx_input = bnfast.backward_from_input(dy, x, axis=axis)[0]
+    for name, got, want in (
+        ("y", y, xhat),
+        ("dx", dx, want_dx),
+        ("dx from input", dx_input, want_dx),
+    ):
+        worst = _ulps(got, want).max()
+        assert worst <= 1.0, f"{label}: {name} off by {worst:.2f} ulps"
+
+
 FAR_SHIFT = {  # (shape, axis): 12,800 to 200,000 values per channel; rows and lanes families
     "2-D (20000, 4)": ((20_000, 4), 1),
     "2-D (200000, 4), beyond L2": ((200_000, 4), 1),
@@ -76,27 +103,12 @@ def test_first_value_far_from_the_mean_keeps_one_ulp(case, first):
     x = rng.standard_normal(shape).astype(np.float32)
     np.moveaxis(x, axis, -1)[(0,) * (x.ndim - 1)] = first  # each channel's first value
     dy = rng.standard_normal(shape).astype(np.float32)
-    over = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
-    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    mean, var = x64.mean(over, keepdims=True), x64.var(over, keepdims=True)
-    invstd = 1.0 / np.sqrt(var + 1e-5)
-    xhat = (x64 - mean) * invstd
-    want_dx = (
-        dy64 - dy64.mean(over, keepdims=True) - xhat * (dy64 * xhat).mean(over, keepdims=True)
-    ) * invstd
+    mean, var, xhat, want_dx = _reference(x, dy, axis)
     c = x.shape[axis]
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-    y, cache = bnfast.forward(x, axis=axis, running_mean=rm, running_var=rv)
-    dx = bnfast.backward(dy, cache)[0]
-    dx_input = bnfast.backward_from_input(dy, x, axis=axis)[0]
-    for name, got, want in (
-        ("y", y, xhat),
-        ("dx", dx, want_dx),
-        ("dx from input", dx_input, want_dx),
-    ):
-        worst = _ulps(got, want).max()
-        assert worst <= 1.0, f"{case}, first value {first:g}: {name} off by {worst:.2f} ulps"
-    m = x64.size // c
+    out = bnfast.forward(x, axis=axis, running_mean=rm, running_var=rv)
+    _assert_one_ulp(x, dy, axis, out, xhat, want_dx, f"{case}, first value {first:g}")
+    m = x.size // c
     want_rm = 0.1 * mean.ravel()
     want_rv = 0.9 + 0.1 * var.ravel() * m / (m - 1)
     assert np.all(_ulps(rm, want_rm) <= 1.0) and np.all(_ulps(rv, want_rv) <= 1.0)
@@ -117,25 +129,10 @@ def test_sparse_channels_all_rescued_keep_one_ulp(shape, axis):
     first = np.moveaxis(x, axis, -1)[(0,) * (x.ndim - 1)]
     first[...] = np.abs(rng.normal(size=first.shape)) + 3.0
     dy = rng.standard_normal(shape).astype(np.float32)
-    over = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
-    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    mean, var = x64.mean(over, keepdims=True), x64.var(over, keepdims=True)
-    far = (np.moveaxis(x64, axis, -1)[(0,) * (x.ndim - 1)] - mean.ravel()) ** 2 / var.ravel()
+    mean, var, xhat, want_dx = _reference(x, dy, axis)
+    firsts = np.moveaxis(x.astype(np.float64), axis, -1)[(0,) * (x.ndim - 1)]
+    far = (firsts - mean.ravel()) ** 2 / var.ravel()
     assert far.min() > 1024  # every channel takes the rescue (common.ILL_SHIFT)
-    invstd = 1.0 / np.sqrt(var + 1e-5)
-    xhat = (x64 - mean) * invstd
-    want_dx = (
-        dy64 - dy64.mean(over, keepdims=True) - xhat * (dy64 * xhat).mean(over, keepdims=True)
-    ) * invstd
-    y, cache = bnfast.forward(x, axis=axis)
-    dx = bnfast.backward(dy, cache)[0]
-    dx_input = bnfast.backward_from_input(dy, x, axis=axis)[0]
-    for name, got, want in (
-        ("y", y, xhat),
-        ("dx", dx, want_dx),
-        ("dx from input", dx_input, want_dx),
-    ):
-        worst = _ulps(got, want).max()
-        assert worst <= 1.0, f"{shape}: {name} off by {worst:.2f} ulps"
+    _assert_one_ulp(x, dy, axis, bnfast.forward(x, axis=axis), xhat, want_dx, str(shape))
     m, v = bnfast.moments(x, axis=axis)
     assert np.all(_ulps(m, mean.ravel()) <= 1.0) and np.all(_ulps(v, var.ravel()) <= 1.0)

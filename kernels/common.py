@@ -401,10 +401,10 @@ def rescued_moments(x, c):
 
 # Channels with ill-placed shifts (``ILL_SHIFT``) can be many (a sparse channel whose first
 # value is one of its few non-zeros: every channel of an input can be one), so they are taken
-# again in memory order, a tile of whole channels (at least ``RECENTRE_LANES`` lanes) at a time
-# over every row: one more pass over x, however many. One channel at a time, each pass read
-# every cache line of an (N, C) array: float32 (4096, 256) with every channel flagged, forward
-# 0.14 -> 9.3 ms.
+# again in memory order, a tile of whole channels (``RECENTRE_LANES`` lanes, or one channel of
+# more) at a time over every row: one more pass over x, however many. One channel at a time,
+# each pass read every cache line of an (N, C) array: float32 (4096, 256) with every channel
+# flagged, forward 0.14 -> 9.3 ms.
 RECENTRE_LANES = 1024
 
 

@@ -99,6 +99,7 @@ from .common import (
     VAR,
     activate,
     count_bad,
+    expand,
     finish_channels,
     gradient_channels,
     input_channels,
@@ -435,26 +436,6 @@ def frozen_rows(x2, g2, d2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
 # starts on a channel boundary (l0 and T are multiples of inner), so these loops run
 # channel-major, without an integer division per lane (~30 cycles each, three per lane). In a
 # wide view (k > 1) a tile is the whole row, k replicas of the C channels.
-
-
-@helper
-def expand(v, inner, c0, w):
-    """Per lane of a w-lane tile starting at channel c0: its channel's entry of the float64
-    per-channel vector v (indexed by channel, cyclically: a wide row's replicas). Where each
-    lane is its own channel (inner 1, no wrap: 2-D arrays) that is v's own slice, a view: the
-    copy loop cost ~1 ns per lane and vector, 4-5 vectors per tile, which was 40% of a
-    training forward and backward at (2, 4096) or (32, 4096) (9-11 ns per channel in all;
-    float32, one thread, Zen 5)."""
-    c, n = c0 % v.shape[0], v.shape[0]
-    if inner == 1 and c + w <= n:
-        return v[c : c + w]
-    out = np.empty(w)
-    for j in range(0, w, inner):
-        e = np.float64(v[c])
-        for i in range(j, j + inner):
-            out[i] = e
-        c = c + 1 if c + 1 < n else 0
-    return out
 
 
 @helper

@@ -46,6 +46,16 @@ Options, and why:
   ``bnfast.kernels.compile_all()`` compiles every declared signature (tests check that they
   all compile; a deployment can warm its cache with it).
 - ``nogil=True``: kernels release the GIL, so Python threads can run them side by side.
+- every kernel first takes its array arguments through :func:`borrowed`: numba counts
+  references to an array's memory with atomic instructions (``lock inc``/``lock dec``), one
+  pair per view it makes (row slices, reshapes, a tile's vectors) and per helper that keeps
+  one; a small call makes dozens. With a null meminfo those calls return at once. Measured
+  (Zen 5, float32, one thread): the atomics were 22% of the samples of a loop of
+  lanes-family forward + backward kernel calls at (2, 64) and 6% after, the pair 4.06 ->
+  3.41 us; through the API, interleaved in one process, forward (32, 64) 8.4 -> 8.1 us, a
+  layer step 8.8 -> 8.4 us, backward (64, 256) 9.4 -> 8.5 us; no change from (128, 512) up,
+  same bits, same cold compile. Arrays a kernel allocates keep their counts (numba frees them
+  by it).
 - ``error_model="numpy"``: a division by zero gives inf/nan as in NumPy instead of a Python
   exception, and costs no branch in the loops.
 - ``fastmath={"contract"}`` for kernels: ``a * b + c`` may become one fused multiply-add (one
@@ -77,7 +87,8 @@ from pathlib import Path
 
 import numba
 from numba import types
-from numba.core import caching, event
+from numba.core import caching, cgutils, event
+from numba.extending import intrinsic
 
 DATA_DTYPES = (types.float32, types.float64)
 
@@ -381,3 +392,27 @@ def shared(func):
     Python on O(C) arrays (the running-average update of foreign-dtype arrays and of ghost
     batches, a synchronized backward's dgamma): the one implementation of that math."""
     return numba.njit(parallel=False, **JIT_OPTIONS)(func)
+
+
+@intrinsic
+def borrowed(typingctx, *arrays):
+    """The arrays without their reference counts: each the same data, shape and strides with
+    a null meminfo, so no view of it (row slices, reshapes, a tile's vectors) costs an atomic
+    reference-count update (numba's ``NRT_incref``/``NRT_decref`` return at once for a null
+    meminfo). For a kernel's arguments only, which the caller holds for the whole call."""
+    if not all(isinstance(a, types.Array) for a in arrays):
+        return None
+    result = types.Tuple(arrays)
+
+    def codegen(context, builder, sig, args):
+        out = []
+        for ty, value in zip(arrays, cgutils.unpack_tuple(builder, args[0]), strict=True):
+            src = context.make_array(ty)(context, builder, value=value)
+            dst = context.make_array(ty)(context, builder)
+            for field in ("parent", "nitems", "itemsize", "data", "shape", "strides"):
+                setattr(dst, field, getattr(src, field))
+            dst.meminfo = cgutils.get_null_value(dst.meminfo.type)
+            out.append(dst._getvalue())
+        return context.make_tuple(builder, result, out)
+
+    return result(types.StarArgTuple.from_types(arrays)), codegen

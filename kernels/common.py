@@ -36,6 +36,7 @@ from ._jit import (
     P_UNBIASED,
     RESCUE,
     RESCUE_MOMENTS,
+    borrowed,
     exact,
     helper,
     kernel,
@@ -526,6 +527,9 @@ def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
     the channel's values are finite (then their y rewritten with rescaled arithmetic), NaN
     statistics and an all-NaN y when the channel holds inf or NaN (as the README says); then
     the running averages (the forward skipped them)."""
+    x, gamma, beta, running_mean, running_var, params, stats, y = borrowed(
+        x, gamma, beta, running_mean, running_var, params, stats, y
+    )
     relu, thr, eps = params[P_RELU] != 0.0, params[P_THR], params[P_EPS]
     means, variances = stats[MEAN], stats[VAR]
     ill = ill_channels(x, means, variances, eps)
@@ -556,6 +560,7 @@ def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
 @kernel(*RESCUE_MOMENTS)
 def rescue_moments(x, mean, var):
     """:func:`rescue` for the moments kernel (float64 statistics, no output)."""
+    x, mean, var = borrowed(x, mean, var)
     ill = ill_channels(x, mean, var, 0.0)
     if ill.any():
         none = np.empty(0)

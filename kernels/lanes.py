@@ -87,6 +87,7 @@ from ._jit import (
     TUNE_THREADS,
     TUNE_TILE,
     WIDE_LANES,
+    borrowed,
     helper,
     parallel_kernel,
     step,
@@ -714,6 +715,7 @@ def input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta):
 def moments(x, mean, var, tune):
     """Per-channel mean and biased variance (float64); returns how many channels are not
     finite (the caller then runs ``common.rescue_moments``)."""
+    x, mean, var, tune = borrowed(x, mean, var, tune)
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     cached = rows * lanes * x.itemsize <= tune[TUNE_STRIP]  # two-pass in cache: see geometry
@@ -752,6 +754,9 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     row fits ``TUNE_STRIP``. Returns how many channels' batch statistics are not finite: then
     nothing updated the running averages and the caller runs ``common.rescue`` (-1 from the
     ``.small`` twin where its routes do not apply: see ``_jit.ALL_ROUTES``)."""
+    x, gamma, beta, running_mean, running_var, params, stats, y, tune = borrowed(
+        x, gamma, beta, running_mean, running_var, params, stats, y, tune
+    )
     outer, channels, inner = x.shape
     mode = params[P_MODE]
     batch = mode == FORWARD_BATCH
@@ -810,6 +815,9 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     receives the two sums in the training and frozen modes too; (2, 0) when not wanted (then
     the fused route needs only its tiles' own buffers). Returns 0 (-1 from the ``.small``
     twin where its route does not apply)."""
+    x, dy, stats, params, sums, dgamma, dbeta, dx, tune = borrowed(
+        x, dy, stats, params, sums, dgamma, dbeta, dx, tune
+    )
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     cached = rows * lanes * x.itemsize <= tune[TUNE_STRIP]  # two-pass in cache: see geometry
@@ -876,6 +884,9 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     """Cache-free training backward: the batch statistics and both gradient sums from one read
     of x and dy, then dx; fused per tile when a strip of every row fits, else two passes (the
     sums' partials, then dx)."""
+    x, dy, gamma, params, dgamma, dbeta, dx, tune = borrowed(
+        x, dy, gamma, params, dgamma, dbeta, dx, tune
+    )
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     cached = rows * lanes * x.itemsize <= tune[TUNE_STRIP]  # two-pass in cache: see geometry

@@ -47,6 +47,7 @@ from ._jit import (
     P_THR,
     TUNE_BLOCK,
     TUNE_FUSE,
+    borrowed,
     helper,
     parallel_kernel,
     step,
@@ -261,6 +262,7 @@ def channel_gradient_sums(x, dy, stats, relu, thr, c, sums):
 def moments(x, mean, var, tune):
     """Per-channel mean and biased variance (float64); returns how many channels are not
     finite (the caller then runs ``common.rescue_moments``)."""
+    x, mean, var, tune = borrowed(x, mean, var, tune)
     channels = x.shape[1]
     rb, nb, cg, ng = grid(x, tune)
     k = np.empty(channels)
@@ -280,6 +282,9 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     """The forward of every mode (see ``lanes.forward``); with :func:`fused` shapes and batch
     statistics each channel is one task (its rows summed in order, then normalized from
     cache)."""
+    x, gamma, beta, running_mean, running_var, params, stats, y, tune = borrowed(
+        x, gamma, beta, running_mean, running_var, params, stats, y, tune
+    )
     outer, channels, inner = x.shape
     mode = params[P_MODE]
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
@@ -337,6 +342,9 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
 def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     """The backward of every mode (see ``lanes.backward``); per channel from cache when
     :func:`fused` and training."""
+    x, dy, stats, params, sums, dgamma, dbeta, dx, tune = borrowed(
+        x, dy, stats, params, sums, dgamma, dbeta, dx, tune
+    )
     outer, channels, inner = x.shape
     mode = params[P_MODE]
     relu, thr, n = params[P_RELU] != 0.0, params[P_THR], params[P_COUNT]
@@ -382,6 +390,9 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
 def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     """Cache-free training backward: the batch statistics and both gradient sums from one read
     of x and dy (memory order), then dx."""
+    x, dy, gamma, params, dgamma, dbeta, dx, tune = borrowed(
+        x, dy, gamma, params, dgamma, dbeta, dx, tune
+    )
     outer, channels, inner = x.shape
     rb, nb, cg, ng = grid(x, tune)
     k = np.empty(channels)

@@ -11,6 +11,10 @@ waits for the helper (if still running) and loads the kernel from the cache. The
 code either way (one compiler, one CPU), so results are the same bits; only the wall time of a
 cold first step changes (5.6-5.8 -> 3.8-3.9 s, Zen 5, 2 cores), not the CPU time.
 
+A helper also compiles a serial twin that ``_threading``'s choice between a parallel kernel
+and its serial twin wants to time (``ready``): the twin is tried once the helper has put it in
+the cache, so no call waits for it.
+
 Not started when: ``BNFAST_COMPILE_AHEAD=0``; in the helper itself; on a one-core machine;
 in a frozen application; where a process cannot be started (the caller then compiles as
 before). The helper writes nothing but numba's cache (atomically, file by file: numba writes a
@@ -43,7 +47,7 @@ _TWINS = ("", "serial", "small")
 def _spec(dispatcher) -> tuple[str, str, str] | None:
     """``(family, kernel, twin)`` of a locked kernel dispatcher, or None."""
     for family, module in kernels.FAMILIES.items():
-        for name in _NEXT:
+        for name in kernels.KERNELS:
             top = getattr(module, name)
             for twin in _TWINS:
                 if (getattr(top, twin, None) if twin else top) is dispatcher:
@@ -75,13 +79,35 @@ def start(dispatcher, dtype) -> None:
     """Called when ``dispatcher`` (a kernel) is about to be compiled for ``dtype``: start a
     helper compiling the kernel that follows it in a training step, unless one is running."""
     spec = _spec(dispatcher)
-    if spec is None or not enabled():
+    if spec is None or spec[1] not in _NEXT or not enabled():
         return
     family, name, twin = spec
-    following = _twin(family, _NEXT[name], twin)
-    key = (id(following), str(dtype))
+    _spawn(family, _NEXT[name], twin, dtype)
+
+
+def ready(dispatcher, dtype) -> bool:
+    """Can ``dispatcher`` run on ``dtype`` without this process compiling it: compiled or
+    loaded here, or compiled into the cache by a helper that has finished? If not, a helper
+    starts compiling it (once) and this returns False. Where no helper can run: True (the
+    call compiles it, as any first call). ``_threading``'s adaptive calls try a serial twin
+    only once it is ready, so choosing between the ways never stalls a call on compilation."""
+    if not enabled() or any(str(sig[0].dtype) == str(dtype) for sig in dispatcher.overloads):
+        return True
+    helper = _pending.get((id(dispatcher), str(dtype)))
+    if helper is None:
+        spec = _spec(dispatcher)
+        if spec is None or not _spawn(*spec, dtype):
+            return True
+        return False
+    return helper.poll() is not None
+
+
+def _spawn(family: str, name: str, twin: str, dtype) -> bool:
+    """Start a helper compiling that kernel twin for dtype into numba's cache, unless one was
+    started; False where no process can be started."""
+    key = (id(_twin(family, name, twin)), str(dtype))
     if key in _pending:
-        return
+        return True
     env = dict(os.environ)
     env[_CHILD] = "1"
     env["BNFAST_QUIET"] = "1"
@@ -90,7 +116,7 @@ def start(dispatcher, dtype) -> None:
     # this process's module path (bnfast may be importable only through a sys.path entry
     # added at run time), so the helper compiles the very same bnfast
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    command = [sys.executable, "-m", "bnfast._ahead", family, _NEXT[name], twin, str(dtype)]
+    command = [sys.executable, "-m", "bnfast._ahead", family, name, twin, str(dtype)]
     try:
         _pending[key] = subprocess.Popen(
             command,
@@ -100,7 +126,8 @@ def start(dispatcher, dtype) -> None:
             stderr=subprocess.DEVNULL,
         )
     except OSError:  # no process can be started here: compile in this one, as before
-        pass
+        return False
+    return True
 
 
 def wait(dispatcher, dtype) -> None:

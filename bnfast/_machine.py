@@ -25,7 +25,7 @@ else ``os.sysconf``, else the defaults named below):
   larger than half of one core's L2 (measured on the old kernels, float32 C = 64, two threads:
   break-even near 2**17 values = 512 KiB = L2/2; see ``_threading``).
 - ``TUNE_THREADS``: 1 in ``TUNE``; ``with_threads(n)`` is ``TUNE`` for a parallel call on n
-  threads (``_threading.tune``), so ``lanes.geometry`` can give each thread a fused tile
+  threads (``_threading.kernels_for``), so ``lanes.geometry`` can give each thread a fused tile
   (calling ``numba.get_num_threads()`` inside a kernel would stop numba caching it).
 - ``TUNE_L2``: one core's L2 in bytes (``lanes.geometry`` splits a fused strip for threads
   only into tiles that fit it).

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import numba
@@ -157,11 +158,6 @@ class _Guarded:
 _GUARDED = {name: _Guarded(name) for name in ("rows", "lanes")}
 
 
-def _serial(nbytes: int) -> bool:
-    """Does a C-contiguous call on nbytes of x run the serial twins?"""
-    return _serial_only or nbytes < SERIAL_BELOW
-
-
 def family(rows: bool, nbytes: int):
     """The kernels of a C-contiguous call: the rows or lanes family, parallel, serial, or (below
     the serial threshold) the serial family with its fused-only forward and backward."""
@@ -173,14 +169,6 @@ def family(rows: bool, nbytes: int):
     if _thread_safe_layer:
         return _PARALLEL[name]
     return _GUARDED[name]
-
-
-def tune(x: np.ndarray) -> np.ndarray:
-    """The tuning vector for a call on x: ``TUNE`` with the thread count the parallel kernels
-    run on (``numba.get_num_threads()``, 0.7 us, asked only where ``family`` runs them)."""
-    if _serial(x.nbytes):
-        return TUNE
-    return with_threads(numba.get_num_threads())
 
 
 def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
@@ -212,7 +200,128 @@ def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
         and x3.shape[1] * x3.shape[2] < 2 * _jit.FUSE_LANES_MIN
     ):
         return _SERIAL[name], TUNE
-    return family(name == "rows", nbytes), tune(x3)
+    if _serial_only:
+        return _SERIAL[name], TUNE
+    threads = numba.get_num_threads()
+    if threads == 1:  # the same code without the pool's launch
+        return _SERIAL[name], TUNE
+    if not ADAPTIVE:
+        return family(name == "rows", nbytes), with_threads(threads)
+    return _ADAPTIVE[name], with_threads(threads)
+
+
+# --- Parallel or serial, decided by measurement. A parallel call pays for the pool's launch,
+# for waking workers that went to sleep, and for sharing the other core with whatever runs
+# there (a NumPy matmul's OpenBLAS threads keep spinning after it returns); it gains a second
+# core's compute and bandwidth. Which wins depends on the CPU, the shape, the operation and
+# the moment, not on a size alone: float32, Zen 5, 2 threads, back to back, parallel /
+# serial (us), in one process: forward (128, 1024) 45.1 / 38.1, (2048, 512) 304 / 252,
+# (512, 1024) 130 / 118, inference (512, 1024) 64.8 / 79.1, NHWC (32, 28, 28, 64) forward 219
+# / 375; in another, minutes later, inference (128, 1024) 13.4 / 21.1 (kernel times). So
+# above SERIAL_BELOW each kernel, canonical shape and thread count times a call on each way
+# now and then (a round), and the calls in between run the way that won, untimed: rounds
+# after PROBE_FIRST calls, then twice as many each time the same way wins (up to PROBE_MAX),
+# back to PROBE_FIRST when the other wins. A way's time is the minimum of its last KEEP
+# rounds (noise only adds time). Both ways give the same bits (the serial twin is the same
+# code; tests/test_parallel.py), so the choice never changes a result. A serial twin not yet
+# compiled is compiled by a helper process (``_ahead.ready``) and tried once it is in numba's
+# cache: choosing never stalls a call on compilation (the parallel kernels' users compiled no
+# serial twin before). ``ADAPTIVE = False``: always the parallel kernels (the tests of the
+# parallel code set it).
+ADAPTIVE = True
+PROBE_FIRST = 16
+PROBE_MAX = 1024
+KEEP = 3
+
+
+class _Runs:
+    """One kernel, shape and thread count: the recent round times of each way, the way that
+    won, and the untimed calls left before the next round."""
+
+    __slots__ = ("times", "serial", "left", "interval", "round", "twin_ready")
+
+    def __init__(self) -> None:
+        self.times: tuple[list[float], list[float]] = ([], [])  # parallel, serial
+        self.serial = False
+        self.left = 0
+        self.interval = 0
+        self.round: list[bool] = []
+        self.twin_ready = False  # the serial twin runs without compiling (``_ahead.ready``)
+
+    def next(self) -> tuple[bool, bool]:
+        """``(serial, timed)`` for the next call."""
+        if self.left > 0:
+            self.left -= 1
+            return self.serial, False
+        if not self.round:
+            self.round = [self.serial, not self.serial]
+        return self.round[0], True
+
+    def postpone(self) -> None:
+        """No round now (the serial twin is still being compiled): the way that won so far
+        for PROBE_FIRST calls."""
+        self.round = []
+        self.left = PROBE_FIRST
+
+    def record(self, serial: bool, seconds: float) -> None:
+        """A timed call's seconds; the end of a round decides the way and the next round."""
+        times = self.times[serial]
+        times.append(seconds)
+        if len(times) > KEEP:
+            del times[0]
+        if self.round:  # (two Python threads may end the same round: the data stay sane)
+            self.round.pop(0)
+        if self.round or min(len(self.times[0]), len(self.times[1])) < 2:
+            return  # the first call of each way may have compiled it: two rounds first
+        wins = min(self.times[1]) < min(self.times[0])
+        same = wins == self.serial and self.interval > 0
+        self.interval = min(PROBE_MAX, 2 * self.interval) if same else PROBE_FIRST
+        self.serial, self.left = wins, self.interval
+
+
+class _Adaptive:
+    """A kernel of a family, run on its parallel kernel or its serial twin (above); ``runs`` per
+    (canonical shape, thread count: ``with_threads`` keeps one vector per count)."""
+
+    __slots__ = ("name", "kernel", "runs", "parallel", "serial")
+
+    def __init__(self, name: str, kernel: str) -> None:
+        self.name, self.kernel = name, kernel
+        self.runs: dict = {}
+        self.parallel = getattr(_PARALLEL[name], kernel)
+        self.serial = getattr(_SERIAL[name], kernel)
+
+    def __call__(self, *args):
+        key = (args[0].shape, id(args[-1]))
+        runs = self.runs.get(key)
+        if runs is None:
+            if len(self.runs) >= 1024:
+                self.runs.clear()
+            runs = self.runs[key] = _Runs()
+        serial, timed = runs.next()
+        if serial and not runs.twin_ready:
+            # compiled in a helper process first (a parallel kernel's user would otherwise
+            # wait seconds for the twin at its third call); meanwhile the parallel kernel
+            runs.twin_ready = _ahead.ready(self.serial.dispatcher, args[0].dtype)
+            if not runs.twin_ready:
+                runs.postpone()
+                serial, timed = False, False
+        start = time.perf_counter() if timed else 0.0
+        if serial:
+            result = self.serial(*args[:-1], TUNE)
+        elif _thread_safe_layer:
+            result = self.parallel(*args)
+        else:
+            result = getattr(_GUARDED[self.name], self.kernel)(*args)
+        if timed:
+            runs.record(serial, time.perf_counter() - start)
+        return result
+
+
+_ADAPTIVE = {
+    name: SimpleNamespace(**{k: _Adaptive(name, k) for k in kernels.KERNELS})
+    for name in ("rows", "lanes")
+}
 
 
 def small_launch(canon: tuple, dtype: np.dtype):

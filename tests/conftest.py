@@ -121,6 +121,18 @@ def numeric_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
     return grad
 
 
+@pytest.fixture(autouse=True)
+def _parallel_kernels_run():
+    """Above the serial threshold the tests run the parallel kernels, not whichever of them and
+    the serial twins ran faster lately (``bnfast._threading.ADAPTIVE``; its own test turns it
+    on): what they check of the parallel code must run it."""
+    from bnfast import _threading
+
+    _threading.ADAPTIVE = False
+    yield
+    _threading.ADAPTIVE = True
+
+
 @pytest.fixture(scope="session")
 def torch():
     return pytest.importorskip("torch")

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import textwrap
 import threading
+from types import SimpleNamespace
 
+import numba
 import numpy as np
 import pytest
 
@@ -136,6 +138,7 @@ DETERMINISM_SCRIPT = textwrap.dedent("""
     import numba, numpy as np
     import bnfast
     from bnfast import _threading
+    _threading.ADAPTIVE = False  # every thread count on the parallel kernels
     shapes = %r
     def digest(arrays):
         h = hashlib.sha256()
@@ -338,3 +341,113 @@ def test_fork_while_another_thread_compiles(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "0"], r.stdout + r.stderr
+
+
+def test_runs_choose_the_faster_way_and_time_it_less_and_less():
+    """``_threading._Runs``: two rounds that time a call on each way (the first may have
+    compiled), then untimed calls on the faster way, rounds after PROBE_FIRST calls, then
+    twice as many each time the same way wins; when the other way wins it is taken at once."""
+    runs = _threading._Runs()
+    cost = {False: 3.0, True: 1.0}  # serial faster
+    log = []
+    for _ in range(300):
+        serial, timed = runs.next()
+        log.append((serial, timed))
+        if timed:
+            runs.record(serial, cost[serial])
+    assert [t for _, t in log[:4]] == [True] * 4 and {s for s, _ in log[:4]} == {False, True}
+    untimed = [s for s, t in log if not t]
+    assert untimed and all(untimed)  # every untimed call on the faster way
+    rounds = [i for i, (_, t) in enumerate(log) if t][4::2]  # where later rounds start
+    first = _threading.PROBE_FIRST
+    assert rounds[:3] == [4 + first, 6 + 3 * first, 8 + 7 * first]  # after 16, 32, 64 calls
+    cost = {False: 0.5, True: 1.0}  # now parallel is faster: taken after the next round
+    while True:
+        serial, timed = runs.next()
+        if timed:
+            runs.record(serial, cost[serial])
+            if not runs.round:
+                break
+    assert [runs.next() for _ in range(3)] == [(False, False)] * 3
+    assert runs.left == first - 3
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two threads")
+def test_adaptive_calls_run_the_faster_twin_with_the_same_bits(monkeypatch):
+    """With ``ADAPTIVE`` on, a call runs the serial twin when it has been faster on that kernel
+    and shape, the parallel kernel otherwise, and both give the bits of the parallel kernel."""
+    x, dy = _data((4096, 64), np.float32)  # 1 MiB: above SERIAL_BELOW on any L2 up to 2 MiB
+    assert x.nbytes >= _threading.SERIAL_BELOW
+    threads = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        _check_adaptive_runs(x, dy, monkeypatch)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _check_adaptive_runs(x, dy, monkeypatch):
+    want_y, cache = bnfast.forward(x)  # ADAPTIVE off (the autouse fixture): parallel
+    want = bnfast.backward(dy, cache)
+    ran = []
+    lanes = _threading._ADAPTIVE["lanes"]
+    kernels = {name: getattr(lanes, name) for name in ("forward", "backward")}
+    for name, kernel in kernels.items():
+        for way in ("serial", "parallel"):
+            launcher = getattr(kernel, way)
+            monkeypatch.setattr(
+                kernel, way, lambda *a, _l=launcher, _w=way, _n=name: ran.append((_n, _w)) or _l(*a)
+            )
+    monkeypatch.setattr(_threading, "_thread_safe_layer", True)  # the plain parallel family
+    monkeypatch.setattr(_threading, "ADAPTIVE", True)
+    key = ((4096, 64, 1), id(_threading.with_threads(2)))
+    for serial_faster in (True, False):
+        for kernel in kernels.values():
+            runs = kernel.runs[key] = _threading._Runs()
+            runs.record(False, 2.0 if serial_faster else 1.0)
+            runs.record(False, 2.0 if serial_faster else 1.0)
+            runs.record(True, 1.0 if serial_faster else 2.0)
+            runs.record(True, 1.0 if serial_faster else 2.0)
+            runs.twin_ready = True  # compiled (the call above ran the serial kernels)
+        ran.clear()
+        y, cache = bnfast.forward(x)
+        got = bnfast.backward(dy, cache)
+        way = "serial" if serial_faster else "parallel"
+        assert ran == [("forward", way), ("backward", way)]
+        np.testing.assert_array_equal(y, want_y)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    for kernel in kernels.values():
+        kernel.runs.pop(key)
+
+
+def test_a_serial_twin_is_tried_only_once_compiled(monkeypatch):
+    """A round's serial call whose twin is still being compiled (``_ahead.ready`` False: a
+    helper process compiles it) runs the parallel kernel and puts the round off PROBE_FIRST
+    calls; once ready, the round times the twin."""
+    asked = []
+    monkeypatch.setattr(_threading._ahead, "ready", lambda d, t: asked.append(d) or False)
+    runs = _threading._Runs()
+    adaptive = _threading._ADAPTIVE["lanes"].moments
+    x = np.ones((4096, 64, 1), np.float32)
+    mean, var = np.empty(64), np.empty(64)
+    key = (x.shape, id(_threading.with_threads(2)))
+    monkeypatch.setitem(adaptive.runs, key, runs)
+    monkeypatch.setattr(_threading, "_thread_safe_layer", True)
+    ran = []
+    monkeypatch.setattr(adaptive, "parallel", lambda *a: ran.append("parallel") or 0)
+    monkeypatch.setattr(adaptive, "serial", SimpleNamespace(dispatcher="twin"))
+    args = (x, mean, var, _threading.with_threads(2))
+    for _ in range(2):
+        adaptive(*args)
+    assert ran == ["parallel", "parallel"] and asked == ["twin"]
+    assert runs.left == _threading.PROBE_FIRST  # the round put off
+    assert len(runs.times[0]) == 1 and runs.times[1] == []  # only the parallel call timed
+    serial_ran = []
+    monkeypatch.setattr(_threading._ahead, "ready", lambda d, t: True)
+    monkeypatch.setattr(adaptive, "serial", lambda *a: serial_ran.append(a[-1]) or 0)
+    adaptive.serial.dispatcher = "twin"
+    for _ in range(_threading.PROBE_FIRST + 2):
+        adaptive(*args)
+    assert len(serial_ran) == 1 and serial_ran[0] is _threading.TUNE  # timed once, one thread
+    assert len(runs.times[1]) == 1

@@ -34,6 +34,7 @@ import sys
 import numba
 
 from . import kernels
+from .kernels._jit import compile_declared, in_cache
 
 WAIT_S = 120.0  # a helper compiles one kernel in seconds; beyond this, something is wrong
 _ENV = "BNFAST_COMPILE_AHEAD"
@@ -94,6 +95,9 @@ def ready(dispatcher, dtype) -> bool:
     if not enabled() or any(str(sig[0].dtype) == str(dtype) for sig in dispatcher.overloads):
         return True
     helper = _pending.get((id(dispatcher), str(dtype)))
+    if helper is None and in_cache(dispatcher, dtype):  # a load, not a compilation: here
+        compile_declared(dispatcher, dtype)  # (a helper process would cost ~1 s of CPU)
+        return True
     if helper is None:
         spec = _spec(dispatcher)
         if spec is None or not _spawn(*spec, dtype):
@@ -156,8 +160,6 @@ def _stop() -> None:
 def _main(argv: list[str]) -> int:
     """The helper: compile one kernel's declared signatures for one dtype into the cache."""
     import numpy as np
-
-    from .kernels._jit import compile_declared
 
     family, name, twin, dtype = argv
     return 0 if compile_declared(_twin(family, name, twin), np.dtype(dtype)) else 1

@@ -88,6 +88,7 @@ from pathlib import Path
 import numba
 from numba import types
 from numba.core import caching, cgutils, event
+from numba.core.compiler_lock import global_compiler_lock
 from numba.extending import intrinsic
 
 DATA_DTYPES = (types.float32, types.float64)
@@ -263,6 +264,21 @@ def compile_declared(dispatcher, dtype=None) -> int:
                     dispatcher._can_compile = False
                 count += 1
     return count
+
+
+def in_cache(dispatcher, dtype) -> bool:
+    """Are the declared signatures of a locked dispatcher for ``dtype`` in numba's cache, so
+    that :func:`compile_declared` would load them rather than compile? Found by loading them
+    (tens of ms, once); False on any doubt (the caller then has them compiled elsewhere)."""
+    try:
+        with _COMPILE, global_compiler_lock:
+            return all(
+                dispatcher._cache.load_overload(sig, dispatcher.targetctx) is not None
+                for sig in dispatcher.declared
+                if str(sig.args[0].dtype) == str(dtype)
+            )
+    except Exception:  # numba's cache internals moved, or an unreadable cache: no
+        return False
 
 
 class Launcher:

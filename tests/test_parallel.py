@@ -451,3 +451,25 @@ def test_a_serial_twin_is_tried_only_once_compiled(monkeypatch):
         adaptive(*args)
     assert len(serial_ran) == 1 and serial_ran[0] is _threading.TUNE  # timed once, one thread
     assert len(runs.times[1]) == 1
+
+
+IN_CACHE_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from bnfast import kernels
+    from bnfast.kernels._jit import compile_declared, in_cache
+    twin = kernels.FAMILIES["lanes"].moments.serial
+    f32 = np.dtype(np.float32)
+    before = in_cache(twin, f32)
+    compile_declared(twin, f32)  # compiled, and written to the cache
+    print(before, in_cache(twin, f32), in_cache(twin, np.dtype(np.float64)))
+""")
+
+
+def test_in_cache_tells_a_load_from_a_compilation(tmp_path):
+    """``_jit.in_cache``, which lets an adaptive call load a serial twin itself rather than
+    start a helper process: False in an empty cache, True once compiled, per dtype."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "BNFAST_QUIET": "1"}
+    command = [sys.executable, "-c", IN_CACHE_SCRIPT]
+    r = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True", "False"]

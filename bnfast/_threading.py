@@ -212,109 +212,160 @@ def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
 
 # --- Parallel or serial, decided by measurement. A parallel call pays for the pool's launch,
 # for waking workers that went to sleep, and for sharing the other core with whatever runs
-# there (a NumPy matmul's OpenBLAS threads keep spinning after it returns); it gains a second
-# core's compute and bandwidth. Which wins depends on the CPU, the shape, the operation and
-# the moment, not on a size alone: float32, Zen 5, 2 threads, back to back, parallel /
-# serial (us), in one process: forward (128, 1024) 45.1 / 38.1, (2048, 512) 304 / 252,
-# (512, 1024) 130 / 118, inference (512, 1024) 64.8 / 79.1, NHWC (32, 28, 28, 64) forward 219
-# / 375; in another, minutes later, inference (128, 1024) 13.4 / 21.1 (kernel times). So
-# above SERIAL_BELOW each kernel, canonical shape and thread count times a call on each way
-# now and then (a round), and the calls in between run the way that won, untimed: rounds
-# after PROBE_FIRST calls, then twice as many each time the same way wins (up to PROBE_MAX),
-# back to PROBE_FIRST when the other wins. A way's time is the minimum of its last KEEP
-# rounds (noise only adds time). Both ways give the same bits (the serial twin is the same
-# code; tests/test_parallel.py), so the choice never changes a result. A serial twin not yet
-# compiled is compiled by a helper process (``_ahead.ready``) and tried once it is in numba's
-# cache: choosing never stalls a call on compilation (the parallel kernels' users compiled no
-# serial twin before). ``ADAPTIVE = False``: always the parallel kernels (the tests of the
-# parallel code set it).
+# there (a NumPy matmul's OpenBLAS threads, PyTorch's OpenMP workers keep spinning after they
+# return); it gains a second core's compute and bandwidth. Which wins depends on the CPU, the
+# shape, the operation and the moment, not on a size alone: float32, Zen 5, 2 threads, back
+# to back, parallel / serial (us), in one process: forward (128, 1024) 45.1 / 38.1, (2048,
+# 512) 304 / 252, (512, 1024) 130 / 118, inference (512, 1024) 64.8 / 79.1, NHWC (32, 28, 28,
+# 64) forward 219 / 375; in another, minutes later, inference (128, 1024) 13.4 / 21.1 (kernel
+# times). So above SERIAL_BELOW each kernel, canonical shape and thread count times its calls
+# and runs the way with the smaller recent time (the minimum of its last KEEP: noise only adds
+# time). The other way is tried again (a probe) once the calls since the last probe have taken
+# PROBE_BUDGET times that way's time for a probe (PROBE_CALLS calls in a row), and at least
+# PROBE_MIN_CALLS calls: probes cost at most
+# ~1/PROBE_BUDGET of the time, and a choice made while the other core was busy is checked
+# again within milliseconds for small calls. (Probes after 16, 32, ... 1024 calls instead kept a
+# choice made in the first milliseconds after PyTorch's calls for whole 20 ms samples of the
+# grid: 2-thread inference 34/44 -> 19/44 cells at target.) Both ways give the same bits (the
+# serial twin is the same code; tests/test_parallel.py), so the choice never changes a result.
+# A serial twin not yet compiled is loaded from numba's cache, or compiled by a helper process
+# (``_ahead.ready``) while the parallel kernel runs: choosing never stalls a call on
+# compilation. ``ADAPTIVE = False``: always the parallel kernels (the tests of the parallel
+# code set it).
 ADAPTIVE = True
-PROBE_FIRST = 16
-PROBE_MAX = 1024
-KEEP = 3
+PROBE_BUDGET = 100.0
+PROBE_MIN_CALLS = 16
+PROBE_CALLS = 2
+KEEP = 2 * PROBE_CALLS
+_NEVER = float("inf")
 
 
 class _Runs:
-    """One kernel, shape and thread count: the recent round times of each way, the way that
-    won, and the untimed calls left before the next round."""
+    """One kernel, shape, thread count and mode: each way's last KEEP times, the way chosen,
+    the calls and time since the last probe."""
 
-    __slots__ = ("times", "serial", "left", "interval", "round", "twin_ready")
+    __slots__ = (
+        "times",
+        "count",
+        "serial",
+        "calls",
+        "spent",
+        "budget",
+        "first",
+        "probe",
+        "twin_ready",
+    )
 
     def __init__(self) -> None:
-        self.times: tuple[list[float], list[float]] = ([], [])  # parallel, serial
+        self.times = ([_NEVER] * KEEP, [_NEVER] * KEEP)  # parallel, serial: rings
+        self.count = [0, 0]  # times recorded per way (the ring's next slot)
         self.serial = False
-        self.left = 0
-        self.interval = 0
-        self.round: list[bool] = []
+        self.calls = 0
+        self.spent = 0.0
+        self.budget = 0.0
+        self.first = 4  # two calls each way first (the first of each may have compiled)
+        self.probe = 0  # calls left in a probe
         self.twin_ready = False  # the serial twin runs without compiling (``_ahead.ready``)
 
-    def next(self) -> tuple[bool, bool]:
-        """``(serial, timed)`` for the next call."""
-        if self.left > 0:
-            self.left -= 1
-            return self.serial, False
-        if not self.round:
-            self.round = [self.serial, not self.serial]
-        return self.round[0], True
+    def due(self) -> bool:
+        """Is the next call not simply one on the chosen way (the first four, or a probe)?"""
+        return (
+            self.first > 0
+            or self.probe > 0
+            or (self.spent >= self.budget and self.calls >= PROBE_MIN_CALLS)
+        )
 
-    def postpone(self) -> None:
-        """No round now (the serial twin is still being compiled): the way that won so far
-        for PROBE_FIRST calls."""
-        self.round = []
-        self.left = PROBE_FIRST
+    def way(self) -> bool:
+        """True: run the next call on the serial twin. A probe is two calls of the other way:
+        the first after a run of serial calls wakes the pool's sleeping workers (measured:
+        20-47 us against 15 us for the next, float32 (2048, 64) inference, 2 threads)."""
+        if self.first:
+            return self.first <= 2
+        if not self.probe:
+            self.probe = PROBE_CALLS
+        return not self.serial
+
+    def wait(self) -> None:
+        """The serial twin is still being compiled: no probe for PROBE_MIN_CALLS calls."""
+        self.calls = self.probe = 0
 
     def record(self, serial: bool, seconds: float) -> None:
-        """A timed call's seconds; the end of a round decides the way and the next round."""
-        times = self.times[serial]
-        times.append(seconds)
-        if len(times) > KEEP:
-            del times[0]
-        if self.round:  # (two Python threads may end the same round: the data stay sane)
-            self.round.pop(0)
-        if self.round or min(len(self.times[0]), len(self.times[1])) < 2:
-            return  # the first call of each way may have compiled it: two rounds first
-        wins = min(self.times[1]) < min(self.times[0])
-        same = wins == self.serial and self.interval > 0
-        self.interval = min(PROBE_MAX, 2 * self.interval) if same else PROBE_FIRST
-        self.serial, self.left = wins, self.interval
+        n = self.count[serial]
+        self.times[serial][n % KEEP] = seconds
+        self.count[serial] = n + 1
+        if self.first:
+            self.first -= 1
+            if self.first:
+                return
+        elif serial == self.serial:
+            self.calls += 1
+            self.spent += seconds
+            return
+        else:
+            self.probe -= 1
+            if self.probe > 0:
+                return
+        best = min(self.times[0]), min(self.times[1])  # after the first four, and a probe
+        self.serial = best[1] < best[0]
+        other = best[not self.serial]  # (never run: its twin was being compiled)
+        self.budget = PROBE_BUDGET * PROBE_CALLS * (other if other < _NEVER else best[self.serial])
+        self.calls, self.spent = 0, 0.0
+
+
+_MODE_AT = {"forward": 5, "backward": 3}  # where the parameter block is (``kernels._jit``)
 
 
 class _Adaptive:
     """A kernel of a family, run on its parallel kernel or its serial twin (above); ``runs`` per
-    (canonical shape, thread count: ``with_threads`` keeps one vector per count)."""
+    (canonical shape, thread count: ``with_threads`` keeps one vector per count, mode).
+    Keyed without the mode, inference and training forwards shared one record: probes
+    of the serial twin on inference calls beat training times of the parallel kernel, and
+    the grid's 2-thread inference ran serial (2-D 2048x256 35 -> 87 us)."""
 
-    __slots__ = ("name", "kernel", "runs", "parallel", "serial")
+    __slots__ = ("name", "kernel", "runs", "parallel", "serial", "mode")
 
     def __init__(self, name: str, kernel: str) -> None:
         self.name, self.kernel = name, kernel
         self.runs: dict = {}
         self.parallel = getattr(_PARALLEL[name], kernel)
         self.serial = getattr(_SERIAL[name], kernel)
+        self.mode = _MODE_AT.get(kernel)
 
     def __call__(self, *args):
-        key = (args[0].shape, id(args[-1]))
+        # a mode is another operation (a training forward costs twice an inference)
+        mode = -1.0 if self.mode is None else args[self.mode][_jit.P_MODE]
+        key = (args[0].shape, id(args[-1]), mode)
         runs = self.runs.get(key)
         if runs is None:
             if len(self.runs) >= 1024:
                 self.runs.clear()
             runs = self.runs[key] = _Runs()
-        serial, timed = runs.next()
-        if serial and not runs.twin_ready:
-            # compiled in a helper process first (a parallel kernel's user would otherwise
-            # wait seconds for the twin at its third call); meanwhile the parallel kernel
-            runs.twin_ready = _ahead.ready(self.serial.dispatcher, args[0].dtype)
-            if not runs.twin_ready:
-                runs.postpone()
-                serial, timed = False, False
-        start = time.perf_counter() if timed else 0.0
+        serial = runs.serial
+        if runs.due():
+            serial = runs.way()
+            if serial and not runs.twin_ready:
+                # a twin still being compiled runs later (a user of the parallel kernels
+                # would otherwise wait seconds for it); meanwhile the parallel kernel
+                runs.twin_ready = _ahead.ready(self.serial.dispatcher, args[0].dtype)
+                if not runs.twin_ready:
+                    runs.wait()
+                    serial = False
+        start = time.perf_counter()
         if serial:
             result = self.serial(*args[:-1], TUNE)
         elif _thread_safe_layer:
             result = self.parallel(*args)
         else:
             result = getattr(_GUARDED[self.name], self.kernel)(*args)
-        if timed:
-            runs.record(serial, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if serial == runs.serial and not runs.first:  # the common case, inline
+            n = runs.count[serial]
+            runs.times[serial][n % KEEP] = seconds
+            runs.count[serial] = n + 1
+            runs.calls += 1
+            runs.spent += seconds
+        else:
+            runs.record(serial, seconds)
         return result
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import bnfast
-from bnfast import _threading
+from bnfast import _core, _threading
 from bnfast import reference as ref
 from bnfast._machine import TUNE
 from bnfast.kernels._jit import TUNE_STRIP
@@ -343,33 +343,34 @@ def test_fork_while_another_thread_compiles(tmp_path):
     assert r.stdout.split() == ["0", "0"], r.stdout + r.stderr
 
 
-def test_runs_choose_the_faster_way_and_time_it_less_and_less():
-    """``_threading._Runs``: two rounds that time a call on each way (the first may have
-    compiled), then untimed calls on the faster way, rounds after PROBE_FIRST calls, then
-    twice as many each time the same way wins; when the other way wins it is taken at once."""
+def _drive(runs, cost, calls):
+    """Run ``calls`` calls through ``runs`` with the given seconds per way; the ways taken."""
+    ways = []
+    for _ in range(calls):
+        serial = runs.way() if runs.due() else runs.serial  # as _Adaptive.__call__
+        ways.append(serial)
+        runs.record(serial, cost[serial])
+    return ways
+
+
+def test_runs_choose_the_faster_way_and_probe_the_other_within_a_time_budget():
+    """``_threading._Runs``: two calls each way first (the first may have compiled), then the
+    faster way; the other tried again (PROBE_CALLS calls in a row: the first may wake sleeping
+    workers) once the calls since the last probe took PROBE_BUDGET times a probe's time (so
+    probes cost ~1% of the time), and taken at once when it wins."""
     runs = _threading._Runs()
-    cost = {False: 3.0, True: 1.0}  # serial faster
-    log = []
-    for _ in range(300):
-        serial, timed = runs.next()
-        log.append((serial, timed))
-        if timed:
-            runs.record(serial, cost[serial])
-    assert [t for _, t in log[:4]] == [True] * 4 and {s for s, _ in log[:4]} == {False, True}
-    untimed = [s for s, t in log if not t]
-    assert untimed and all(untimed)  # every untimed call on the faster way
-    rounds = [i for i, (_, t) in enumerate(log) if t][4::2]  # where later rounds start
-    first = _threading.PROBE_FIRST
-    assert rounds[:3] == [4 + first, 6 + 3 * first, 8 + 7 * first]  # after 16, 32, 64 calls
-    cost = {False: 0.5, True: 1.0}  # now parallel is faster: taken after the next round
-    while True:
-        serial, timed = runs.next()
-        if timed:
-            runs.record(serial, cost[serial])
-            if not runs.round:
-                break
-    assert [runs.next() for _ in range(3)] == [(False, False)] * 3
-    assert runs.left == first - 3
+    ways = _drive(runs, {False: 3.0, True: 1.0}, 2000)  # serial faster
+    assert ways[:4] == [False, False, True, True]
+    probes = [i for i, serial in enumerate(ways) if i >= 4 and not serial]
+    pair = _threading.PROBE_CALLS
+    starts = probes[::pair]
+    assert probes == [i + k for i in starts for k in range(pair)]  # in a row
+    budget = int(_threading.PROBE_BUDGET * pair * 3.0 / 1.0)  # serial calls between probes
+    assert starts[0] == 4 + budget and len(starts) >= 3
+    assert np.diff(starts).tolist() == [budget + pair] * (len(starts) - 1)
+    ways = _drive(runs, {False: 0.5, True: 1.0}, 2 * budget)  # now parallel is faster
+    switch = ways.index(False)  # the next probe finds it, and it stays
+    assert switch <= budget and not any(ways[switch : switch + 300])  # 100 x 2 x 1.0 s apart
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two threads")
@@ -400,15 +401,17 @@ def _check_adaptive_runs(x, dy, monkeypatch):
             )
     monkeypatch.setattr(_threading, "_thread_safe_layer", True)  # the plain parallel family
     monkeypatch.setattr(_threading, "ADAPTIVE", True)
-    key = ((4096, 64, 1), id(_threading.with_threads(2)))
+    tune = id(_threading.with_threads(2))
     for serial_faster in (True, False):
         for kernel in kernels.values():
-            runs = kernel.runs[key] = _threading._Runs()
-            runs.record(False, 2.0 if serial_faster else 1.0)
-            runs.record(False, 2.0 if serial_faster else 1.0)
-            runs.record(True, 1.0 if serial_faster else 2.0)
-            runs.record(True, 1.0 if serial_faster else 2.0)
+            mode = float(
+                _core.FORWARD_BATCH if kernel is kernels["forward"] else _core.BACKWARD_TRAIN
+            )
+            runs = kernel.runs[((4096, 64, 1), tune, mode)] = _threading._Runs()
             runs.twin_ready = True  # compiled (the call above ran the serial kernels)
+            _drive(
+                runs, {False: 2.0 if serial_faster else 1.0, True: 1.0 if serial_faster else 2.0}, 4
+            )
         ran.clear()
         y, cache = bnfast.forward(x)
         got = bnfast.backward(dy, cache)
@@ -418,39 +421,41 @@ def _check_adaptive_runs(x, dy, monkeypatch):
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
     for kernel in kernels.values():
-        kernel.runs.pop(key)
+        kernel.runs.clear()
 
 
 def test_a_serial_twin_is_tried_only_once_compiled(monkeypatch):
-    """A round's serial call whose twin is still being compiled (``_ahead.ready`` False: a
-    helper process compiles it) runs the parallel kernel and puts the round off PROBE_FIRST
-    calls; once ready, the round times the twin."""
+    """A serial call whose twin is still being compiled (``_ahead.ready`` False: a helper
+    process compiles it) runs the parallel kernel, and readiness is asked again only after
+    PROBE_MIN_CALLS calls; once ready, the twin is timed."""
     asked = []
     monkeypatch.setattr(_threading._ahead, "ready", lambda d, t: asked.append(d) or False)
     runs = _threading._Runs()
     adaptive = _threading._ADAPTIVE["lanes"].moments
     x = np.ones((4096, 64, 1), np.float32)
     mean, var = np.empty(64), np.empty(64)
-    key = (x.shape, id(_threading.with_threads(2)))
+    key = (x.shape, id(_threading.with_threads(2)), -1.0)  # moments: no mode
     monkeypatch.setitem(adaptive.runs, key, runs)
     monkeypatch.setattr(_threading, "_thread_safe_layer", True)
     ran = []
     monkeypatch.setattr(adaptive, "parallel", lambda *a: ran.append("parallel") or 0)
-    monkeypatch.setattr(adaptive, "serial", SimpleNamespace(dispatcher="twin"))
+    twin = SimpleNamespace(dispatcher="twin")
+    monkeypatch.setattr(adaptive, "serial", twin)
     args = (x, mean, var, _threading.with_threads(2))
-    for _ in range(2):
+    for _ in range(4 + _threading.PROBE_MIN_CALLS):
         adaptive(*args)
-    assert ran == ["parallel", "parallel"] and asked == ["twin"]
-    assert runs.left == _threading.PROBE_FIRST  # the round put off
-    assert len(runs.times[0]) == 1 and runs.times[1] == []  # only the parallel call timed
-    serial_ran = []
+    assert ran == ["parallel"] * len(ran) and len(asked) == 2  # calls 3 and 4, then none
+    assert runs.times[1] == [_threading._NEVER] * _threading.KEEP
     monkeypatch.setattr(_threading._ahead, "ready", lambda d, t: True)
+    serial_ran = []
     monkeypatch.setattr(adaptive, "serial", lambda *a: serial_ran.append(a[-1]) or 0)
     adaptive.serial.dispatcher = "twin"
-    for _ in range(_threading.PROBE_FIRST + 2):
+    for _ in range(100_000):  # until the probe: PROBE_BUDGET x the parallel calls' time
         adaptive(*args)
-    assert len(serial_ran) == 1 and serial_ran[0] is _threading.TUNE  # timed once, one thread
-    assert len(runs.times[1]) == 1
+        if serial_ran:
+            break
+    assert serial_ran and serial_ran[0] is _threading.TUNE  # timed, on one thread
+    assert min(runs.times[1]) < _threading._NEVER
 
 
 IN_CACHE_SCRIPT = textwrap.dedent("""

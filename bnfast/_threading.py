@@ -93,6 +93,7 @@ rescue_moments = Launcher(kernels.rescue_moments)
 _serial_only = False  # set in a forked child whose parent had started GNU OpenMP
 _layer_at_fork = None
 _thread_safe_layer = False  # True once a parallel call ran under tbb or omp
+_layer = None  # numba's threading layer, once a parallel call has started it
 _launch = threading.Lock()  # held while a parallel kernel runs under an unsafe/unknown layer
 
 
@@ -142,20 +143,26 @@ class _Guarded:
 
     def __getattr__(self, kernel: str):
         def run(*args):
-            global _thread_safe_layer
             if not _launch.acquire(blocking=False):
                 return getattr(self._serial, kernel)(*args)
             try:
                 result = getattr(self._parallel, kernel)(*args)
             finally:
                 _launch.release()
-            _thread_safe_layer = numba.threading_layer() in ("tbb", "omp")
+            _layer_started()
             return result
 
         return run
 
 
 _GUARDED = {name: _Guarded(name) for name in ("rows", "lanes")}
+
+
+def _layer_started() -> None:
+    """Note the threading layer a parallel call started (it is fixed from then on)."""
+    global _thread_safe_layer, _layer
+    _layer = numba.threading_layer()
+    _thread_safe_layer = _layer in ("tbb", "omp")
 
 
 def family(rows: bool, nbytes: int):
@@ -205,7 +212,7 @@ def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
     threads = numba.get_num_threads()
     if threads == 1:  # the same code without the pool's launch
         return _SERIAL[name], TUNE
-    if not ADAPTIVE:
+    if not ADAPTIVE or _layer == "tbb":
         return family(name == "rows", nbytes), with_threads(threads)
     return _ADAPTIVE[name], with_threads(threads)
 
@@ -218,23 +225,34 @@ def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
 # to back, parallel / serial (us), in one process: forward (128, 1024) 45.1 / 38.1, (2048,
 # 512) 304 / 252, (512, 1024) 130 / 118, inference (512, 1024) 64.8 / 79.1, NHWC (32, 28, 28,
 # 64) forward 219 / 375; in another, minutes later, inference (128, 1024) 13.4 / 21.1 (kernel
-# times). So above SERIAL_BELOW each kernel, canonical shape and thread count times its calls
-# and runs the way with the smaller recent time (the minimum of its last KEEP: noise only adds
-# time). The other way is tried again (a probe) once the calls since the last probe have taken
-# PROBE_BUDGET times that way's time for a probe (PROBE_CALLS calls in a row), and at least
-# PROBE_MIN_CALLS calls: probes cost at most
-# ~1/PROBE_BUDGET of the time, and a choice made while the other core was busy is checked
-# again within milliseconds for small calls. (Probes after 16, 32, ... 1024 calls instead kept a
-# choice made in the first milliseconds after PyTorch's calls for whole 20 ms samples of the
-# grid: 2-thread inference 34/44 -> 19/44 cells at target.) Both ways give the same bits (the
-# serial twin is the same code; tests/test_parallel.py), so the choice never changes a result.
-# A serial twin not yet compiled is loaded from numba's cache, or compiled by a helper process
+# times). So above SERIAL_BELOW each kernel, canonical shape, mode and thread count times its
+# calls and runs the way with the smaller recent time (the minimum of its last KEEP: noise
+# only adds time). The other way is tried again (a probe: PROBE_CALLS calls in a row, as the
+# first after a run of serial calls wakes sleeping workers) after PROBE_FIRST calls, then
+# twice as many each time the same way wins, up to PROBE_MAX (two calls in 200: at most
+# ~1% of the time while the other way is up to 2x slower), and after PROBE_FIRST again when
+# the other way wins: a choice made while the other core was busy (right after PyTorch's or
+# OpenBLAS's calls) is checked again within a few calls. Measured on the grid beside PyTorch,
+# a choice checked only after 16, 32, ... 1024 calls, or after 100 x its time, kept such a
+# first choice for whole samples (2-thread forward 2-D 2048x1024 233 -> 509 us, inference
+# 34/44 -> 19-26/44 cells at target). Both ways give the same bits (the serial twin is the
+# same code; tests/test_parallel.py), so the choice never changes a result. A serial twin
+# not yet compiled is loaded from numba's cache, or compiled by a helper process
 # (``_ahead.ready``) while the parallel kernel runs: choosing never stalls a call on
 # compilation. ``ADAPTIVE = False``: always the parallel kernels (the tests of the parallel
 # code set it).
+#
+# Only where the threading layer is not TBB (GNU OpenMP: numba's default without the ``tbb``
+# extra; workqueue). There the choice is what made a NumPy MLP step on 2 threads 3.8x faster
+# (its parallel calls fought OpenBLAS's spinning threads: 28.6 -> 7.5 ms at batch 256). Under
+# TBB the same step measured the same either way (7.5-7.6 ms), and on the grid beside
+# PyTorch its choices moved cells both ways by 20-50% without a net gain (2-thread medians
+# 1.00-1.02x the old time) while PyTorch itself moved as much between runs: not shown
+# worth it, so TBB runs the parallel kernels as before.
 ADAPTIVE = True
-PROBE_BUDGET = 100.0
-PROBE_MIN_CALLS = 16
+PROBE_FIRST = 4
+PROBE_MAX = 200
+PROBE_MIN_CALLS = 16  # calls before asking again whether a serial twin is compiled
 PROBE_CALLS = 2
 KEEP = 2 * PROBE_CALLS
 _NEVER = float("inf")
@@ -242,38 +260,23 @@ _NEVER = float("inf")
 
 class _Runs:
     """One kernel, shape, thread count and mode: each way's last KEEP times, the way chosen,
-    the calls and time since the last probe."""
+    the calls since the last probe and the calls before the next."""
 
-    __slots__ = (
-        "times",
-        "count",
-        "serial",
-        "calls",
-        "spent",
-        "budget",
-        "first",
-        "probe",
-        "twin_ready",
-    )
+    __slots__ = ("times", "count", "serial", "calls", "interval", "first", "probe", "twin_ready")
 
     def __init__(self) -> None:
         self.times = ([_NEVER] * KEEP, [_NEVER] * KEEP)  # parallel, serial: rings
         self.count = [0, 0]  # times recorded per way (the ring's next slot)
         self.serial = False
         self.calls = 0
-        self.spent = 0.0
-        self.budget = 0.0
+        self.interval = PROBE_FIRST
         self.first = 4  # two calls each way first (the first of each may have compiled)
         self.probe = 0  # calls left in a probe
         self.twin_ready = False  # the serial twin runs without compiling (``_ahead.ready``)
 
     def due(self) -> bool:
         """Is the next call not simply one on the chosen way (the first four, or a probe)?"""
-        return (
-            self.first > 0
-            or self.probe > 0
-            or (self.spent >= self.budget and self.calls >= PROBE_MIN_CALLS)
-        )
+        return self.first > 0 or self.probe > 0 or self.calls >= self.interval
 
     def way(self) -> bool:
         """True: run the next call on the serial twin. A probe is two calls of the other way:
@@ -286,8 +289,9 @@ class _Runs:
         return not self.serial
 
     def wait(self) -> None:
-        """The serial twin is still being compiled: no probe for PROBE_MIN_CALLS calls."""
-        self.calls = self.probe = 0
+        """The serial twin is still being compiled: ask again after PROBE_MIN_CALLS calls."""
+        self.calls, self.probe = 0, 0
+        self.interval = max(self.interval, PROBE_MIN_CALLS)
 
     def record(self, serial: bool, seconds: float) -> None:
         n = self.count[serial]
@@ -299,17 +303,15 @@ class _Runs:
                 return
         elif serial == self.serial:
             self.calls += 1
-            self.spent += seconds
             return
         else:
             self.probe -= 1
             if self.probe > 0:
                 return
-        best = min(self.times[0]), min(self.times[1])  # after the first four, and a probe
-        self.serial = best[1] < best[0]
-        other = best[not self.serial]  # (never run: its twin was being compiled)
-        self.budget = PROBE_BUDGET * PROBE_CALLS * (other if other < _NEVER else best[self.serial])
-        self.calls, self.spent = 0, 0.0
+        wins = min(self.times[1]) < min(self.times[0])  # after the first four, and a probe
+        same = wins == self.serial
+        self.interval = min(PROBE_MAX, 2 * self.interval) if same else PROBE_FIRST
+        self.serial, self.calls = wins, 0
 
 
 _MODE_AT = {"forward": 5, "backward": 3}  # where the parameter block is (``kernels._jit``)
@@ -363,7 +365,6 @@ class _Adaptive:
             runs.times[serial][n % KEEP] = seconds
             runs.count[serial] = n + 1
             runs.calls += 1
-            runs.spent += seconds
         else:
             runs.record(serial, seconds)
         return result

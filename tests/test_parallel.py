@@ -353,24 +353,25 @@ def _drive(runs, cost, calls):
     return ways
 
 
-def test_runs_choose_the_faster_way_and_probe_the_other_within_a_time_budget():
+def test_runs_choose_the_faster_way_and_probe_the_other_less_and_less():
     """``_threading._Runs``: two calls each way first (the first may have compiled), then the
     faster way; the other tried again (PROBE_CALLS calls in a row: the first may wake sleeping
-    workers) once the calls since the last probe took PROBE_BUDGET times a probe's time (so
-    probes cost ~1% of the time), and taken at once when it wins."""
+    workers) after PROBE_FIRST calls, then twice as many each time the same way wins, up to
+    PROBE_MAX; a probe that wins switches at once and probes soon again."""
     runs = _threading._Runs()
     ways = _drive(runs, {False: 3.0, True: 1.0}, 2000)  # serial faster
     assert ways[:4] == [False, False, True, True]
     probes = [i for i, serial in enumerate(ways) if i >= 4 and not serial]
-    pair = _threading.PROBE_CALLS
+    pair, first, most = _threading.PROBE_CALLS, _threading.PROBE_FIRST, _threading.PROBE_MAX
     starts = probes[::pair]
     assert probes == [i + k for i in starts for k in range(pair)]  # in a row
-    budget = int(_threading.PROBE_BUDGET * pair * 3.0 / 1.0)  # serial calls between probes
-    assert starts[0] == 4 + budget and len(starts) >= 3
-    assert np.diff(starts).tolist() == [budget + pair] * (len(starts) - 1)
-    ways = _drive(runs, {False: 0.5, True: 1.0}, 2 * budget)  # now parallel is faster
+    gaps = (np.diff([4 - pair, *starts]) - pair).tolist()  # serial calls between probes
+    doubling = [min(most, first * 2**k) for k in range(len(gaps))]
+    assert gaps == doubling and gaps[-1] == most
+    ways = _drive(runs, {False: 0.5, True: 1.0}, 2 * most)  # now parallel is faster
     switch = ways.index(False)  # the next probe finds it, and it stays
-    assert switch <= budget and not any(ways[switch : switch + 300])  # 100 x 2 x 1.0 s apart
+    assert switch <= most and not any(ways[switch + pair : switch + pair + first])
+    assert ways[switch + pair + first : switch + 2 * pair + first] == [True] * pair  # soon
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two threads")
@@ -400,6 +401,7 @@ def _check_adaptive_runs(x, dy, monkeypatch):
                 kernel, way, lambda *a, _l=launcher, _w=way, _n=name: ran.append((_n, _w)) or _l(*a)
             )
     monkeypatch.setattr(_threading, "_thread_safe_layer", True)  # the plain parallel family
+    monkeypatch.setattr(_threading, "_layer", "omp")  # (under TBB: always parallel)
     monkeypatch.setattr(_threading, "ADAPTIVE", True)
     tune = id(_threading.with_threads(2))
     for serial_faster in (True, False):
@@ -478,3 +480,22 @@ def test_in_cache_tells_a_load_from_a_compilation(tmp_path):
     r = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True", "False"]
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two threads")
+def test_tbb_runs_the_parallel_kernels(monkeypatch):
+    """Under TBB a call above the serial threshold runs the parallel kernels (measured no gain
+    from choosing there: ``_threading``), under any other layer the adaptive choice."""
+    x3 = np.ones((4096, 64, 1), np.float32)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        monkeypatch.setattr(_threading, "ADAPTIVE", True)
+        monkeypatch.setattr(_threading, "_thread_safe_layer", True)
+        for layer, adaptive in (("tbb", False), ("omp", True), ("workqueue", True)):
+            monkeypatch.setattr(_threading, "_layer", layer)
+            kernels, tune = _threading.kernels_for(x3, fused=True)
+            assert (kernels is _threading._ADAPTIVE["lanes"]) == adaptive, layer
+            assert tune[_threading._jit.TUNE_THREADS] == 2
+    finally:
+        numba.set_num_threads(threads)

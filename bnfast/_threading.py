@@ -228,15 +228,12 @@ def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
 # times). So above SERIAL_BELOW each kernel, canonical shape, mode and thread count times its
 # calls and runs the way with the smaller recent time (the minimum of its last KEEP: noise
 # only adds time). The other way is tried again (a probe: PROBE_CALLS calls in a row, as the
-# first after a run of serial calls wakes sleeping workers) after PROBE_FIRST calls, then
-# twice as many each time the same way wins, up to PROBE_MAX (two calls in 200: at most
-# ~1% of the time while the other way is up to 2x slower), and after PROBE_FIRST again when
-# the other way wins: a choice made while the other core was busy (right after PyTorch's or
-# OpenBLAS's calls) is checked again within a few calls. Measured on the grid beside PyTorch,
-# a choice checked only after 16, 32, ... 1024 calls, or after 100 x its time, kept such a
-# first choice for whole samples (2-thread forward 2-D 2048x1024 233 -> 509 us, inference
-# 34/44 -> 19-26/44 cells at target). Both ways give the same bits (the serial twin is the
-# same code; tests/test_parallel.py), so the choice never changes a result. A serial twin
+# first after a run of serial calls wakes sleeping workers) once the calls since the last probe
+# have taken PROBE_BUDGET times the probe's time, and after at least PROBE_MIN_CALLS calls:
+# probes cost ~1/PROBE_BUDGET of the time, also where the other way is very slow (a parallel
+# call fighting OpenBLAS's threads under OpenMP: probes after 4, 8, ... 200 calls took the MLP
+# step at batch 1024 from 27.0 to 53.0 ms). Both ways give the same bits (the serial twin is
+# the same code; tests/test_parallel.py), so the choice never changes a result. A serial twin
 # not yet compiled is loaded from numba's cache, or compiled by a helper process
 # (``_ahead.ready``) while the parallel kernel runs: choosing never stalls a call on
 # compilation. ``ADAPTIVE = False``: always the parallel kernels (the tests of the parallel
@@ -250,9 +247,8 @@ def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
 # 1.00-1.02x the old time) while PyTorch itself moved as much between runs: not shown
 # worth it, so TBB runs the parallel kernels as before.
 ADAPTIVE = True
-PROBE_FIRST = 4
-PROBE_MAX = 200
-PROBE_MIN_CALLS = 16  # calls before asking again whether a serial twin is compiled
+PROBE_BUDGET = 100.0
+PROBE_MIN_CALLS = 16
 PROBE_CALLS = 2
 KEEP = 2 * PROBE_CALLS
 _NEVER = float("inf")
@@ -260,23 +256,38 @@ _NEVER = float("inf")
 
 class _Runs:
     """One kernel, shape, thread count and mode: each way's last KEEP times, the way chosen,
-    the calls since the last probe and the calls before the next."""
+    the calls and time since the last probe."""
 
-    __slots__ = ("times", "count", "serial", "calls", "interval", "first", "probe", "twin_ready")
+    __slots__ = (
+        "times",
+        "count",
+        "serial",
+        "calls",
+        "spent",
+        "budget",
+        "first",
+        "probe",
+        "twin_ready",
+    )
 
     def __init__(self) -> None:
         self.times = ([_NEVER] * KEEP, [_NEVER] * KEEP)  # parallel, serial: rings
         self.count = [0, 0]  # times recorded per way (the ring's next slot)
         self.serial = False
         self.calls = 0
-        self.interval = PROBE_FIRST
+        self.spent = 0.0
+        self.budget = 0.0
         self.first = 4  # two calls each way first (the first of each may have compiled)
         self.probe = 0  # calls left in a probe
         self.twin_ready = False  # the serial twin runs without compiling (``_ahead.ready``)
 
     def due(self) -> bool:
         """Is the next call not simply one on the chosen way (the first four, or a probe)?"""
-        return self.first > 0 or self.probe > 0 or self.calls >= self.interval
+        return (
+            self.first > 0
+            or self.probe > 0
+            or (self.spent >= self.budget and self.calls >= PROBE_MIN_CALLS)
+        )
 
     def way(self) -> bool:
         """True: run the next call on the serial twin. A probe is two calls of the other way:
@@ -289,9 +300,8 @@ class _Runs:
         return not self.serial
 
     def wait(self) -> None:
-        """The serial twin is still being compiled: ask again after PROBE_MIN_CALLS calls."""
-        self.calls, self.probe = 0, 0
-        self.interval = max(self.interval, PROBE_MIN_CALLS)
+        """The serial twin is still being compiled: no probe for PROBE_MIN_CALLS calls."""
+        self.calls = self.probe = 0
 
     def record(self, serial: bool, seconds: float) -> None:
         n = self.count[serial]
@@ -303,15 +313,17 @@ class _Runs:
                 return
         elif serial == self.serial:
             self.calls += 1
+            self.spent += seconds
             return
         else:
             self.probe -= 1
             if self.probe > 0:
                 return
-        wins = min(self.times[1]) < min(self.times[0])  # after the first four, and a probe
-        same = wins == self.serial
-        self.interval = min(PROBE_MAX, 2 * self.interval) if same else PROBE_FIRST
-        self.serial, self.calls = wins, 0
+        best = min(self.times[0]), min(self.times[1])  # after the first four, and a probe
+        self.serial = best[1] < best[0]
+        other = best[not self.serial]  # (never run: its twin was being compiled)
+        self.budget = PROBE_BUDGET * PROBE_CALLS * (other if other < _NEVER else best[self.serial])
+        self.calls, self.spent = 0, 0.0
 
 
 _MODE_AT = {"forward": 5, "backward": 3}  # where the parameter block is (``kernels._jit``)
@@ -365,6 +377,7 @@ class _Adaptive:
             runs.times[serial][n % KEEP] = seconds
             runs.count[serial] = n + 1
             runs.calls += 1
+            runs.spent += seconds
         else:
             runs.record(serial, seconds)
         return result

@@ -353,25 +353,24 @@ def _drive(runs, cost, calls):
     return ways
 
 
-def test_runs_choose_the_faster_way_and_probe_the_other_less_and_less():
+def test_runs_choose_the_faster_way_and_probe_the_other_within_a_time_budget():
     """``_threading._Runs``: two calls each way first (the first may have compiled), then the
     faster way; the other tried again (PROBE_CALLS calls in a row: the first may wake sleeping
-    workers) after PROBE_FIRST calls, then twice as many each time the same way wins, up to
-    PROBE_MAX; a probe that wins switches at once and probes soon again."""
+    workers) once the calls since the last probe took PROBE_BUDGET times a probe's time (so
+    probes cost ~1% of the time), and taken at once when it wins."""
     runs = _threading._Runs()
     ways = _drive(runs, {False: 3.0, True: 1.0}, 2000)  # serial faster
     assert ways[:4] == [False, False, True, True]
     probes = [i for i, serial in enumerate(ways) if i >= 4 and not serial]
-    pair, first, most = _threading.PROBE_CALLS, _threading.PROBE_FIRST, _threading.PROBE_MAX
+    pair = _threading.PROBE_CALLS
     starts = probes[::pair]
     assert probes == [i + k for i in starts for k in range(pair)]  # in a row
-    gaps = (np.diff([4 - pair, *starts]) - pair).tolist()  # serial calls between probes
-    doubling = [min(most, first * 2**k) for k in range(len(gaps))]
-    assert gaps == doubling and gaps[-1] == most
-    ways = _drive(runs, {False: 0.5, True: 1.0}, 2 * most)  # now parallel is faster
+    budget = int(_threading.PROBE_BUDGET * pair * 3.0 / 1.0)  # serial calls between probes
+    assert starts[0] == 4 + budget and len(starts) >= 3
+    assert np.diff(starts).tolist() == [budget + pair] * (len(starts) - 1)
+    ways = _drive(runs, {False: 0.5, True: 1.0}, 2 * budget)  # now parallel is faster
     switch = ways.index(False)  # the next probe finds it, and it stays
-    assert switch <= most and not any(ways[switch + pair : switch + pair + first])
-    assert ways[switch + pair + first : switch + 2 * pair + first] == [True] * pair  # soon
+    assert switch <= budget and not any(ways[switch : switch + 300])  # 100 x 2 x 1.0 s apart
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two threads")

@@ -7,8 +7,9 @@
   bitwise identical results; serial is used below ``_machine.SERIAL_BELOW`` bytes of x
   (launching the thread pool costs more than it saves there; there forward and backward run
   their fused-only ``.small`` twins, again the same code, falling back to the serial twin
-  where those return -1) and in a forked child whose parent had started numba's GNU OpenMP
-  pool (not fork-safe: numba aborts such a child).
+  where those return -1), with one numba thread, and in a forked child whose parent had
+  started numba's GNU OpenMP pool (not fork-safe: numba aborts such a child). Above it, under
+  any layer but TBB, each call runs whichever of the two was faster lately (``_Adaptive``).
 - Fork during compilation: see ``_before_fork``.
 - Threads: numba's TBB and OpenMP layers are thread-safe; its ``workqueue`` layer (a host with
   neither) is not: two Python threads launching parallel kernels at once abort the process. Until

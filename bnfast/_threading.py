@@ -166,17 +166,10 @@ def _layer_started() -> None:
     _thread_safe_layer = _layer in ("tbb", "omp")
 
 
-def family(rows: bool, nbytes: int):
-    """The kernels of a C-contiguous call: the rows or lanes family, parallel, serial, or (below
-    the serial threshold) the serial family with its fused-only forward and backward."""
-    name = "rows" if rows else "lanes"
-    if nbytes < SERIAL_BELOW:
-        return _SMALL[name]
-    if _serial_only:
-        return _SERIAL[name]
-    if _thread_safe_layer:
-        return _PARALLEL[name]
-    return _GUARDED[name]
+def _parallel(name: str):
+    """A family's parallel kernels: as they are once a thread-safe layer has shown itself,
+    else one thread at a time (``_Guarded``)."""
+    return _PARALLEL[name] if _thread_safe_layer else _GUARDED[name]
 
 
 def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
@@ -214,7 +207,7 @@ def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
     if threads == 1:  # the same code without the pool's launch
         return _SERIAL[name], TUNE
     if not ADAPTIVE or _layer == "tbb":
-        return family(name == "rows", nbytes), with_threads(threads)
+        return _parallel(name), with_threads(threads)
     return _ADAPTIVE[name], with_threads(threads)
 
 
@@ -337,12 +330,11 @@ class _Adaptive:
     of the serial twin on inference calls beat training times of the parallel kernel, and
     the grid's 2-thread inference ran serial (2-D 2048x256 35 -> 87 us)."""
 
-    __slots__ = ("name", "kernel", "runs", "parallel", "serial", "mode")
+    __slots__ = ("name", "kernel", "runs", "serial", "mode")
 
     def __init__(self, name: str, kernel: str) -> None:
         self.name, self.kernel = name, kernel
         self.runs: dict = {}
-        self.parallel = getattr(_PARALLEL[name], kernel)
         self.serial = getattr(_SERIAL[name], kernel)
         self.mode = _MODE_AT.get(kernel)
 
@@ -368,10 +360,8 @@ class _Adaptive:
         start = time.perf_counter()
         if serial:
             result = self.serial(*args[:-1], TUNE)
-        elif _thread_safe_layer:
-            result = self.parallel(*args)
         else:
-            result = getattr(_GUARDED[self.name], self.kernel)(*args)
+            result = getattr(_parallel(self.name), self.kernel)(*args)
         seconds = time.perf_counter() - start
         if serial == runs.serial and not runs.first:  # the common case, inline
             n = runs.count[serial]

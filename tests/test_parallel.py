@@ -394,11 +394,16 @@ def _check_adaptive_runs(x, dy, monkeypatch):
     lanes = _threading._ADAPTIVE["lanes"]
     kernels = {name: getattr(lanes, name) for name in ("forward", "backward")}
     for name, kernel in kernels.items():
-        for way in ("serial", "parallel"):
-            launcher = getattr(kernel, way)
-            monkeypatch.setattr(
-                kernel, way, lambda *a, _l=launcher, _w=way, _n=name: ran.append((_n, _w)) or _l(*a)
-            )
+        serial = kernel.serial
+        monkeypatch.setattr(
+            kernel, "serial", lambda *a, _l=serial, _n=name: ran.append((_n, "serial")) or _l(*a)
+        )
+        parallel = getattr(_threading._PARALLEL["lanes"], name)
+        monkeypatch.setattr(
+            _threading._PARALLEL["lanes"],
+            name,
+            lambda *a, _l=parallel, _n=name: ran.append((_n, "parallel")) or _l(*a),
+        )
     monkeypatch.setattr(_threading, "_thread_safe_layer", True)  # the plain parallel family
     monkeypatch.setattr(_threading, "_layer", "omp")  # (under TBB: always parallel)
     monkeypatch.setattr(_threading, "ADAPTIVE", True)
@@ -439,13 +444,13 @@ def test_a_serial_twin_is_tried_only_once_compiled(monkeypatch):
     monkeypatch.setitem(adaptive.runs, key, runs)
     monkeypatch.setattr(_threading, "_thread_safe_layer", True)
     ran = []
-    monkeypatch.setattr(adaptive, "parallel", lambda *a: ran.append("parallel") or 0)
+    monkeypatch.setattr(_threading._PARALLEL["lanes"], "moments", lambda *a: ran.append("p") or 0)
     twin = SimpleNamespace(dispatcher="twin")
     monkeypatch.setattr(adaptive, "serial", twin)
     args = (x, mean, var, _threading.with_threads(2))
     for _ in range(4 + _threading.PROBE_MIN_CALLS):
         adaptive(*args)
-    assert ran == ["parallel"] * len(ran) and len(asked) == 2  # calls 3 and 4, then none
+    assert ran == ["p"] * len(ran) and len(asked) == 2  # calls 3 and 4, then none
     assert runs.times[1] == [_threading._NEVER] * _threading.KEEP
     monkeypatch.setattr(_threading._ahead, "ready", lambda d, t: True)
     serial_ran = []

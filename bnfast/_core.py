@@ -30,19 +30,19 @@ from .kernels._jit import (
     FORWARD_BATCH,
     FORWARD_GIVEN,
     FORWARD_RUNNING,
+    P_EPS,
     P_MODE,
     P_MOMENTUM,
     P_RELU,
+    P_RMAX,
 )
 from .kernels.common import (
-    GAMMA,
-    INVSTD,
+    KEPT,
+    KEPT_RENORM,
     MEAN,
     STATS_ROWS,
     VAR,
-    D,
-    finish_channels,
-    parameter_gradients,
+    kept_gradients,
     update_running,
 )
 
@@ -51,6 +51,7 @@ _NO_RUNNING = {
     np.dtype(np.float64): np.empty(0, np.float64),
 }  # "no running arrays" to a kernel
 NO_SUMS = np.empty((2, 0))  # "the sums are not wanted" to the backward kernel (O(T) buffers)
+NO_KEPT = np.empty((KEPT, 0))  # "keep no statistics" to the forward kernel (inference)
 # The fused ReLU's threshold: half the smallest subnormal of the data's dtype, so that a value
 # counts as positive exactly when it rounds to a positive number (PyTorch applies ReLU to the
 # rounded output). As a float64, float64's half-subnormal is 0.
@@ -70,10 +71,14 @@ class BatchNormCache(NamedTuple):
     x : ndarray
         The forward input (a reference, not a copy: do not modify it before backward).
     stats : ndarray
-        The float64 ``(8, C)`` statistics block the forward wrote (rows ``MEAN``, ``INVSTD``,
-        ``GAMMA``, ``VAR``, ``SCALE``, ``SHIFT``, ``R``, ``D`` of ``bnfast.kernels.common``).
-        The backward kernel takes it as it is (one array type for both kernels: a read-only
-        block compiled every shared helper twice); do not modify it.
+        The float64 statistics a training forward kept for backward: rows ``MEAN`` and ``VAR``
+        (the batch mean and biased variance that normalized x) and under renorm ``R`` and
+        ``D``; shape ``(2, C)`` or ``(4, C)``, 16 or 32 bytes per channel (an inference cache
+        keeps none: ``running``). A training forward of fewer than 32 values per
+        channel (16 in float64) over more than 32768 channels keeps none (shape ``(2, 0)``:
+        16 bytes per channel would exceed x/8) and backward takes the statistics again from x
+        with the forward's own arithmetic (the same bits). The backward kernel takes it as it
+        is; do not modify it.
     axis : int
         The channel axis, non-negative.
     training : bool
@@ -93,10 +98,20 @@ class BatchNormCache(NamedTuple):
         The communicator of a synchronized training forward (backward reduces over it too).
     total : int
         With ``comm``: the values per channel over all ranks.
+    gamma, beta : ndarray
+        The scale and shift the forward used, in x's dtype (references: the caller's arrays
+        when they had x's dtype; do not modify them before backward, as with x).
+    eps : float
+        The forward's eps.
+    running : tuple or None
+        An inference cache's ``(running_mean, running_var)``: the arrays the forward normalized
+        with, in x's dtype (references to the caller's arrays when they had x's dtype; the
+        frozen-statistics backward reads them, so do not modify them before it). None while
+        training.
 
-    ``mean``, ``invstd`` (``1/sqrt(var + eps)``) and ``gamma`` (rounded to x's dtype) are
-    float64 rows of ``stats``: the statistics that normalized x (with ``virtual_batch_size``,
-    those of the first virtual batch; ``parts`` has all).
+    ``mean``, ``var`` and ``invstd`` (``1/sqrt(var + eps)``) are float64 vectors: the
+    statistics that normalized x (with ``virtual_batch_size``, those of the first virtual
+    batch; ``parts`` has all).
     """
 
     x: np.ndarray
@@ -109,28 +124,52 @@ class BatchNormCache(NamedTuple):
     parts: tuple = ()
     comm: Any = None
     total: int = 0
+    gamma: Any = None  # ndarrays; None only in a cache built by hand without them
+    beta: Any = None
+    eps: float = 0.0
+    running: Any = None
 
     @property
     def mean(self) -> np.ndarray:
-        return _read_only(self.stats[MEAN])
+        return self._moments()[0]
+
+    @property
+    def var(self) -> np.ndarray:
+        return self._moments()[1]
 
     @property
     def invstd(self) -> np.ndarray:
-        return _read_only(self.stats[INVSTD])
+        return 1.0 / np.sqrt(self._moments()[1] + self.eps)  # the kernels' arithmetic
 
-    @property
-    def gamma(self) -> np.ndarray:
-        return _read_only(self.stats[GAMMA])
+    def _moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """MEAN and VAR: the running arrays, kept, or (none kept) taken again by the kernel
+        that made them."""
+        if self.running is not None:
+            return self.running[0].astype(np.float64), self.running[1].astype(np.float64)
+        if self.stats.shape[1] or self.layout.channels == 0:
+            return _read_only(self.stats[MEAN]), _read_only(self.stats[VAR])
+        x3 = self.view if self.view is not None else self.layout.view3(self.x)
+        mean, var = np.empty(x3.shape[1]), np.empty(x3.shape[1])
+        kernels, tune = _threading.kernels_for(x3, fused=True)
+        kernels.moments(x3, mean, var, tune)  # (no rescue: none was needed, or it would be kept)
+        return mean, var
 
     def __repr__(self) -> str:
         mode = "training" if self.training else "inference"
         return f"BatchNormCache({mode}, x shape {self.x.shape} {self.x.dtype}, axis={self.axis})"
 
     @classmethod
-    def of(cls, x, stats, axis, training, layout, view, activation) -> BatchNormCache:
+    def of(
+        cls, x, stats, axis, training, layout, view, activation, gamma, beta, eps, running
+    ) -> BatchNormCache:
         """A plain (not synchronized, no virtual batches) cache, built positionally: the run
         path's constructor (0.14 us where the keyword call took 0.43 us)."""
-        return tuple.__new__(cls, (x, stats, axis, training, layout, view, activation, (), None, 0))
+        fields = (x, stats, axis, training, layout, view, activation, (), None, 0)
+        return tuple.__new__(cls, (*fields, gamma, beta, eps, running))
+
+    def frozen_stats(self) -> np.ndarray:
+        """An inference cache's MEAN and VAR rows for the backward kernel (float64, exact)."""
+        return np.array(self.running, np.float64).reshape(KEPT, -1)
 
     def __reduce__(self):
         """Pickle and copy without the view of x (rebuilt from x, so x is stored once)."""
@@ -480,6 +519,9 @@ def forward(
             activation="relu" if relu else None,
             comm=comm,
             total=total,
+            gamma=gamma,
+            beta=beta,
+            eps=eps,
         )
     elif groups > 1 and count > 0 and channels > 0:  # else: nothing to normalize, as below
         cache = _ghost_forward(
@@ -496,12 +538,18 @@ def forward(
         )
     else:
         x3 = layout.view3(x)
-        stats = np.empty((STATS_ROWS, channels))
+        running = None
         if training:
             block = params(FORWARD_BATCH, eps, momentum, unbiased, rmax, dmax, *relu_thr, count)
+            foreign = tracking and not _in_place(running_mean, running_var, dtype)
+            stats = kept_block(layout, dtype, rmax > 0.0, foreign)
         else:
             block = params(FORWARD_RUNNING, eps, 0.0, unbiased, 0.0, 0.0, *relu_thr, count)
-        run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats)
+            stats = NO_KEPT
+            running = running_mean, running_var = _running_for_kernel(
+                running_mean, running_var, dtype
+            )
+        stats = run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats)
         layout.finish_output(y, y3)
         cache = BatchNormCache.of(
             x,
@@ -511,6 +559,10 @@ def forward(
             layout,
             x3 if layout.is_view(x) else None,
             "relu" if relu else None,
+            gamma,
+            beta,
+            eps,
+            running,
         )
     return (y if out is None else given), cache
 
@@ -535,6 +587,38 @@ def params(mode, eps, momentum, unbiased, rmax, dmax, relu, thr, count) -> np.nd
 _BLOCKS: dict = {}
 
 
+# A training forward keeps MEAN and VAR (16 bytes per channel) when that is at most x/8 or
+# 512 KiB (C <= 32768), so that with the call's other memory (per-tile buffers; the two-pass
+# partials, <= x/16) it stays within the README's bound of x/4 (float32; x/8 for float64) plus
+# 1 MiB; else none (the lanes family's fused route, certainly: fewer than 32 values per
+# channel), and backward takes the statistics again from x. Float32 (2, 2_000_000) kept 128 MB
+# (the whole (8, C) block) for x of 16 MB.
+KEEP_ALWAYS = 2**19
+
+
+def kept_block(layout, dtype, renorm: bool, always: bool = False) -> np.ndarray:
+    """The block a training forward writes the statistics a cache keeps into: ``(4, C)`` under
+    renorm (MEAN, VAR, R, D: r and d depend on the running statistics before the update, so
+    they are always kept), else ``(2, C)``, or ``(2, 0)`` (none kept, see ``KEEP_ALWAYS``;
+    ``always``: kept anyway, e.g. running arrays of another dtype are updated from them)."""
+    channels = layout.channels
+    if renorm:
+        return np.empty((KEPT_RENORM, channels))
+    nbytes = layout.count * channels * dtype.itemsize
+    keep = always or 8 * KEPT * channels <= max(nbytes // 8, KEEP_ALWAYS)
+    return np.empty((KEPT, channels if keep else 0))
+
+
+def _in_place(running_mean, running_var, dtype) -> bool:
+    """Does the kernel update the running arrays themselves (x's dtype, writeable)?"""
+    return (
+        running_mean.dtype == dtype
+        and running_var.dtype == dtype
+        and running_mean.flags.writeable
+        and running_var.flags.writeable
+    )
+
+
 def _kept_view(x, layout):
     """The canonical view a cache keeps of x: the view itself, or None where it would be a copy
     (backward then copies again rather than the cache holding a second x)."""
@@ -547,22 +631,21 @@ def _running_for_kernel(running_mean, running_var, dtype):
     them; the update is then :func:`update_running_of`'s, in the arrays' own dtype)."""
     if running_mean is None:
         return _NO_RUNNING[dtype], _NO_RUNNING[dtype]
-    if (
-        running_mean.dtype == dtype
-        and running_var.dtype == dtype
-        and running_mean.flags.writeable
-        and running_var.flags.writeable
-    ):
+    if _in_place(running_mean, running_var, dtype):
         return running_mean, running_var
     return running_mean.astype(dtype), running_var.astype(dtype)
 
 
-def run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats, launch=None) -> None:
+def run_forward(
+    x3, y3, gamma, beta, running_mean, running_var, block, stats, launch=None
+) -> np.ndarray:
     """The forward kernel on checked arguments (the layer's planned path too): one call, and
-    the rescue kernel when it reports channels whose float64 sums overflowed. Running arrays
-    of another dtype than x's are updated afterwards from the same statistics
-    (:func:`update_running_of`). ``launch``: a plan's ``(kernels, tune)`` for a small call in
-    the batch or running mode, with values per channel and running arrays in x's dtype (or
+    the rescue kernel when it reports channels whose float64 sums overflowed or ran around an
+    ill-placed shift. Running arrays of another dtype than x's are updated afterwards from the
+    same statistics (:func:`update_running_of`). Returns the kept block: ``stats``, or after a
+    rescue where ``stats`` kept none, a new ``(2, C)`` one (the rescued statistics cannot be
+    taken again from x by backward). ``launch``: a plan's ``(kernels, tune)`` for a small call
+    in the batch or running mode, with values per channel and running arrays in x's dtype (or
     none), writeable (0.5 us of checks and lookups saved per call)."""
     if launch is not None:
         kernels, tune = launch
@@ -573,7 +656,7 @@ def run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats, la
         dtype, channels = x3.dtype, x3.shape[1]
         if x3.shape[0] * x3.shape[2] == 0 or channels == 0:  # nothing to normalize (PyTorch)
             stats[...] = np.nan
-            return
+            return stats
         rm, rv = _running_for_kernel(running_mean, running_var, dtype)
         mode = block[P_MODE]
         kernels, tune = _threading.kernels_for(
@@ -583,9 +666,27 @@ def run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats, la
     if bad < 0:  # the fused-only small twin's routes do not apply
         bad = _threading.fallback(x3).forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad:
-        _threading.rescue(x3, gamma, beta, rm, rv, block, stats, y3)
+        stats = _rescued(x3, y3, gamma, beta, rm, rv, block, stats, kernels, tune)
     if rm is not running_mean and running_mean is not None and block[P_MODE] != FORWARD_RUNNING:
         update_running_of(running_mean, running_var, stats, block)
+    return stats
+
+
+def _rescued(x3, y3, gamma, beta, rm, rv, block, stats, kernels, tune) -> np.ndarray:
+    """The rescue after a forward that counted bad channels (the cold path): the whole work
+    block from the first pass's statistics (kept, or, where none were kept, from the forward
+    kernel again without running arrays: the same sums, the same y), the rescue kernel on it
+    (it updates the running averages of the channels it recomputes: the forward updated the
+    others'), and the kept rows from it."""
+    if stats.shape[1] == 0:
+        stats = np.empty((KEPT, x3.shape[1]))
+        none = _NO_RUNNING[x3.dtype]
+        _threading.fallback(x3).forward(x3, gamma, beta, none, none, block, stats, y3, tune)
+    work = np.empty((STATS_ROWS, x3.shape[1]))
+    work[: stats.shape[0]] = stats
+    _threading.rescue(x3, gamma, beta, rm, rv, block, work, y3)
+    stats[...] = work[: stats.shape[0]]
+    return stats
 
 
 def update_running_of(running_mean, running_var, stats, block) -> None:
@@ -595,7 +696,7 @@ def update_running_of(running_mean, running_var, stats, block) -> None:
     (:func:`_after_write`)."""
     rm64 = running_mean.astype(np.float64)
     rv64 = running_var.astype(np.float64)
-    update_running(stats, block, rm64, rv64)
+    update_running(stats, 0, block, rm64, rv64)
     with _after_write():
         running_mean[...] = rm64
         running_var[...] = rv64
@@ -624,7 +725,7 @@ def _forward_synced(
     dtype, channels, count = x.dtype, layout.channels, layout.count
     local = count > 0 and channels > 0
     x3 = layout.view3(x)
-    stats = np.empty((STATS_ROWS, channels))
+    stats = np.empty((KEPT, channels))  # kept: the global statistics cannot be taken again
     mean, var = stats[MEAN], stats[VAR]  # this rank's, then (in place) the global batch's
     if local:
         _moments64(x3, mean, var)
@@ -640,8 +741,7 @@ def _forward_synced(
     block = params(FORWARD_GIVEN, eps, momentum, unbiased, 0.0, 0.0, *relu_thr, total)
     if local:
         run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats)
-    else:  # this rank holds no values: the block and the running averages only
-        finish_channels(stats, 0, channels, gamma, beta, stats[D], stats[D], block)
+    else:  # this rank holds no values: the running averages only
         if running_mean is not None:
             update_running_of(running_mean, running_var, stats, block)
     return stats, total
@@ -688,8 +788,9 @@ def _ghost_forward(
         layout = chk.Layout.of(xg, axis)
         yg3 = layout.output(yg, x.dtype)[1]
         xg3 = layout.view3(xg)
-        stats = np.empty((STATS_ROWS, layout.channels))
-        run_forward(xg3, yg3, gamma, beta, rm, rv, block, stats)  # momentum 0: rm, rv kept
+        # kept (the combined running update reads every group's); momentum 0: rm, rv kept
+        stats = kept_block(layout, x.dtype, block[P_RMAX] > 0.0, always=True)
+        run_forward(xg3, yg3, gamma, beta, rm, rv, block, stats)
         layout.finish_output(yg, yg3)
         part = BatchNormCache(
             x=xg,
@@ -699,10 +800,13 @@ def _ghost_forward(
             layout=layout,
             view=_kept_view(xg, layout),
             activation="relu" if block[P_RELU] else None,
+            gamma=gamma,
+            beta=beta,
+            eps=block[P_EPS],
         )
         parts.append((g * k, (g + 1) * k, part))
     if tracking:
-        combined = np.empty((STATS_ROWS, len(running_mean)))
+        combined = np.empty((KEPT, len(running_mean)))
         combined[MEAN] = np.mean([p[2].stats[MEAN] for p in parts], axis=0)
         combined[VAR] = np.mean([p[2].stats[VAR] for p in parts], axis=0)
         update = block.copy()  # (the block is shared, read-only)
@@ -717,6 +821,9 @@ def _ghost_forward(
         layout=chk.Layout.of(x, axis),
         activation=first.activation,
         parts=tuple(parts),
+        gamma=gamma,
+        beta=beta,
+        eps=first.eps,
     )
 
 
@@ -787,11 +894,13 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         for start, stop, part in cache.parts:
             dxg = dx[start:stop]
             dxg3 = part.layout.output(dxg, x.dtype)[1]
-            block = params(BACKWARD_TRAIN, 0.0, 0.0, 0, 0.0, 0.0, *relu_thr, part.layout.count)
+            block = params(BACKWARD_TRAIN, part.eps, 0.0, 0, 0.0, 0.0, *relu_thr, part.layout.count)
             x3 = part.view if part.view is not None else part.layout.view3(part.x)
             run_backward(
                 x3,
                 part.layout.view3(dy[start:stop]),
+                part.gamma,
+                part.beta,
                 part.stats,
                 block,
                 sums,
@@ -800,7 +909,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
                 dxg3,
             )
             part.layout.finish_output(dxg, dxg3)
-            parameter_gradients(sums, 0, part.stats, 0, channels, share[0], share[1])
+            kept_gradients(sums, part.stats, part.eps, share[0], share[1])
             total += share  # each part's float64 dgamma, dbeta; rounded once below
         with _after_write():
             dgamma[...] = total[0]
@@ -810,16 +919,28 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         layout.finish_output(dx, dx3)
     else:
         mode = BACKWARD_TRAIN if cache.training else BACKWARD_FROZEN
-        block = params(mode, 0.0, 0.0, 0, 0.0, 0.0, *relu_thr, layout.count)
+        block = params(mode, cache.eps, 0.0, 0, 0.0, 0.0, *relu_thr, layout.count)
         x3 = cache.view if cache.view is not None else layout.view3(x)
-        run_backward(x3, layout.view3(dy), cache.stats, block, NO_SUMS, dgamma, dbeta, dx3)
+        run_backward(
+            x3,
+            layout.view3(dy),
+            cache.gamma,
+            cache.beta,
+            cache.stats if cache.training else cache.frozen_stats(),
+            block,
+            NO_SUMS,
+            dgamma,
+            dbeta,
+            dx3,
+        )
         layout.finish_output(dx, dx3)
     return (dx if out is None else given), dgamma, dbeta
 
 
-def run_backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, launch=None) -> None:
-    """The backward kernel on checked arguments (the layer's planned path too); ``launch``: a
-    plan's ``(kernels, tune)`` for a small call in the training mode (see ``run_forward``)."""
+def run_backward(x3, dy3, gamma, beta, stats, block, sums, dgamma, dbeta, dx3, launch=None) -> None:
+    """The backward kernel on checked arguments (the layer's planned path too), from a cache's
+    gamma, beta, kept statistics and (in ``block``) eps; ``launch``: a plan's ``(kernels,
+    tune)`` for a small call in the training mode (see ``run_forward``)."""
     if launch is not None:
         kernels, tune = launch
     elif x3.shape[0] * x3.shape[2] == 0 or x3.shape[1] == 0:
@@ -829,9 +950,12 @@ def run_backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, launch=None) -
         return
     else:
         kernels, tune = _threading.kernels_for(x3, block[P_MODE] != BACKWARD_TRAIN, fused=True)
-    if kernels.backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune):
-        # -1: the fused-only small twin's route does not apply
-        _threading.fallback(x3).backward(x3, dy3, stats, block, sums, dgamma, dbeta, dx3, tune)
+    args = (x3, dy3, gamma, beta, stats, block, sums, dgamma, dbeta, dx3, tune)
+    done = kernels.backward(*args)
+    if done == -1:  # the fused-only small twin's route does not apply
+        done = _threading.fallback(x3).backward(*args)
+    if done:  # (-2: none kept off the fused route; kept_block never lets that happen)
+        raise RuntimeError(f"bnfast internal error: backward kernel returned {done}")
 
 
 def _backward_synced(
@@ -842,7 +966,8 @@ def _backward_synced(
     (``BACKWARD_GIVEN``). dgamma and dbeta are this rank's share (its own sums), as every
     other parameter's gradient in data parallelism: averaging or summing them over the ranks
     with the rest gives the global batch's."""
-    layout, stats = cache.layout, cache.stats
+    layout, stats, eps = cache.layout, cache.stats, cache.eps
+    gamma, beta = cache.gamma, cache.beta
     x3 = cache.view if cache.view is not None else layout.view3(cache.x)
     local = layout.count > 0 and layout.channels > 0
     sums = np.zeros((2, layout.channels))
@@ -850,20 +975,22 @@ def _backward_synced(
         run_backward(
             x3,
             dy3,
+            gamma,
+            beta,
             stats,
-            params(BACKWARD_SUMS, 0.0, 0.0, 0, 0.0, 0.0, *relu_thr, 0),
+            params(BACKWARD_SUMS, eps, 0.0, 0, 0.0, 0.0, *relu_thr, 0),
             sums,
             dgamma,
             dbeta,
             dx3,
         )
     else:  # this rank's share of dgamma and dbeta (written by the kernel's BACKWARD_SUMS)
-        parameter_gradients(sums, 0, stats, 0, layout.channels, dgamma, dbeta)
+        kept_gradients(sums, stats, eps, dgamma, dbeta)
     total = _sync.global_sums(cache.comm, sums)
     if local:  # dgamma and dbeta not wanted again (length 0): the kernel keeps the share
-        block = params(BACKWARD_GIVEN, 0.0, 0.0, 0, 0.0, 0.0, *relu_thr, cache.total)
+        block = params(BACKWARD_GIVEN, eps, 0.0, 0, 0.0, 0.0, *relu_thr, cache.total)
         none = _NO_RUNNING[x3.dtype]
-        run_backward(x3, dy3, stats, block, total, none, none, dx3)
+        run_backward(x3, dy3, gamma, beta, stats, block, total, none, none, dx3)
 
 
 def backward_from_input(

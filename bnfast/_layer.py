@@ -26,6 +26,7 @@ import numpy as np
 from . import _checks as chk
 from . import _sync, _threading
 from ._core import (
+    NO_KEPT,
     NO_SUMS,
     RELU_THRESHOLD,
     BatchNormCache,
@@ -36,6 +37,7 @@ from ._core import (
     _renorm,
     backward,
     forward,
+    kept_block,
     params,
     run_backward,
     run_forward,
@@ -45,9 +47,11 @@ from .kernels._jit import (
     BACKWARD_TRAIN,
     FORWARD_BATCH,
     FORWARD_RUNNING,
+    P_EPS,
     P_MOMENTUM,
+    P_RMAX,
 )
-from .kernels.common import STATS_ROWS
+from .kernels.common import KEPT
 
 
 class BatchNorm:
@@ -335,7 +339,7 @@ class BatchNorm:
         q.layout, q.dtype, q.shape = cache.layout, cache.x.dtype, cache.x.shape
         q.view = cache.layout.is_view(cache.x)
         q.reshapes = q.view and not cache.layout.transposed
-        q.backward_blocks = _backward_blocks(q.dtype, q.layout.count)
+        q.backward_blocks = _backward_blocks(q.dtype, q.layout.count, cache.eps)
         q.launch = None
         return q
 
@@ -449,7 +453,7 @@ class BatchNorm:
         layout = p.layout
         x3 = x.reshape(layout.canon) if p.reshapes else layout.view3(x)
         y, y3 = self._planned_output("y", p, x)
-        stats = np.empty((STATS_ROWS, self.num_features))
+        stats = np.empty(p.kept) if p.batch_stats else NO_KEPT
         rows = self._rows
         block = p.block
         total = 0
@@ -475,11 +479,11 @@ class BatchNorm:
             if self.momentum is None:  # the cumulative average's weight changes every call
                 block[P_MOMENTUM] = self._momentum()  # (else set in the plan: _mode has it)
             rm, rv = (rows[2], rows[3]) if self.track_running_stats else (None, None)
-            run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats, p.launch)
+            stats = run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats, p.launch)
             if self.track_running_stats:
                 self.num_batches_tracked += 1
         else:
-            run_forward(x3, y3, p.gamma, p.beta, rows[2], rows[3], block, stats, p.launch)
+            run_forward(x3, y3, p.gamma, p.beta, rows[2], rows[3], block, NO_KEPT, p.launch)
         if p.comm is None:
             self._cache = BatchNormCache.of(
                 x,
@@ -489,6 +493,10 @@ class BatchNorm:
                 layout,
                 x3 if p.view else None,
                 self.activation,
+                p.gamma,
+                p.beta,
+                self.eps,
+                None if p.batch_stats else (rows[2], rows[3]),
             )
         else:
             self._cache = BatchNormCache(
@@ -501,6 +509,9 @@ class BatchNorm:
                 activation=self.activation,
                 comm=p.comm,
                 total=total,
+                gamma=p.gamma,
+                beta=p.beta,
+                eps=self.eps,
             )
         return y
 
@@ -553,9 +564,21 @@ class BatchNorm:
             _backward_synced(cache, dy3, relu_thr, self._rows[4], self._rows[5], dx3)
             return dx
         block = p.backward_blocks[relu][cache.training]
+        if block[P_EPS] != cache.eps:  # eps changed since the forward
+            block = _backward_blocks(x3.dtype, layout.count, cache.eps)[relu][cache.training]
         launch = p.launch if cache.training else None  # (the frozen mode: the general kernels)
         run_backward(
-            x3, dy3, cache.stats, block, NO_SUMS, self._rows[4], self._rows[5], dx3, launch
+            x3,
+            dy3,
+            cache.gamma,
+            cache.beta,
+            cache.stats if cache.training else cache.frozen_stats(),
+            block,
+            NO_SUMS,
+            self._rows[4],
+            self._rows[5],
+            dx3,
+            launch,
         )
         return dx
 
@@ -672,6 +695,7 @@ class _Plan:
         "relu_thr",
         "backward_blocks",
         "launch",
+        "kept",
     )
     shape: tuple
     strides: tuple
@@ -688,6 +712,7 @@ class _Plan:
     relu_thr: tuple[float, float]
     backward_blocks: tuple  # the backward kernel's blocks: [relu][training]
     launch: tuple | None  # (kernels, tune) of a call below the serial threshold, else None
+    kept: tuple  # the shape of the block a forward keeps (``_core.kept_block``)
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
@@ -715,7 +740,7 @@ class _Plan:
         thr = RELU_THRESHOLD[bn.dtype] if relu else 0.0
         p.comm = bn.comm if bn.training else None  # eval: no collective
         p.relu_thr = (1.0, thr) if relu else (0.0, 0.0)
-        p.backward_blocks = _backward_blocks(bn.dtype, cache.layout.count)
+        p.backward_blocks = _backward_blocks(bn.dtype, cache.layout.count, bn.eps)
         p.launch = _threading.small_launch(cache.layout.canon, bn.dtype)
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
@@ -731,7 +756,9 @@ class _Plan:
                 thr,
                 cache.layout.count,
             ).copy()
+            p.kept = kept_block(cache.layout, bn.dtype, p.block[P_RMAX] > 0.0).shape
         else:
+            p.kept = (KEPT, 0)  # (an inference cache keeps the running arrays)
             p.block = params(
                 FORWARD_RUNNING,
                 bn.eps,
@@ -746,12 +773,12 @@ class _Plan:
         return p
 
 
-def _backward_blocks(dtype: np.dtype, count: int) -> tuple:
+def _backward_blocks(dtype: np.dtype, count: int, eps: float) -> tuple:
     """The backward kernel's parameter blocks for a plan, indexed ``[relu][training]`` by the
     cache's activation and mode (the frozen or the training gradient)."""
     return tuple(
         tuple(
-            params(mode, 0.0, 0.0, 0, 0.0, 0.0, float(relu), RELU_THRESHOLD[dtype] * relu, count)
+            params(mode, eps, 0.0, 0, 0.0, 0.0, float(relu), RELU_THRESHOLD[dtype] * relu, count)
             for mode in (BACKWARD_FROZEN, BACKWARD_TRAIN)
         )
         for relu in (False, True)

@@ -320,7 +320,7 @@ class _Runs:
         self.calls, self.spent = 0, 0.0
 
 
-_MODE_AT = {"forward": 5, "backward": 3}  # where the parameter block is (``kernels._jit``)
+_MODE_AT = {"forward": 5, "backward": 5}  # where the parameter block is (``kernels._jit``)
 
 
 class _Adaptive:

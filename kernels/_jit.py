@@ -11,9 +11,10 @@ view; ``bnfast`` copies any other view once). Parameter kinds:
 - ``"out"``: a 3-D data array the kernel writes, same dtype as the inputs.
 - ``"p"``: a per-channel vector in the data's dtype, read (gamma, beta); any 1-D layout.
   ``"p_out"``: one the kernel may write (running statistics, dgamma, dbeta).
-- ``"stats"``: the float64 ``(8, C)`` block (rows ``common.MEAN`` ... ``D``) a forward kernel
-  writes and a backward kernel reads: writeable in both, so that every helper that reads it is
-  compiled once (a read-only type in backward compiled each of them twice).
+- ``"stats"``: the float64 rows a cache keeps (``common.KEPT``: MEAN and VAR; R and D too
+  under renorm; or none, ``(2, 0)``) that a forward kernel writes and a backward kernel reads;
+  also the rescue's whole ``(8, C)`` work block. Writeable in both, so that every helper that
+  reads it is compiled once (a read-only type in backward compiled each of them twice).
 - ``"sums"``: the float64 ``(2, C)`` gradient sums a backward kernel writes or reads.
 - ``"vec_out"``: a float64 per-channel vector the kernel writes (``moments``).
 - ``"params"``: the float64 parameter block (``P_*`` below): the mode and every scalar option.
@@ -179,7 +180,8 @@ BACKWARD_GIVEN = 3  # dx from the given ``sums`` over params[P_COUNT] values (an
 # The parameter kinds of the kernels every family has (kernels/__init__.py describes them).
 MOMENTS = ("x", "vec_out", "vec_out", "tune")
 FORWARD = ("x", "p", "p", "p_out", "p_out", "params", "stats", "out", "tune")
-BACKWARD = ("x", "x", "stats", "params", "sums", "p_out", "p_out", "out", "tune")  # -> int
+# -> int (a status, see ``lanes.backward``)
+BACKWARD = ("x", "x", "p", "p", "stats", "params", "sums", "p_out", "p_out", "out", "tune")
 BACKWARD_INPUT = ("x", "x", "p", "params", "p_out", "p_out", "out", "tune")
 RESCUE = ("x", "p", "p", "p_out", "p_out", "params", "stats", "out")
 RESCUE_MOMENTS = ("x", "vec_out", "vec_out")

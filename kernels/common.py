@@ -45,14 +45,20 @@ from ._jit import (
     step,
 )
 
-# Rows of the float64 (8, C) statistics block a forward call writes (the cache keeps it): the
-# mean and inverse std that normalized x, gamma (rounded to x's dtype), the variance (biased
-# batch variance while training, the running variance in inference), the write pass's
-# ``SCALE`` and ``SHIFT`` (``y = (x - MEAN) * SCALE + SHIFT``), and Batch Renormalization's
-# ``R`` and ``D`` (1 and 0 without it): ``SCALE = GAMMA * INVSTD * R``,
-# ``SHIFT = GAMMA * D + beta``.
-MEAN, INVSTD, GAMMA, VAR, SCALE, SHIFT, R, D = 0, 1, 2, 3, 4, 5, 6, 7
+# Rows of the float64 per-channel work block of a forward or backward call: the mean and the
+# variance that normalized x (the biased batch variance while training, the running variance in
+# inference), Batch Renormalization's ``R`` and ``D`` (1 and 0 without it), the inverse std,
+# gamma (rounded to x's dtype), and the write pass's ``SCALE`` and ``SHIFT``
+# (``y = (x - MEAN) * SCALE + SHIFT``): ``SCALE = GAMMA * INVSTD * R``, ``SHIFT = GAMMA * D +
+# beta``. A cache keeps only the first ``KEPT`` rows (``KEPT_RENORM`` under renorm): the rest
+# is rebuilt from them, gamma, beta and eps by :func:`complete_channels`, the same arithmetic
+# as the forward's, so the same bits. Forward and backward make the block per tile on the
+# lanes family's fused route (O(T) memory) and for the whole array otherwise (where x holds
+# at least 64 values per channel: 64 bytes per channel is then at most x/4).
+MEAN, VAR, R, D, INVSTD, GAMMA, SCALE, SHIFT = 0, 1, 2, 3, 4, 5, 6, 7
 STATS_ROWS = 8
+KEPT = 2  # MEAN, VAR
+KEPT_RENORM = 4  # MEAN, VAR, R, D
 
 
 @helper
@@ -82,30 +88,17 @@ def clip(v, lo, hi):
 
 
 @shared
-def finish_channels(stats, c0, c1, gamma, beta, running_mean, running_var, params):
-    """Channels c0:c1, from their MEAN and VAR rows: INVSTD, GAMMA, R, D, SCALE and SHIFT.
-    Batch Renormalization (Ioffe 2017) when ``params[P_RMAX] > 0``, against the running
-    statistics as they were before this batch: ``sigma_run = sqrt(running_var + eps)``,
-    ``r = clip(sqrt(var + eps) / sigma_run, 1/rmax, rmax)``, ``d = clip((mean -
-    running_mean) / sigma_run, -dmax, dmax)``; r and d are constants for backward."""
+def finish_channels(stats, w0, c0, c1, gamma, beta, running_mean, running_var, params):
+    """Channels c0:c1 (columns ``w0:w0 + c1 - c0`` of the work block ``stats``), from their
+    MEAN and VAR rows: R, D, INVSTD, GAMMA, SCALE and SHIFT. Batch Renormalization (Ioffe 2017)
+    when ``params[P_RMAX] > 0``, against the running statistics as they were before this batch:
+    ``sigma_run = sqrt(running_var + eps)``, ``r = clip(sqrt(var + eps) / sigma_run, 1/rmax,
+    rmax)``, ``d = clip((mean - running_mean) / sigma_run, -dmax, dmax)``; r and d are
+    constants for backward."""
     eps, rmax, dmax = params[P_EPS], params[P_RMAX], params[P_DMAX]
-    means, invstds, gammas, variances = (
-        stats[MEAN, c0:c1],
-        stats[INVSTD, c0:c1],
-        stats[GAMMA, c0:c1],
-        stats[VAR, c0:c1],
-    )
-    scales, shifts, rs, ds = (
-        stats[SCALE, c0:c1],
-        stats[SHIFT, c0:c1],
-        stats[R, c0:c1],
-        stats[D, c0:c1],
-    )
-    g, b = gamma[c0:c1], beta[c0:c1]
-    for j in range(means.shape[0]):
-        invstds[j] = 1.0 / np.sqrt(variances[j] + eps)
-    for j in range(means.shape[0]):
-        gammas[j] = g[j]
+    w1 = w0 + c1 - c0
+    means, variances = stats[MEAN, w0:w1], stats[VAR, w0:w1]
+    rs, ds = stats[R, w0:w1], stats[D, w0:w1]
     if rmax > 0.0:
         rm, rv = running_mean[c0:c1], running_var[c0:c1]
         for j in range(means.shape[0]):
@@ -116,17 +109,72 @@ def finish_channels(stats, c0, c1, gamma, beta, running_mean, running_var, param
             ds[j] = clip(
                 (means[j] - np.float64(rm[j])) / np.sqrt(np.float64(rv[j]) + eps), -dmax, dmax
             )
-        for j in range(means.shape[0]):
-            shifts[j] = gammas[j] * ds[j] + b[j]
     else:
         for j in range(means.shape[0]):
             rs[j] = 1.0
         for j in range(means.shape[0]):
             ds[j] = 0.0
-        for j in range(means.shape[0]):
+    complete_channels(stats, w0, c0, c1, gamma, beta, eps, rmax > 0.0)
+
+
+@helper
+def complete_channels(stats, w0, c0, c1, gamma, beta, eps, renorm):
+    """INVSTD, GAMMA, SCALE and SHIFT of channels c0:c1 (columns ``w0:...`` of ``stats``) from
+    their MEAN, VAR, R and D rows: the forward's epilogue, and the backward's rebuilding of the
+    rows a cache does not keep (the same operations, so the same bits)."""
+    w1 = w0 + c1 - c0
+    invstds, gammas, variances = stats[INVSTD, w0:w1], stats[GAMMA, w0:w1], stats[VAR, w0:w1]
+    scales, shifts, rs, ds = (
+        stats[SCALE, w0:w1],
+        stats[SHIFT, w0:w1],
+        stats[R, w0:w1],
+        stats[D, w0:w1],
+    )
+    g, b = gamma[c0:c1], beta[c0:c1]
+    for j in range(invstds.shape[0]):
+        invstds[j] = 1.0 / np.sqrt(variances[j] + eps)
+    for j in range(invstds.shape[0]):
+        gammas[j] = g[j]
+    if renorm:
+        for j in range(invstds.shape[0]):
+            shifts[j] = gammas[j] * ds[j] + b[j]
+    else:
+        for j in range(invstds.shape[0]):
             shifts[j] = b[j]
-    for j in range(means.shape[0]):
+    for j in range(invstds.shape[0]):
         scales[j] = gammas[j] * invstds[j] * rs[j]
+
+
+@helper
+def rebuild_channels(kept, c0, c1, gamma, beta, eps, stats, w0):
+    """A backward's work block for channels c0:c1 (columns ``w0:...`` of ``stats``) from the
+    rows a cache kept (``kept``: MEAN and VAR, and R and D under renorm, columns c0:c1)."""
+    w1 = w0 + c1 - c0
+    for i in range(kept.shape[0]):
+        src, dst = kept[i, c0:c1], stats[i, w0:w1]
+        for j in range(dst.shape[0]):
+            dst[j] = src[j]
+    renorm = kept.shape[0] >= KEPT_RENORM
+    if not renorm:
+        rs, ds = stats[R, w0:w1], stats[D, w0:w1]
+        for j in range(rs.shape[0]):
+            rs[j] = 1.0
+        for j in range(rs.shape[0]):
+            ds[j] = 0.0
+    complete_channels(stats, w0, c0, c1, gamma, beta, eps, renorm)
+
+
+@helper
+def keep_rows(stats, w0, c0, c1, kept):
+    """Channels c0:c1 of the rows a cache keeps (the first ``kept.shape[0]``), from columns
+    ``w0:...`` of the work block, into ``kept``; nothing when kept has no columns."""
+    if kept.shape[1] == 0:
+        return
+    w1 = w0 + c1 - c0
+    for i in range(kept.shape[0]):
+        src, dst = stats[i, w0:w1], kept[i, c0:c1]
+        for j in range(dst.shape[0]):
+            dst[j] = src[j]
 
 
 @helper
@@ -138,6 +186,16 @@ def running_channels(stats, running_mean, running_var):
         means[j] = running_mean[j]
     for j in range(means.shape[0]):
         variances[j] = running_var[j]
+
+
+@helper
+def given_channels(kept, c0, c1, stats):
+    """A synchronized forward's MEAN and VAR rows of channels c0:c1: given (``kept``), into the
+    work block (from column 0)."""
+    for i in range(KEPT):
+        src, dst = kept[i, c0:c1], stats[i]
+        for j in range(dst.shape[0]):
+            dst[j] = src[j]
 
 
 # A channel's one-pass sums run around a shift k, its first value (every family). Their
@@ -159,31 +217,62 @@ def ill_shifted(k, mean, var, eps):
 
 
 @helper
-def count_bad(x, mean, var, eps):
-    """How many channels of x's statistics are not finite or came from ill-placed shifts
-    (``ill_shifted``; the shift is ``x[0, c, 0]`` in every family): a training forward or
-    moments kernel returns it, and the caller runs the rescue when it is not 0."""
+def count_bad(k, mean, var, eps):
+    """How many channels' statistics are not finite or came from ill-placed shifts
+    (``ill_shifted``; ``k``: the channels' shifts, their first values ``x[0, c, 0]`` in every
+    family): a training forward or moments kernel returns it, and the caller runs the rescue
+    when it is not 0."""
     bad = 0
     for c in range(mean.shape[0]):  # branch-free, so that it stays one vectorized pass
         m, v = mean[c], var[c]
         finite = np.isfinite(m) & np.isfinite(v)
-        bad += (not finite) | ill_shifted(np.float64(x[0, c, 0]), m, v, eps)
+        bad += (not finite) | ill_shifted(k[c], m, v, eps)
+    return bad
+
+
+@helper
+def bad_flags(k, mean, var, eps):
+    """Per channel: what :func:`count_bad` counts."""
+    flags = np.zeros(mean.shape[0], np.bool_)
+    for c in range(mean.shape[0]):
+        m, v = mean[c], var[c]
+        flags[c] = not (np.isfinite(m) and np.isfinite(v)) or ill_shifted(k[c], m, v, eps)
+    return flags
+
+
+@helper
+def settle_channels(k, stats, w0, c0, c1, params, running_mean, running_var):
+    """The end of a training forward for channels c0:c1 (columns ``w0:...`` of the work
+    block, shifts ``k``): how many are bad (:func:`count_bad`); the running averages of the
+    others (the rescue updates those it recomputes, so each channel's are updated once)."""
+    w1 = w0 + c1 - c0
+    bad = count_bad(k, stats[MEAN, w0:w1], stats[VAR, w0:w1], params[P_EPS])
+    rm, rv = running_mean[c0:c1], running_var[c0:c1]
+    if running_mean.shape[0] == 0:
+        return bad
+    if bad == 0:
+        update_running(stats, w0, params, rm, rv)
+    else:
+        flags = bad_flags(k, stats[MEAN, w0:w1], stats[VAR, w0:w1], params[P_EPS])
+        update_flagged(stats, w0, params, rm, rv, flags, False)
     return bad
 
 
 @shared
-def update_running(stats, params, running_mean, running_var):
-    """The running averages from the MEAN and VAR rows (PyTorch's rule: weight ``momentum`` for
-    the batch; the variance unbiased, ``var * n / (n - 1)``, when ``params[P_UNBIASED]``, else
-    biased as Keras, Flax and numpy-ml keep it; n is ``params[P_COUNT]``, the values per
-    channel), in float64, rounded once into their dtype; nothing when the running arrays have
-    length 0. The one running-average update of bnfast (also called from Python for ghost
-    batches' combined statistics)."""
+def update_running(stats, w0, params, running_mean, running_var):
+    """The running averages from the MEAN and VAR rows, columns from ``w0`` (PyTorch's rule:
+    weight ``momentum`` for the batch; the variance unbiased, ``var * n / (n - 1)``, when
+    ``params[P_UNBIASED]``, else biased as Keras, Flax and numpy-ml keep it; n is
+    ``params[P_COUNT]``, the values per channel), in float64, rounded once into their dtype;
+    nothing when the running arrays have length 0. The one running-average update of bnfast
+    (also called from Python for ghost batches' combined statistics); :func:`update_flagged` is
+    its per-channel form."""
     if running_mean.shape[0] == 0:
         return
     momentum = params[P_MOMENTUM]
     n = params[P_COUNT]
-    means, variances = stats[MEAN], stats[VAR]
+    w1 = w0 + running_mean.shape[0]
+    means, variances = stats[MEAN, w0:w1], stats[VAR, w0:w1]
     unbias = n / (n - 1.0) if params[P_UNBIASED] != 0.0 else 1.0
     for c in range(means.shape[0]):
         running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * means[c]
@@ -191,6 +280,25 @@ def update_running(stats, params, running_mean, running_var):
         running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * (
             variances[c] * unbias
         )
+
+
+@helper
+def update_flagged(stats, w0, params, running_mean, running_var, flags, which):
+    """:func:`update_running` of the channels whose flag is ``which`` (cold paths: a tile with
+    bad channels, the rescue)."""
+    if running_mean.shape[0] == 0:
+        return
+    momentum = params[P_MOMENTUM]
+    n = params[P_COUNT]
+    w1 = w0 + running_mean.shape[0]
+    means, variances = stats[MEAN, w0:w1], stats[VAR, w0:w1]
+    unbias = n / (n - 1.0) if params[P_UNBIASED] != 0.0 else 1.0
+    for c in range(means.shape[0]):
+        if flags[c] == which:
+            running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * means[c]
+            running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * (
+                variances[c] * unbias
+            )
 
 
 @helper
@@ -277,6 +385,20 @@ def parameter_gradients(s, so, stats, c0, c1, dgamma, dbeta):
         db[j] = s1[j]
 
 
+@shared
+def kept_gradients(s, kept, eps, dgamma, dbeta):
+    """:func:`parameter_gradients` of every channel from the rows a cache kept (INVSTD, R and D
+    as :func:`complete_channels` makes them), for Python's callers: a virtual batch's float64
+    share, a synchronized rank without values."""
+    renorm = kept.shape[0] >= KEPT_RENORM
+    for c in range(kept.shape[1]):
+        invstd = 1.0 / np.sqrt(kept[VAR, c] + eps)
+        r = kept[R, c] if renorm else 1.0
+        d = kept[D, c] if renorm else 0.0
+        dgamma[c] = dgamma_of(s[0, c], s[1, c], invstd, r, d)
+        dbeta[c] = s[0, c]
+
+
 @helper
 def input_channels(x, dy, base, k, s, n, gamma, params, stats, c0, c1):
     """The cache-free backward's statistics of channels c0:c1 from one pass of sums around the
@@ -298,7 +420,7 @@ def input_channels(x, dy, base, k, s, n, gamma, params, stats, c0, c1):
     zeros = stats[D]  # beta does not enter the gradient; no renorm (P_RMAX is 0)
     for j in range(c0, c1):
         zeros[j] = 0.0
-    finish_channels(stats, c0, c1, gamma, zeros, zeros, zeros, params)
+    finish_channels(stats, c0, c0, c1, gamma, zeros, zeros, zeros, params)
     means, s3, s4, kk = stats[MEAN, c0:c1], s[2, c0:c1], s[3, c0:c1], k[c0:c1]
     for j in range(s4.shape[0]):
         s4[j] = s4[j] - (means[j] - kk[j]) * s3[j]
@@ -521,24 +643,31 @@ def rewrite_flagged(x, y, stats, flags, relu, thr):
 
 @kernel(*RESCUE)
 def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
-    """After a training forward that returned a non-zero count: channels from ill-placed shifts
-    are recomputed around their mean (``recentred``) and their y rewritten, in memory
-    order; channels whose statistics are not finite are recomputed from rescaled values when
-    the channel's values are finite (then their y rewritten with rescaled arithmetic), NaN
-    statistics and an all-NaN y when the channel holds inf or NaN (as the README says); then
-    the running averages (the forward skipped them)."""
+    """After a training forward that returned a non-zero count, with the whole work block
+    (``stats``, (8, C): the first pass's MEAN and VAR, and R and D of the other channels):
+    channels from ill-placed shifts are recomputed around their mean (``recentred``) and their
+    y rewritten, in memory order; channels whose statistics are not finite are recomputed from
+    rescaled values when the channel's values are finite (then their y rewritten with rescaled
+    arithmetic), NaN statistics and an all-NaN y when the channel holds inf or NaN (as the
+    README says); then the running averages of these channels (the forward updated the
+    others')."""
     x, gamma, beta, running_mean, running_var, params, stats, y = borrowed(
         x, gamma, beta, running_mean, running_var, params, stats, y
     )
     relu, thr, eps = params[P_RELU] != 0.0, params[P_THR], params[P_EPS]
     means, variances = stats[MEAN], stats[VAR]
+    k = np.empty(means.shape[0])
+    for c in range(means.shape[0]):
+        k[c] = x[0, c, 0]
+    flags = bad_flags(k, means, variances, eps)
     ill = ill_channels(x, means, variances, eps)
+    zero = np.int64(0)
     if ill.any():
         none = np.empty(0)
-        recentred(x, x, np.int64(0), means, variances, ill, none, none)
+        recentred(x, x, zero, means, variances, ill, none, none)
         for c in range(means.shape[0]):
             if ill[c]:
-                finish_channels(stats, c, c + 1, gamma, beta, running_mean, running_var, params)
+                finish_channels(stats, c, c, c + 1, gamma, beta, running_mean, running_var, params)
         rewrite_flagged(x, y, stats, ill, relu, thr)
     for c in range(means.shape[0]):
         if np.isfinite(means[c]) and np.isfinite(variances[c]):
@@ -546,7 +675,7 @@ def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
         f, mean, var = rescued_moments(x, c)
         means[c] = mean
         variances[c] = var
-        finish_channels(stats, c, c + 1, gamma, beta, running_mean, running_var, params)
+        finish_channels(stats, c, c, c + 1, gamma, beta, running_mean, running_var, params)
         s = stats[SCALE, c]
         b = stats[SHIFT, c]
         g = 1.0 if f == 0.0 else f
@@ -554,7 +683,7 @@ def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
             for i in range(x.shape[2]):
                 v = (np.float64(x[o, c, i]) * g - mean * g) * (s / g) + b
                 y[o, c, i] = activate(v, relu, thr)
-    update_running(stats, params, running_mean, running_var)
+    update_flagged(stats, zero, params, running_mean, running_var, flags, True)
 
 
 @kernel(*RESCUE_MOMENTS)

@@ -93,6 +93,7 @@ from ._jit import (
     step,
 )
 from .common import (
+    KEPT,
     MEAN,
     SCALE,
     SHIFT,
@@ -102,13 +103,17 @@ from .common import (
     count_bad,
     expand,
     finish_channels,
+    given_channels,
     gradient_channels,
     input_channels,
+    keep_rows,
     moments_channels,
     parameter_gradients,
     passes,
+    rebuild_channels,
     running_channels,
     same,
+    settle_channels,
     update_running,
 )
 
@@ -521,8 +526,10 @@ def block_sums_task(x2, inner, k, r0, r1, l0, l1, p, b, cached):
 
 
 @step
-def write_task(x2, y2, inner, stats, relu, thr, r0, r1, l0, l1):
-    m, s, b = coefficients(stats, inner, l0 // inner, l1 - l0)
+def write_task(x2, y2, inner, stats, c0, relu, thr, r0, r1, l0, l1):
+    """y on a task's rows and lanes; column c0 of the work block ``stats`` is the channel of
+    lane l0."""
+    m, s, b = coefficients(stats, inner, c0, l1 - l0)
     affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1)
 
 
@@ -544,18 +551,36 @@ def sums_tile(x2, inner, l0, l1, k, s):
 
 
 @step
-def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats):
-    """The fused training forward of one tile: every row reduced, its channels finished, then
-    written while the tile is in cache. Buffers O(T) (the tile's own)."""
+def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, kept):
+    """The forward of one tile over every row, with a work block of its own (O(T)): the
+    tile's statistics (batch: every row reduced, the fused route, so the write pass finds the
+    tile in cache; running; or given in ``kept``), its channels finished, then written; the
+    rows a cache keeps into ``kept`` (when it has columns); the running averages of its
+    channels (of the good ones, in training); returns how many are bad
+    (``common.settle_channels``)."""
     c0, c1 = span_channels(l0, l1, inner, gamma.shape[0])
-    k = np.empty(c1 - c0)
-    s = np.empty((2, c1 - c0))
-    sums_tile(x2, inner, l0, l1, k, s)
-    n = params[P_COUNT]
-    moments_channels(k, s[0], s[1], n, stats[MEAN, c0:c1], stats[VAR, c0:c1])
-    finish_channels(stats, c0, c1, gamma, beta, running_mean, running_var, params)
+    wc, zero = c1 - c0, np.int64(0)
+    mode = params[P_MODE]
+    batch = mode == FORWARD_BATCH
+    work = np.empty((STATS_ROWS, wc))
+    k = np.empty(wc if batch else 0)
+    if batch:
+        s = np.empty((2, wc))
+        sums_tile(x2, inner, l0, l1, k, s)
+        moments_channels(k, s[0], s[1], params[P_COUNT], work[MEAN], work[VAR])
+    elif mode == FORWARD_RUNNING:
+        running_channels(work, running_mean[c0:c1], running_var[c0:c1])
+    elif ALL_ROUTES:
+        given_channels(kept, c0, c1, work)
+    finish_channels(work, zero, c0, c1, gamma, beta, running_mean, running_var, params)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
-    write_task(x2, y2, inner, stats, relu, thr, np.int64(0), x2.shape[0], l0, l1)
+    write_task(x2, y2, inner, work, zero, relu, thr, zero, x2.shape[0], l0, l1)
+    keep_rows(work, zero, c0, c1, kept)
+    if batch:
+        return settle_channels(k, work, zero, c0, c1, params, running_mean, running_var)
+    if ALL_ROUTES and mode == FORWARD_GIVEN:
+        update_running(work, zero, params, running_mean[c0:c1], running_var[c0:c1])
+    return 0
 
 
 @step
@@ -618,13 +643,36 @@ def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef):
 
 
 @step
-def backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, dbeta):
-    """The fused training backward of one tile: its sums over every row, its channels'
-    coefficients, then dx while the tile is in cache; the sums also into ``sums`` when it has
-    columns. Buffers O(T) (the tile's own)."""
+def tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params):
+    """A backward tile's work block from the rows the cache kept, or, where it kept none
+    (``kept`` without columns: short batches of many channels, see ``bnfast._core``), from the
+    tile's statistics taken again: the forward's own sums (``sums_tile``), so the same bits."""
+    wc, zero = c1 - c0, np.int64(0)
+    work = np.empty((STATS_ROWS, wc))
+    g, b = gamma[c0:c1], beta[c0:c1]
+    if ALL_ROUTES and kept.shape[1] == 0:
+        k = np.empty(wc)
+        s = np.empty((2, wc))
+        sums_tile(x2, inner, l0, l1, k, s)
+        again = np.empty((KEPT, wc))
+        moments_channels(k, s[0], s[1], params[P_COUNT], again[MEAN], again[VAR])
+        rebuild_channels(again, zero, wc, g, b, params[P_EPS], work, zero)
+    else:
+        rebuild_channels(kept, c0, c1, gamma, beta, params[P_EPS], work, zero)
+    return work
+
+
+@step
+def backward_tile(
+    x2, g2, d2, inner, l0, l1, gamma, beta, kept, params, relu, thr, n, sums, dgamma, dbeta
+):
+    """The fused training backward of one tile: its work block (``tile_work``), its sums over
+    every row, its channels' coefficients, then dx while the tile is in cache; the sums also
+    into ``sums`` when it has columns. Buffers O(T) (the tile's own)."""
     w = l1 - l0
     c0, c1 = span_channels(l0, l1, inner, dgamma.shape[0])
-    m, s, b = coefficients(stats, inner, c0, w)
+    stats = tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params)
+    m, s, b = coefficients(stats, inner, np.int64(0), w)
     a1 = np.empty(w)
     a2 = np.empty(w)
     whole = np.bool_(False)  # every row: grouped anyway
@@ -634,25 +682,29 @@ def backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, 
     fold_into(a2, inner, t[1])
     coef = np.empty((3, c1 - c0))
     zero = np.int64(0)
-    gradient_channels(t, zero, n, stats, c0, c1, coef, dgamma, dbeta)
+    gradient_channels(t, zero, n, stats, zero, c1 - c0, coef, dgamma[c0:c1], dbeta[c0:c1])
     keep_sums(t, c0, sums)
     tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef)
 
 
 @step
-def frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, sums, dgamma, dbeta):
+def frozen_tile(
+    x2, g2, d2, inner, l0, l1, gamma, beta, kept, params, relu, thr, sums, dgamma, dbeta
+):
     """The frozen backward of a tile over every row: dx, and its channels' dgamma, dbeta (and
     sums, when ``sums`` has columns). Buffers O(T)."""
     w = l1 - l0
     c0, c1 = span_channels(l0, l1, inner, dgamma.shape[0])
-    m, s, b = coefficients(stats, inner, c0, w)
+    stats = tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params)
+    m, s, b = coefficients(stats, inner, np.int64(0), w)
     a1 = np.empty(w)
     a2 = np.empty(w)
     frozen_rows(x2, g2, d2, m, s, b, relu, thr, np.int64(0), x2.shape[0], l0, l1, a1, a2)
     t = np.empty((2, c1 - c0))
     fold_into(a1, inner, t[0])
     fold_into(a2, inner, t[1])
-    parameter_gradients(t, np.int64(0), stats, c0, c1, dgamma, dbeta)
+    zero = np.int64(0)
+    parameter_gradients(t, zero, stats, zero, c1 - c0, dgamma[c0:c1], dbeta[c0:c1])
     keep_sums(t, c0, sums)
 
 
@@ -727,33 +779,43 @@ def moments(x, mean, var, tune):
     if not fused:
         channel_shifts(x2, inner, k)
     tasks = nt if fused else nt * nrb
+    bad = 0
     if tasks > 0:  # an empty parallel region still wakes the thread pool
         for task in prange(tasks):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+            t = 0
             if fused:
                 c0, c1 = span_channels(l0, l1, inner, channels)
                 kt = np.empty(c1 - c0)
                 st = np.empty((2, c1 - c0))
                 sums_tile(x2, inner, l0, l1, kt, st)
                 moments_channels(kt, st[0], st[1], n, mean[c0:c1], var[c0:c1])
+                t = count_bad(kt, mean[c0:c1], var[c0:c1], 0.0)
             else:
                 block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt, cached)
+            bad += t
     if not fused:
         sums = np.empty((2, channels))
         partials_per_channel(p[0], p[1], inner, sums)
         moments_channels(k, sums[0], sums[1], n, mean, var)
-    return count_bad(x, mean, var, 0.0)
+        bad = count_bad(k, mean, var, 0.0)
+    return bad
 
 
 @parallel_kernel(*FORWARD, returns=True, small=True)
 def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     """The forward of every mode: batch statistics (then the running averages, when running
-    arrays of length C are given), running statistics, or given MEAN and VAR rows (then the
-    running averages over ``params[P_COUNT]`` values); the statistics block, and y with the
-    fused activation. Fused per tile when batch statistics are asked for and a strip of every
-    row fits ``TUNE_STRIP``. Returns how many channels' batch statistics are not finite: then
-    nothing updated the running averages and the caller runs ``common.rescue`` (-1 from the
-    ``.small`` twin where its routes do not apply: see ``_jit.ALL_ROUTES``)."""
+    arrays of length C are given), running statistics, or given MEAN and VAR rows of ``stats``
+    (then the running averages over ``params[P_COUNT]`` values); y with the fused activation,
+    and the rows a cache keeps into ``stats`` (``common.KEPT`` or ``KEPT_RENORM`` rows; none
+    when it has no columns). Where a task has every row of its tile (the fused route of batch
+    statistics, when a strip of every row fits ``TUNE_STRIP``; a single row block otherwise)
+    each tile is one task with its own work block (``forward_tile``); else a work block of the
+    whole array (x then holds at least 64 values per channel: 64 bytes per channel is at most
+    x/4) and two passes. Returns how many channels' batch statistics are not finite or came
+    from an ill-placed shift: the running averages of the others are updated, and the caller
+    runs ``common.rescue`` (-1 from the ``.small`` twin where its routes do not apply: see
+    ``_jit.ALL_ROUTES``)."""
     x, gamma, beta, running_mean, running_var, params, stats, y, tune = borrowed(
         x, gamma, beta, running_mean, running_var, params, stats, y, tune
     )
@@ -766,57 +828,66 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
     x2 = x.reshape(rows, lanes)
     y2 = y.reshape(rows, lanes)
-    fused = batch and nrb == 1
-    reduce = batch and not fused  # the two-pass route's partials
+    local = nrb == 1  # a task per tile, over every row
+    reduce = batch and not local  # the two-pass route's partials
     if not ALL_ROUTES and (reduce or mode == FORWARD_GIVEN):
         return -1
     k = np.empty(channels if reduce else 0)
-    p = np.empty((2, nrb if reduce else 0, lanes))
+    work = np.empty((STATS_ROWS, 0 if local else channels))
+    zero = np.int64(0)
     if ALL_ROUTES:
         if reduce:
             channel_shifts(x2, inner, k)
-    tasks = nt if fused else (nt * nrb if reduce else 0)
-    if tasks > 0:  # an empty parallel region still wakes the thread pool
-        for task in prange(tasks):
-            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-            if fused:
-                forward_tile(
-                    x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats
-                )
-            elif ALL_ROUTES:
+            p = np.empty((2, nrb, lanes))
+            for task in prange(nt * nrb):
+                r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
                 block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt, cached)
-    if not fused:
+            sums = np.empty((2, channels))
+            partials_per_channel(p[0], p[1], inner, sums)
+            moments_channels(k, sums[0], sums[1], params[P_COUNT], work[MEAN], work[VAR])
+        elif not local and mode == FORWARD_GIVEN:
+            given_channels(stats, zero, channels, work)
+    if not local:
         if mode == FORWARD_RUNNING:
-            running_channels(stats, running_mean, running_var)
-        elif ALL_ROUTES:
+            running_channels(work, running_mean, running_var)
+        finish_channels(work, zero, zero, channels, gamma, beta, running_mean, running_var, params)
+    bad = 0
+    for task in prange(nt * nrb):
+        r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
+        t = 0
+        if local:
+            t = forward_tile(
+                x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats
+            )
+        else:
+            write_task(x2, y2, inner, work, l0 // inner, relu, thr, r0, r1, l0, l1)
+        bad += t
+    if not local:
+        keep_rows(work, zero, zero, channels, stats)
+        if ALL_ROUTES:
             if reduce:
-                sums = np.empty((2, channels))
-                partials_per_channel(p[0], p[1], inner, sums)
-                moments_channels(k, sums[0], sums[1], params[P_COUNT], stats[MEAN], stats[VAR])
-        zero = np.int64(0)
-        finish_channels(stats, zero, channels, gamma, beta, running_mean, running_var, params)
-        for task in prange(nt * nrb):
-            r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-            write_task(x2, y2, inner, stats, relu, thr, r0, r1, l0, l1)
-    if mode == FORWARD_RUNNING:
-        return 0
-    bad = count_bad(x, stats[MEAN], stats[VAR], params[P_EPS]) if batch else 0
-    if bad == 0:
-        update_running(stats, params, running_mean, running_var)
+                bad = settle_channels(
+                    k, work, zero, zero, channels, params, running_mean, running_var
+                )
+            elif mode == FORWARD_GIVEN:
+                update_running(work, zero, params, running_mean, running_var)
     return bad
 
 
 @parallel_kernel(*BACKWARD, returns=True, small=True)
-def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
+def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
     """The backward of every mode: the training gradient, the frozen-statistics gradient
     ``dx = scale * dy`` (one pass), the two sums alone (into ``sums``, for a synchronized
     backward), or dx, dgamma and dbeta from the given ``sums`` over ``params[P_COUNT]`` values.
-    dy is behind the activation's mask, recomputed from x and the block. ``sums`` (2, C)
-    receives the two sums in the training and frozen modes too; (2, 0) when not wanted (then
-    the fused route needs only its tiles' own buffers). Returns 0 (-1 from the ``.small``
-    twin where its route does not apply)."""
-    x, dy, stats, params, sums, dgamma, dbeta, dx, tune = borrowed(
-        x, dy, stats, params, sums, dgamma, dbeta, dx, tune
+    ``stats`` holds the rows the cache kept (``common.KEPT`` or ``KEPT_RENORM``); the work
+    block is rebuilt from them, gamma, beta and ``params[P_EPS]`` (per tile on the fused route,
+    where a cache may also keep none: the tile's statistics are then taken again). dy is behind
+    the activation's mask, recomputed from x and the block. ``sums`` (2, C) receives the two
+    sums in the training and frozen modes too; (2, 0) when not wanted (then the fused route
+    needs only its tiles' own buffers). Returns 0 (-1 from the ``.small`` twin where its route
+    does not apply; -2 when no statistics were kept and the route is not fused)."""
+    x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune = borrowed(
+        x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune
     )
     outer, channels, inner = x.shape
     rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
@@ -828,27 +899,66 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     d2 = dx.reshape(rows, lanes)
     frozen = mode == BACKWARD_FROZEN
     fused = nrb == 1 and (mode == BACKWARD_TRAIN or frozen)
-    if not ALL_ROUTES and (frozen or not fused):
+    if not ALL_ROUTES and (frozen or not fused or stats.shape[1] == 0):
         return -1
+    if not fused and stats.shape[1] == 0:
+        return -2
     reduce = not fused and mode != BACKWARD_GIVEN  # the two-pass route's partials
     p = np.empty((2, nrb if reduce else 0, lanes))
+    work = np.empty((STATS_ROWS, 0 if fused else channels))  # >= 64 values per channel here
+    zero = np.int64(0)
+    if not fused:
+        rebuild_channels(stats, zero, channels, gamma, beta, params[P_EPS], work, zero)
     tasks = nt if fused else (nt * nrb if reduce else 0)
     if tasks > 0:  # an empty parallel region still wakes the thread pool
         for task in prange(tasks):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
             b = task // nt
             if fused and not frozen:
-                backward_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, n, sums, dgamma, dbeta)
+                backward_tile(
+                    x2,
+                    g2,
+                    d2,
+                    inner,
+                    l0,
+                    l1,
+                    gamma,
+                    beta,
+                    stats,
+                    params,
+                    relu,
+                    thr,
+                    n,
+                    sums,
+                    dgamma,
+                    dbeta,
+                )
             elif ALL_ROUTES:
                 if fused:
-                    frozen_tile(x2, g2, d2, inner, l0, l1, stats, relu, thr, sums, dgamma, dbeta)
+                    frozen_tile(
+                        x2,
+                        g2,
+                        d2,
+                        inner,
+                        l0,
+                        l1,
+                        gamma,
+                        beta,
+                        stats,
+                        params,
+                        relu,
+                        thr,
+                        sums,
+                        dgamma,
+                        dbeta,
+                    )
                 elif frozen:
                     frozen_task(
                         x2,
                         g2,
                         d2,
                         inner,
-                        stats,
+                        work,
                         relu,
                         thr,
                         r0,
@@ -859,23 +969,20 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
                         p[1, b, l0:l1],
                     )
                 else:
-                    gradient_sums_task(
-                        x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b, cached
-                    )
+                    gradient_sums_task(x2, g2, inner, work, relu, thr, r0, r1, l0, l1, p, b, cached)
     if ALL_ROUTES:
         if not fused:
             s = sums if sums.shape[1] > 0 else np.empty((2, channels))
-            zero = np.int64(0)
             if reduce:
                 partials_per_channel(p[0], p[1], inner, s)
             if frozen or mode == BACKWARD_SUMS:  # (a synchronized rank's share: its sums)
-                parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
+                parameter_gradients(s, zero, work, zero, channels, dgamma, dbeta)
             else:
                 coef = np.empty((3, channels))
-                gradient_channels(s, zero, n, stats, zero, channels, coef, dgamma, dbeta)
+                gradient_channels(s, zero, n, work, zero, channels, coef, dgamma, dbeta)
                 for task in prange(nt * nrb):
                     r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-                    gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1)
+                    gradient_task(x2, g2, d2, inner, work, relu, thr, coef, r0, r1, l0, l1)
     return 0
 
 

@@ -61,17 +61,21 @@ from .common import (
     activate,
     count_bad,
     finish_channels,
+    given_channels,
     gradient_channels,
     input_channels,
+    keep_rows,
     moments_channels,
     parameter_gradients,
     passes,
+    rebuild_channels,
     row_frozen,
     row_grad_sums,
     row_input_sums,
     row_moment_sums,
     running_channels,
     same,
+    settle_channels,
     update_running,
 )
 
@@ -274,14 +278,15 @@ def moments(x, mean, var, tune):
     sums = np.empty((2, channels))
     combine(part, sums)
     moments_channels(k, sums[0], sums[1], np.float64(x.shape[0] * x.shape[2]), mean, var)
-    return count_bad(x, mean, var, 0.0)
+    return count_bad(k, mean, var, 0.0)
 
 
 @parallel_kernel(*FORWARD, returns=True, small=True)
 def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
-    """The forward of every mode (see ``lanes.forward``); with :func:`fused` shapes and batch
-    statistics each channel is one task (its rows summed in order, then normalized from
-    cache)."""
+    """The forward of every mode (see ``lanes.forward``), with a work block of the whole array
+    (x holds at least ``ROWS_MIN`` values per channel: 64 bytes per channel is at most x/4);
+    with :func:`fused` shapes and batch statistics each channel is one task (its rows summed in
+    order, then normalized from cache)."""
     x, gamma, beta, running_mean, running_var, params, stats, y, tune = borrowed(
         x, gamma, beta, running_mean, running_var, params, stats, y, tune
     )
@@ -297,6 +302,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     k = np.empty(channels)
     if batch:
         shifts(x, k)
+    work = np.empty((STATS_ROWS, channels))
     sums = np.empty((2, channels))
     part = np.empty((nb if reduce else 0, channels, 2))
     zero = np.int64(0)
@@ -311,39 +317,42 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
                     sums[0, c : c + 1],
                     sums[1, c : c + 1],
                     params[P_COUNT],
-                    stats[MEAN, c : c + 1],
-                    stats[VAR, c : c + 1],
+                    work[MEAN, c : c + 1],
+                    work[VAR, c : c + 1],
                 )
-                finish_channels(stats, c, c + 1, gamma, beta, running_mean, running_var, params)
-                write_task(x, stats, relu, thr, zero, outer, c, c + 1, y)
+                finish_channels(work, c, c, c + 1, gamma, beta, running_mean, running_var, params)
+                write_task(x, work, relu, thr, zero, outer, c, c + 1, y)
             elif ALL_ROUTES:
                 b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
                 moment_task(x, k, o0, o1, c0, c1, part[b])
     if not fused_route:
         if mode == FORWARD_RUNNING:
-            running_channels(stats, running_mean, running_var)
+            running_channels(work, running_mean, running_var)
         elif ALL_ROUTES:
             if reduce:
                 combine(part, sums)
-                moments_channels(k, sums[0], sums[1], params[P_COUNT], stats[MEAN], stats[VAR])
-        finish_channels(stats, zero, channels, gamma, beta, running_mean, running_var, params)
+                moments_channels(k, sums[0], sums[1], params[P_COUNT], work[MEAN], work[VAR])
+            else:
+                given_channels(stats, zero, channels, work)
+        finish_channels(work, zero, zero, channels, gamma, beta, running_mean, running_var, params)
         for t in prange(nb * ng):
             b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-            write_task(x, stats, relu, thr, o0, o1, c0, c1, y)
-    if mode == FORWARD_RUNNING:
-        return 0
-    bad = count_bad(x, stats[MEAN], stats[VAR], params[P_EPS]) if batch else 0
-    if bad == 0:
-        update_running(stats, params, running_mean, running_var)
-    return bad
+            write_task(x, work, relu, thr, o0, o1, c0, c1, y)
+    keep_rows(work, zero, zero, channels, stats)
+    if batch:
+        return settle_channels(k, work, zero, zero, channels, params, running_mean, running_var)
+    if ALL_ROUTES and mode == FORWARD_GIVEN:
+        update_running(work, zero, params, running_mean, running_var)
+    return 0
 
 
 @parallel_kernel(*BACKWARD, returns=True, small=True)
-def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
-    """The backward of every mode (see ``lanes.backward``); per channel from cache when
-    :func:`fused` and training."""
-    x, dy, stats, params, sums, dgamma, dbeta, dx, tune = borrowed(
-        x, dy, stats, params, sums, dgamma, dbeta, dx, tune
+def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
+    """The backward of every mode (see ``lanes.backward``), its work block rebuilt for the
+    whole array from the kept rows (x holds at least ``ROWS_MIN`` values per channel, so the
+    cache always keeps them here); per channel from cache when :func:`fused` and training."""
+    x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune = borrowed(
+        x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune
     )
     outer, channels, inner = x.shape
     mode = params[P_MODE]
@@ -353,8 +362,12 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
     fused_route = mode == BACKWARD_TRAIN and fused(x, tune)
     if not ALL_ROUTES and not fused_route:
         return -1
-    s = sums if sums.shape[1] > 0 else np.empty((2, channels))  # rows: O(C) is <= x/16
+    if stats.shape[1] == 0:
+        return -2
     zero = np.int64(0)
+    work = np.empty((STATS_ROWS, channels))
+    rebuild_channels(stats, zero, channels, gamma, beta, params[P_EPS], work, zero)
+    s = sums if sums.shape[1] > 0 else np.empty((2, channels))  # rows: O(C) is <= x/16
     reduce = not fused_route and mode != BACKWARD_GIVEN
     coef = np.empty((3, channels))
     part = np.empty((nb if reduce else 0, channels, 2))
@@ -363,26 +376,26 @@ def backward(x, dy, stats, params, sums, dgamma, dbeta, dx, tune):
         for t in prange(tasks):
             if fused_route:
                 c = t
-                channel_gradient_sums(x, dy, stats, relu, thr, c, s)
-                gradient_channels(s, c, n, stats, c, c + 1, coef, dgamma, dbeta)
-                grad_input_task(x, dy, stats, relu, thr, coef, zero, outer, c, c + 1, dx)
+                channel_gradient_sums(x, dy, work, relu, thr, c, s)
+                gradient_channels(s, c, n, work, c, c + 1, coef, dgamma, dbeta)
+                grad_input_task(x, dy, work, relu, thr, coef, zero, outer, c, c + 1, dx)
             elif ALL_ROUTES:
                 b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
                 if frozen:
-                    frozen_task(x, dy, dx, stats, relu, thr, o0, o1, c0, c1, part[b])
+                    frozen_task(x, dy, dx, work, relu, thr, o0, o1, c0, c1, part[b])
                 else:
-                    gradient_task(x, dy, stats, relu, thr, o0, o1, c0, c1, part[b])
+                    gradient_task(x, dy, work, relu, thr, o0, o1, c0, c1, part[b])
     if ALL_ROUTES:
         if not fused_route:
             if reduce:
                 combine(part, s)
             if frozen or mode == BACKWARD_SUMS:  # (a synchronized rank's share: its sums)
-                parameter_gradients(s, zero, stats, zero, channels, dgamma, dbeta)
+                parameter_gradients(s, zero, work, zero, channels, dgamma, dbeta)
             else:
-                gradient_channels(s, zero, n, stats, zero, channels, coef, dgamma, dbeta)
+                gradient_channels(s, zero, n, work, zero, channels, coef, dgamma, dbeta)
                 for t in prange(nb * ng):
                     b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
-                    grad_input_task(x, dy, stats, relu, thr, coef, o0, o1, c0, c1, dx)
+                    grad_input_task(x, dy, work, relu, thr, coef, o0, o1, c0, c1, dx)
     return 0
 
 

@@ -604,3 +604,42 @@ def test_short_batches_of_many_channels_keep_no_statistics_and_backward_is_uncha
     want = (y64, *ref.backward(dys.astype(np.float64), c64))
     for got, exact in zip((ys, dxs, dgs, dbs), want, strict=True):
         np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_rescue_where_the_cache_keeps_no_statistics():
+    """Float64 (4, 40000) keeps no statistics (4 values per channel), but a channel whose sums
+    overflow (values near 1e154) and one holding inf need the rescue, which needs the first
+    pass's statistics: the forward runs again for them, and the cache then keeps the rescued
+    statistics (backward cannot take them again). Every output, the running averages (each
+    channel's updated once) and the gradients equal those of the same channels run alone,
+    where the cache keeps its statistics, bit for bit; the rescued channel matches the scaled
+    reference, and the channel holding inf is NaN throughout."""
+    rng = np.random.default_rng(17)
+    x = rng.normal(size=(4, 40_000))
+    z = rng.uniform(-1, 1, 4)
+    x[:, 7] = z * 1e154
+    x[2, 11] = np.inf
+    dy = rng.normal(size=x.shape)
+    rm, rv = np.zeros(40_000), np.ones(40_000)
+    y, cache = bnfast.forward(x, running_mean=rm, running_var=rv, activation="relu")
+    assert cache.stats.shape == (2, 40_000)
+    dx, dgamma, dbeta = bnfast.backward(dy, cache)
+    cols = slice(0, 1000)  # (wide rows: the same lane layout as the whole array's)
+    xs, dys = np.ascontiguousarray(x[:, cols]), np.ascontiguousarray(dy[:, cols])
+    rms, rvs = np.zeros(1000), np.ones(1000)
+    ys, small = bnfast.forward(xs, running_mean=rms, running_var=rvs, activation="relu")
+    dxs, dgs, dbs = bnfast.backward(dys, small)
+    for got, want in [
+        (y[:, cols], ys),
+        (rm[cols], rms),
+        (rv[cols], rvs),
+        (dx[:, cols], dxs),
+        (dgamma[cols], dgs),
+        (dbeta[cols], dbs),
+        (cache.mean[cols], small.mean),
+    ]:
+        np.testing.assert_array_equal(got, want)
+    y_ref = ref.forward(z[:, None], eps=1e-5 / 1e154**2, activation="relu")[0][:, 0]
+    np.testing.assert_allclose(y[:, 7], y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rm[7] / 1e154, 0.1 * z.mean(), rtol=1e-12)
+    assert np.isnan(rm[11]) and np.all(np.isnan(y[:, 11]))

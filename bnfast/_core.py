@@ -37,8 +37,10 @@ from .kernels._jit import (
     P_RMAX,
 )
 from .kernels.common import (
+    INVSTD,
     KEPT,
     KEPT_RENORM,
+    KEPT_VAR,
     MEAN,
     STATS_ROWS,
     VAR,
@@ -71,13 +73,14 @@ class BatchNormCache(NamedTuple):
     x : ndarray
         The forward input (a reference, not a copy: do not modify it before backward).
     stats : ndarray
-        The float64 statistics a training forward kept for backward: rows ``MEAN`` and ``VAR``
-        (the batch mean and biased variance that normalized x) and under renorm ``R`` and
-        ``D``; shape ``(2, C)`` or ``(4, C)``, 16 or 32 bytes per channel (an inference cache
-        keeps none: ``running``). A training forward of fewer than 32 values per
-        channel (16 in float64) over more than 32768 channels keeps none (shape ``(2, 0)``:
-        16 bytes per channel would exceed x/8) and backward takes the statistics again from x
-        with the forward's own arithmetic (the same bits). The backward kernel takes it as it
+        The float64 statistics a training forward kept for backward: rows ``MEAN`` and
+        ``INVSTD`` (the batch mean and ``1/sqrt(var + eps)`` that normalized x) and under
+        renorm ``R`` and ``D`` (of ``bnfast.kernels.common``); shape ``(2, C)`` or ``(4, C)``,
+        16 or 32 bytes per channel (an inference cache keeps none: ``running``). A training
+        forward of fewer than 32 values per channel (16 in float64) over more than 32768
+        channels keeps none (shape ``(2, 0)``: 16 bytes per channel would exceed x/8) and
+        backward takes the statistics again from x with the forward's own arithmetic (the same
+        bits). The backward kernel takes it as it
         is; do not modify it.
     axis : int
         The channel axis, non-negative.
@@ -109,9 +112,9 @@ class BatchNormCache(NamedTuple):
         frozen-statistics backward reads them, so do not modify them before it). None while
         training.
 
-    ``mean``, ``var`` and ``invstd`` (``1/sqrt(var + eps)``) are float64 vectors: the
-    statistics that normalized x (with ``virtual_batch_size``, those of the first virtual
-    batch; ``parts`` has all).
+    ``mean`` and ``invstd`` (``1/sqrt(var + eps)``) are float64 vectors: the statistics that
+    normalized x (with ``virtual_batch_size``, those of the first virtual batch; ``parts`` has
+    all).
     """
 
     x: np.ndarray
@@ -131,28 +134,27 @@ class BatchNormCache(NamedTuple):
 
     @property
     def mean(self) -> np.ndarray:
-        return self._moments()[0]
-
-    @property
-    def var(self) -> np.ndarray:
-        return self._moments()[1]
+        return self._rows()[0]
 
     @property
     def invstd(self) -> np.ndarray:
-        return 1.0 / np.sqrt(self._moments()[1] + self.eps)  # the kernels' arithmetic
+        return self._rows()[1]
 
-    def _moments(self) -> tuple[np.ndarray, np.ndarray]:
-        """MEAN and VAR: the running arrays, kept, or (none kept) taken again by the kernel
-        that made them."""
+    def _rows(self) -> np.ndarray:
+        """MEAN and INVSTD: kept, from the running arrays, or (none kept) taken again by the
+        kernel that made them (read-only)."""
         if self.running is not None:
-            return self.running[0].astype(np.float64), self.running[1].astype(np.float64)
-        if self.stats.shape[1] or self.layout.channels == 0:
-            return _read_only(self.stats[MEAN]), _read_only(self.stats[VAR])
-        x3 = self.view if self.view is not None else self.layout.view3(self.x)
-        mean, var = np.empty(x3.shape[1]), np.empty(x3.shape[1])
-        kernels, tune = _threading.kernels_for(x3, fused=True)
-        kernels.moments(x3, mean, var, tune)  # (no rescue: none was needed, or it would be kept)
-        return mean, var
+            rows = self.frozen_stats()
+        elif self.stats.shape[1] or self.layout.channels == 0:
+            rows = self.stats[:KEPT]
+        else:
+            x3 = self.view if self.view is not None else self.layout.view3(self.x)
+            rows = np.empty((KEPT, x3.shape[1]))
+            var = np.empty(x3.shape[1])
+            kernels, tune = _threading.kernels_for(x3, fused=True)
+            kernels.moments(x3, rows[MEAN], var, tune)  # (no rescue: none was needed here)
+            rows[INVSTD] = 1.0 / np.sqrt(var + self.eps)  # the kernels' arithmetic
+        return _read_only(rows)
 
     def __repr__(self) -> str:
         mode = "training" if self.training else "inference"
@@ -168,8 +170,14 @@ class BatchNormCache(NamedTuple):
         return tuple.__new__(cls, (*fields, gamma, beta, eps, running))
 
     def frozen_stats(self) -> np.ndarray:
-        """An inference cache's MEAN and VAR rows for the backward kernel (float64, exact)."""
-        return np.array(self.running, np.float64).reshape(KEPT, -1)
+        """An inference cache's MEAN and INVSTD rows for the backward kernel: the running
+        arrays in float64, ``1/sqrt(var + eps)`` (the forward kernel's arithmetic)."""
+        rows = np.array(self.running, np.float64).reshape(KEPT, -1)
+        v = rows[INVSTD]  # in place: 16 bytes per channel in all
+        v += self.eps
+        np.sqrt(v, out=v)
+        np.divide(1.0, v, out=v)
+        return rows
 
     def __reduce__(self):
         """Pickle and copy without the view of x (rebuilt from x, so x is stored once)."""
@@ -178,9 +186,10 @@ class BatchNormCache(NamedTuple):
         return _rebuild_cache, (fields, self.view is not None)
 
 
-def _read_only(row: np.ndarray) -> np.ndarray:
-    row.flags.writeable = False  # a fresh view of the block: the block itself stays writeable
-    return row
+def _read_only(rows: np.ndarray) -> np.ndarray:
+    rows = rows.view()
+    rows.flags.writeable = False  # a fresh view: the block itself stays writeable
+    return rows
 
 
 def _rebuild_cache(fields: dict, has_view: bool) -> BatchNormCache:
@@ -541,8 +550,7 @@ def forward(
         running = None
         if training:
             block = params(FORWARD_BATCH, eps, momentum, unbiased, rmax, dmax, *relu_thr, count)
-            foreign = tracking and not _in_place(running_mean, running_var, dtype)
-            stats = kept_block(layout, dtype, rmax > 0.0, foreign)
+            stats = kept_block(layout, dtype, rmax > 0.0)
         else:
             block = params(FORWARD_RUNNING, eps, 0.0, unbiased, 0.0, 0.0, *relu_thr, count)
             stats = NO_KEPT
@@ -587,7 +595,7 @@ def params(mode, eps, momentum, unbiased, rmax, dmax, relu, thr, count) -> np.nd
 _BLOCKS: dict = {}
 
 
-# A training forward keeps MEAN and VAR (16 bytes per channel) when that is at most x/8 or
+# A training forward keeps MEAN and INVSTD (16 bytes per channel) when that is at most x/8 or
 # 512 KiB (C <= 32768), so that with the call's other memory (per-tile buffers; the two-pass
 # partials, <= x/16) it stays within the README's bound of x/4 (float32; x/8 for float64) plus
 # 1 MiB; else none (the lanes family's fused route, certainly: fewer than 32 values per
@@ -596,16 +604,15 @@ _BLOCKS: dict = {}
 KEEP_ALWAYS = 2**19
 
 
-def kept_block(layout, dtype, renorm: bool, always: bool = False) -> np.ndarray:
+def kept_block(layout, dtype, renorm: bool) -> np.ndarray:
     """The block a training forward writes the statistics a cache keeps into: ``(4, C)`` under
-    renorm (MEAN, VAR, R, D: r and d depend on the running statistics before the update, so
-    they are always kept), else ``(2, C)``, or ``(2, 0)`` (none kept, see ``KEEP_ALWAYS``;
-    ``always``: kept anyway, e.g. running arrays of another dtype are updated from them)."""
+    renorm (MEAN, INVSTD, R, D: r and d depend on the running statistics before the update, so
+    they are always kept), else ``(2, C)``, or ``(2, 0)`` (none kept, see ``KEEP_ALWAYS``)."""
     channels = layout.channels
     if renorm:
         return np.empty((KEPT_RENORM, channels))
     nbytes = layout.count * channels * dtype.itemsize
-    keep = always or 8 * KEPT * channels <= max(nbytes // 8, KEEP_ALWAYS)
+    keep = 8 * KEPT * channels <= max(nbytes // 8, KEEP_ALWAYS)
     return np.empty((KEPT, channels if keep else 0))
 
 
@@ -642,11 +649,13 @@ def run_forward(
     """The forward kernel on checked arguments (the layer's planned path too): one call, and
     the rescue kernel when it reports channels whose float64 sums overflowed or ran around an
     ill-placed shift. Running arrays of another dtype than x's are updated afterwards from the
-    same statistics (:func:`update_running_of`). Returns the kept block: ``stats``, or after a
-    rescue where ``stats`` kept none, a new ``(2, C)`` one (the rescued statistics cannot be
-    taken again from x by backward). ``launch``: a plan's ``(kernels, tune)`` for a small call
-    in the batch or running mode, with values per channel and running arrays in x's dtype (or
-    none), writeable (0.5 us of checks and lookups saved per call)."""
+    same statistics (:func:`update_running_of`; the kernel then keeps VAR too, in a block of
+    ``KEPT_VAR`` rows: an O(C) path beyond the memory bound). Returns the kept block:
+    ``stats``, or a new one where ``stats`` kept none and backward cannot take the statistics
+    again (after a rescue, or running arrays of another dtype). ``launch``: a plan's
+    ``(kernels, tune)`` for a small call in the batch or running mode, with values per channel
+    and running arrays in x's dtype (or none), writeable (0.5 us of checks and lookups saved
+    per call)."""
     if launch is not None:
         kernels, tune = launch
         rm, rv = running_mean, running_var
@@ -662,22 +671,34 @@ def run_forward(
         kernels, tune = _threading.kernels_for(
             x3, mode == FORWARD_GIVEN, fused=mode == FORWARD_BATCH
         )
+    foreign = (
+        rm is not running_mean and running_mean is not None and block[P_MODE] != FORWARD_RUNNING
+    )
+    kept = stats
+    if foreign:  # the update below needs VAR
+        stats = np.empty((KEPT_VAR, x3.shape[1]))
+        stats[: kept.shape[0], : kept.shape[1]] = kept  # (a synchronized forward's given rows)
     bad = kernels.forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad < 0:  # the fused-only small twin's routes do not apply
         bad = _threading.fallback(x3).forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad:
-        stats = _rescued(x3, y3, gamma, beta, rm, rv, block, stats, kernels, tune)
-    if rm is not running_mean and running_mean is not None and block[P_MODE] != FORWARD_RUNNING:
-        update_running_of(running_mean, running_var, stats, block)
-    return stats
+        stats = _rescued(x3, y3, gamma, beta, rm, rv, block, stats, tune)
+    if foreign:
+        update_running_of(running_mean, running_var, stats[MEAN], stats[VAR], block)
+    if stats is not kept:
+        if kept.shape[1] == 0:
+            return np.ascontiguousarray(stats[:KEPT])
+        kept[...] = stats[: kept.shape[0]]
+    return kept
 
 
-def _rescued(x3, y3, gamma, beta, rm, rv, block, stats, kernels, tune) -> np.ndarray:
+def _rescued(x3, y3, gamma, beta, rm, rv, block, stats, tune) -> np.ndarray:
     """The rescue after a forward that counted bad channels (the cold path): the whole work
-    block from the first pass's statistics (kept, or, where none were kept, from the forward
-    kernel again without running arrays: the same sums, the same y), the rescue kernel on it
-    (it updates the running averages of the channels it recomputes: the forward updated the
-    others'), and the kept rows from it."""
+    block from the first pass's kept rows (the mean, and ``common.BAD`` as the inverse std of
+    each counted channel; where none were kept, from the forward kernel again without running
+    arrays: the same sums, the same y), the rescue kernel on it (it updates the running
+    averages of the channels it recomputes: the forward updated the others'), and the kept
+    rows from it (a new block where none were kept)."""
     if stats.shape[1] == 0:
         stats = np.empty((KEPT, x3.shape[1]))
         none = _NO_RUNNING[x3.dtype]
@@ -689,14 +710,14 @@ def _rescued(x3, y3, gamma, beta, rm, rv, block, stats, kernels, tune) -> np.nda
     return stats
 
 
-def update_running_of(running_mean, running_var, stats, block) -> None:
+def update_running_of(running_mean, running_var, mean, var, block) -> None:
     """The running averages of arrays of any float dtype (another than x's; ghost batches'
     combined statistics): the kernels' own ``update_running`` on float64 copies (exact), rounded
     once into the arrays. Runs after a kernel's write, so it must not raise
     (:func:`_after_write`)."""
     rm64 = running_mean.astype(np.float64)
     rv64 = running_var.astype(np.float64)
-    update_running(stats, 0, block, rm64, rv64)
+    update_running(mean, var, block, rm64, rv64)
     with _after_write():
         running_mean[...] = rm64
         running_var[...] = rv64
@@ -725,8 +746,10 @@ def _forward_synced(
     dtype, channels, count = x.dtype, layout.channels, layout.count
     local = count > 0 and channels > 0
     x3 = layout.view3(x)
-    stats = np.empty((KEPT, channels))  # kept: the global statistics cannot be taken again
-    mean, var = stats[MEAN], stats[VAR]  # this rank's, then (in place) the global batch's
+    # Kept (the global statistics cannot be taken again); the kernel is given the mean and the
+    # variance in rows 0 and 1 and leaves MEAN and INVSTD there.
+    stats = np.empty((KEPT, channels))
+    mean, var = stats[0], stats[1]  # this rank's, then (in place) the global batch's
     if local:
         _moments64(x3, mean, var)
     total = _sync.global_moments(comm, count, mean, var, dtype, eps, momentum)
@@ -741,9 +764,10 @@ def _forward_synced(
     block = params(FORWARD_GIVEN, eps, momentum, unbiased, 0.0, 0.0, *relu_thr, total)
     if local:
         run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats)
-    else:  # this rank holds no values: the running averages only
+    else:  # this rank holds no values: the running averages, and the kept rows
         if running_mean is not None:
-            update_running_of(running_mean, running_var, stats, block)
+            update_running_of(running_mean, running_var, mean, var, block)
+        stats[INVSTD] = 1.0 / np.sqrt(var + eps)  # the kernels' arithmetic
     return stats, total
 
 
@@ -783,14 +807,19 @@ def _ghost_forward(
     rm = running_mean.astype(x.dtype) if tracking else None  # read by renorm, never updated
     rv = running_var.astype(x.dtype) if tracking else None
     parts = []
+    means: list = []  # each group's, for the running update
+    variances: list = []
     for g in range(groups):
         xg, yg = x[g * k : (g + 1) * k], y[g * k : (g + 1) * k]
         layout = chk.Layout.of(xg, axis)
         yg3 = layout.output(yg, x.dtype)[1]
         xg3 = layout.view3(xg)
-        # kept (the combined running update reads every group's); momentum 0: rm, rv kept
-        stats = kept_block(layout, x.dtype, block[P_RMAX] > 0.0, always=True)
-        run_forward(xg3, yg3, gamma, beta, rm, rv, block, stats)
+        # VAR too (the combined running update reads every group's); momentum 0: rm, rv kept
+        full = np.empty((KEPT_VAR, layout.channels))
+        run_forward(xg3, yg3, gamma, beta, rm, rv, block, full)
+        means.append(full[MEAN])
+        variances.append(full[VAR])
+        stats = np.ascontiguousarray(full[: KEPT_RENORM if block[P_RMAX] > 0.0 else KEPT])
         layout.finish_output(yg, yg3)
         part = BatchNormCache(
             x=xg,
@@ -806,12 +835,10 @@ def _ghost_forward(
         )
         parts.append((g * k, (g + 1) * k, part))
     if tracking:
-        combined = np.empty((KEPT, len(running_mean)))
-        combined[MEAN] = np.mean([p[2].stats[MEAN] for p in parts], axis=0)
-        combined[VAR] = np.mean([p[2].stats[VAR] for p in parts], axis=0)
         update = block.copy()  # (the block is shared, read-only)
         update[P_MOMENTUM] = momentum  # P_COUNT is the group's count: each unbiased over it
-        update_running_of(running_mean, running_var, combined, update)
+        mean, var = np.mean(means, axis=0), np.mean(variances, axis=0)
+        update_running_of(running_mean, running_var, mean, var, update)
     first = parts[0][2]
     return BatchNormCache(
         x=x,
@@ -909,7 +936,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
                 dxg3,
             )
             part.layout.finish_output(dxg, dxg3)
-            kept_gradients(sums, part.stats, part.eps, share[0], share[1])
+            kept_gradients(sums, part.stats, share[0], share[1])
             total += share  # each part's float64 dgamma, dbeta; rounded once below
         with _after_write():
             dgamma[...] = total[0]
@@ -985,7 +1012,7 @@ def _backward_synced(
             dx3,
         )
     else:  # this rank's share of dgamma and dbeta (written by the kernel's BACKWARD_SUMS)
-        kept_gradients(sums, stats, eps, dgamma, dbeta)
+        kept_gradients(sums, stats, dgamma, dbeta)
     total = _sync.global_sums(cache.comm, sums)
     if local:  # dgamma and dbeta not wanted again (length 0): the kernel keeps the share
         block = params(BACKWARD_GIVEN, eps, 0.0, 0, 0.0, 0.0, *relu_thr, cache.total)

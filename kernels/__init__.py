@@ -23,14 +23,15 @@ arithmetic, the running-average update included, happens inside the call (``comm
   arrays have length C), running statistics (inference) or given MEAN and VAR rows (a
   synchronized forward); writes y (the fused ReLU when ``P_RELU``; Batch Renormalization when
   ``P_RMAX > 0``) and the statistics a cache keeps into ``stats`` (``common.KEPT``: MEAN and
-  VAR, and ``R`` and ``D`` under renorm; none when it has no columns). The rest of the
+  INVSTD, and ``R`` and ``D`` under renorm; none when it has no columns; a synchronized
+  forward gives its mean and variance in rows 0 and 1). The rest of the
   per-channel work block (``common.MEAN`` ... ``SHIFT``) lives in the call: per tile on the
   lanes family's fused route.
 - ``backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune)``: ``P_MODE``
   picks the training gradient, the frozen-statistics gradient, the two float64 gradient sums
   alone (``sums``, for a synchronized backward) or dx from given sums; the work block is
-  rebuilt from the kept rows, gamma, beta and ``P_EPS`` (a training cache that kept none: the
-  statistics taken again from x per tile); the sums are written to ``sums`` in every mode (a
+  rebuilt from the kept rows, gamma and beta (a training cache that kept none: the statistics
+  taken again from x per tile, with ``P_EPS``); the sums are written to ``sums`` in every mode (a
   virtual batch's dgamma is formed from them in float64).
 - ``backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune)``: the training gradient
   without a cache: statistics and both sums from one read of x and dy, then dx.

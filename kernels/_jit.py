@@ -11,7 +11,7 @@ view; ``bnfast`` copies any other view once). Parameter kinds:
 - ``"out"``: a 3-D data array the kernel writes, same dtype as the inputs.
 - ``"p"``: a per-channel vector in the data's dtype, read (gamma, beta); any 1-D layout.
   ``"p_out"``: one the kernel may write (running statistics, dgamma, dbeta).
-- ``"stats"``: the float64 rows a cache keeps (``common.KEPT``: MEAN and VAR; R and D too
+- ``"stats"``: the float64 rows a cache keeps (``common.KEPT``: MEAN and INVSTD; R and D too
   under renorm; or none, ``(2, 0)``) that a forward kernel writes and a backward kernel reads;
   also the rescue's whole ``(8, C)`` work block. Writeable in both, so that every helper that
   reads it is compiled once (a read-only type in backward compiled each of them twice).
@@ -170,7 +170,7 @@ P_SIZE = 10
 
 FORWARD_BATCH = 0  # batch statistics (training); running averages updated when given
 FORWARD_RUNNING = 1  # running statistics (inference)
-FORWARD_GIVEN = 2  # the MEAN and VAR rows of the block are given (a synchronized forward)
+FORWARD_GIVEN = 2  # mean and variance given in rows 0 and 1 (a synchronized forward)
 BACKWARD_TRAIN = 0  # the training gradient; the two sums also written to ``sums``
 BACKWARD_FROZEN = 1  # dx = scale * dy (inference statistics); sums as in TRAIN
 BACKWARD_SUMS = 2  # the two sums and dgamma, dbeta from them (a synchronized rank's share)

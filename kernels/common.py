@@ -46,19 +46,25 @@ from ._jit import (
 )
 
 # Rows of the float64 per-channel work block of a forward or backward call: the mean and the
-# variance that normalized x (the biased batch variance while training, the running variance in
-# inference), Batch Renormalization's ``R`` and ``D`` (1 and 0 without it), the inverse std,
+# inverse std that normalized x, Batch Renormalization's ``R`` and ``D`` (1 and 0 without it),
+# the variance (the biased batch variance while training, the running variance in inference),
 # gamma (rounded to x's dtype), and the write pass's ``SCALE`` and ``SHIFT``
-# (``y = (x - MEAN) * SCALE + SHIFT``): ``SCALE = GAMMA * INVSTD * R``, ``SHIFT = GAMMA * D +
-# beta``. A cache keeps only the first ``KEPT`` rows (``KEPT_RENORM`` under renorm): the rest
-# is rebuilt from them, gamma, beta and eps by :func:`complete_channels`, the same arithmetic
-# as the forward's, so the same bits. Forward and backward make the block per tile on the
-# lanes family's fused route (O(T) memory) and for the whole array otherwise (where x holds
-# at least 64 values per channel: 64 bytes per channel is then at most x/4).
-MEAN, VAR, R, D, INVSTD, GAMMA, SCALE, SHIFT = 0, 1, 2, 3, 4, 5, 6, 7
+# (``y = (x - MEAN) * SCALE + SHIFT``): ``INVSTD = 1 / sqrt(VAR + eps)``, ``SCALE = GAMMA *
+# INVSTD * R``, ``SHIFT = GAMMA * D + beta``. A cache keeps only the first ``KEPT`` rows
+# (``KEPT_RENORM`` under renorm): backward rebuilds the rest from them, gamma and beta with
+# multiplications only (:func:`complete_channels`, the forward's own arithmetic, so the same
+# bits). Kept as the variance instead of the inverse std, a square root and a division per
+# channel in every backward cost float32 (2, 4096) 14.7 -> 20.3 us (Zen 5, one thread).
+# Forward and backward make the block per tile where a task has every row of its tile (O(T)
+# memory), for the whole array otherwise (x then holds at least 64 values per channel: 64
+# bytes per channel is at most x/4). A forward given ``KEPT_VAR`` rows keeps VAR too (the
+# API's running updates of ghost batches and of running arrays of another dtype).
+MEAN, INVSTD, R, D, VAR, GAMMA, SCALE, SHIFT = 0, 1, 2, 3, 4, 5, 6, 7
 STATS_ROWS = 8
-KEPT = 2  # MEAN, VAR
-KEPT_RENORM = 4  # MEAN, VAR, R, D
+KEPT = 2  # MEAN, INVSTD
+KEPT_RENORM = 4  # MEAN, INVSTD, R, D
+KEPT_VAR = 5  # and VAR
+BAD = -1.0  # INVSTD of a channel the forward counted as bad (the rescue's to recompute)
 
 
 @helper
@@ -90,13 +96,14 @@ def clip(v, lo, hi):
 @shared
 def finish_channels(stats, w0, c0, c1, gamma, beta, running_mean, running_var, params):
     """Channels c0:c1 (columns ``w0:w0 + c1 - c0`` of the work block ``stats``), from their
-    MEAN and VAR rows: R, D, INVSTD, GAMMA, SCALE and SHIFT. Batch Renormalization (Ioffe 2017)
+    MEAN and VAR rows: INVSTD, R, D, GAMMA, SCALE and SHIFT. Batch Renormalization (Ioffe 2017)
     when ``params[P_RMAX] > 0``, against the running statistics as they were before this batch:
     ``sigma_run = sqrt(running_var + eps)``, ``r = clip(sqrt(var + eps) / sigma_run, 1/rmax,
     rmax)``, ``d = clip((mean - running_mean) / sigma_run, -dmax, dmax)``; r and d are
     constants for backward."""
     eps, rmax, dmax = params[P_EPS], params[P_RMAX], params[P_DMAX]
     w1 = w0 + c1 - c0
+    invstd_channels(stats, w0, w1, eps)
     means, variances = stats[MEAN, w0:w1], stats[VAR, w0:w1]
     rs, ds = stats[R, w0:w1], stats[D, w0:w1]
     if rmax > 0.0:
@@ -110,29 +117,38 @@ def finish_channels(stats, w0, c0, c1, gamma, beta, running_mean, running_var, p
                 (means[j] - np.float64(rm[j])) / np.sqrt(np.float64(rv[j]) + eps), -dmax, dmax
             )
     else:
-        for j in range(means.shape[0]):
-            rs[j] = 1.0
-        for j in range(means.shape[0]):
-            ds[j] = 0.0
-    complete_channels(stats, w0, c0, c1, gamma, beta, eps, rmax > 0.0)
+        plain_channels(stats, w0, w1)
+    complete_channels(stats, w0, c0, c1, gamma, beta, rmax > 0.0)
 
 
 @helper
-def complete_channels(stats, w0, c0, c1, gamma, beta, eps, renorm):
-    """INVSTD, GAMMA, SCALE and SHIFT of channels c0:c1 (columns ``w0:...`` of ``stats``) from
-    their MEAN, VAR, R and D rows: the forward's epilogue, and the backward's rebuilding of the
-    rows a cache does not keep (the same operations, so the same bits)."""
-    w1 = w0 + c1 - c0
-    invstds, gammas, variances = stats[INVSTD, w0:w1], stats[GAMMA, w0:w1], stats[VAR, w0:w1]
-    scales, shifts, rs, ds = (
-        stats[SCALE, w0:w1],
-        stats[SHIFT, w0:w1],
-        stats[R, w0:w1],
-        stats[D, w0:w1],
-    )
-    g, b = gamma[c0:c1], beta[c0:c1]
+def invstd_channels(stats, w0, w1, eps):
+    """INVSTD of columns w0:w1 from their VAR rows: ``1 / sqrt(var + eps)``."""
+    invstds, variances = stats[INVSTD, w0:w1], stats[VAR, w0:w1]
     for j in range(invstds.shape[0]):
         invstds[j] = 1.0 / np.sqrt(variances[j] + eps)
+
+
+@helper
+def plain_channels(stats, w0, w1):
+    """R = 1, D = 0 for columns w0:w1 (no Batch Renormalization)."""
+    rs, ds = stats[R, w0:w1], stats[D, w0:w1]
+    for j in range(rs.shape[0]):
+        rs[j] = 1.0
+    for j in range(rs.shape[0]):
+        ds[j] = 0.0
+
+
+@helper
+def complete_channels(stats, w0, c0, c1, gamma, beta, renorm):
+    """GAMMA, SCALE and SHIFT of channels c0:c1 (columns ``w0:...`` of ``stats``) from their
+    INVSTD, R and D rows: the forward's epilogue, and the backward's rebuilding of the rows a
+    cache does not keep (the same operations, so the same bits)."""
+    w1 = w0 + c1 - c0
+    invstds, gammas = stats[INVSTD, w0:w1], stats[GAMMA, w0:w1]
+    rs, ds = stats[R, w0:w1], stats[D, w0:w1]
+    scales, shifts = stats[SCALE, w0:w1], stats[SHIFT, w0:w1]
+    g, b = gamma[c0:c1], beta[c0:c1]
     for j in range(invstds.shape[0]):
         gammas[j] = g[j]
     if renorm:
@@ -146,9 +162,9 @@ def complete_channels(stats, w0, c0, c1, gamma, beta, eps, renorm):
 
 
 @helper
-def rebuild_channels(kept, c0, c1, gamma, beta, eps, stats, w0):
+def rebuild_channels(kept, c0, c1, gamma, beta, stats, w0):
     """A backward's work block for channels c0:c1 (columns ``w0:...`` of ``stats``) from the
-    rows a cache kept (``kept``: MEAN and VAR, and R and D under renorm, columns c0:c1)."""
+    rows a cache kept (``kept``: MEAN and INVSTD, and R and D under renorm, columns c0:c1)."""
     w1 = w0 + c1 - c0
     for i in range(kept.shape[0]):
         src, dst = kept[i, c0:c1], stats[i, w0:w1]
@@ -156,12 +172,8 @@ def rebuild_channels(kept, c0, c1, gamma, beta, eps, stats, w0):
             dst[j] = src[j]
     renorm = kept.shape[0] >= KEPT_RENORM
     if not renorm:
-        rs, ds = stats[R, w0:w1], stats[D, w0:w1]
-        for j in range(rs.shape[0]):
-            rs[j] = 1.0
-        for j in range(rs.shape[0]):
-            ds[j] = 0.0
-    complete_channels(stats, w0, c0, c1, gamma, beta, eps, renorm)
+        plain_channels(stats, w0, w1)
+    complete_channels(stats, w0, c0, c1, gamma, beta, renorm)
 
 
 @helper
@@ -190,12 +202,15 @@ def running_channels(stats, running_mean, running_var):
 
 @helper
 def given_channels(kept, c0, c1, stats):
-    """A synchronized forward's MEAN and VAR rows of channels c0:c1: given (``kept``), into the
-    work block (from column 0)."""
-    for i in range(KEPT):
-        src, dst = kept[i, c0:c1], stats[i]
-        for j in range(dst.shape[0]):
-            dst[j] = src[j]
+    """A synchronized forward's given statistics of channels c0:c1 (``kept`` rows 0 and 1: the
+    mean and the biased variance; the call then overwrites them with the kept rows, MEAN and
+    INVSTD) into the work block's MEAN and VAR rows (from column 0)."""
+    src, dst = kept[0, c0:c1], stats[MEAN]
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
+    src, dst = kept[1, c0:c1], stats[VAR]
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
 
 
 # A channel's one-pass sums run around a shift k, its first value (every family). Their
@@ -243,36 +258,40 @@ def bad_flags(k, mean, var, eps):
 @helper
 def settle_channels(k, stats, w0, c0, c1, params, running_mean, running_var):
     """The end of a training forward for channels c0:c1 (columns ``w0:...`` of the work
-    block, shifts ``k``): how many are bad (:func:`count_bad`); the running averages of the
-    others (the rescue updates those it recomputes, so each channel's are updated once)."""
+    block, shifts ``k``): how many are bad (:func:`count_bad`; their INVSTD set to ``BAD`` for
+    the rescue to find them); the running averages of the others (the rescue updates those it
+    recomputes, so each channel's are updated once)."""
     w1 = w0 + c1 - c0
-    bad = count_bad(k, stats[MEAN, w0:w1], stats[VAR, w0:w1], params[P_EPS])
+    means, variances = stats[MEAN, w0:w1], stats[VAR, w0:w1]
+    bad = count_bad(k, means, variances, params[P_EPS])
     rm, rv = running_mean[c0:c1], running_var[c0:c1]
-    if running_mean.shape[0] == 0:
-        return bad
     if bad == 0:
-        update_running(stats, w0, params, rm, rv)
-    else:
-        flags = bad_flags(k, stats[MEAN, w0:w1], stats[VAR, w0:w1], params[P_EPS])
-        update_flagged(stats, w0, params, rm, rv, flags, False)
+        if running_mean.shape[0] > 0:
+            update_running(means, variances, params, rm, rv)
+        return bad
+    flags = bad_flags(k, means, variances, params[P_EPS])
+    invstds = stats[INVSTD, w0:w1]
+    for j in range(flags.shape[0]):
+        if flags[j]:
+            invstds[j] = BAD
+    if running_mean.shape[0] > 0:
+        update_flagged(means, variances, params, rm, rv, flags, False)
     return bad
 
 
 @shared
-def update_running(stats, w0, params, running_mean, running_var):
-    """The running averages from the MEAN and VAR rows, columns from ``w0`` (PyTorch's rule:
+def update_running(means, variances, params, running_mean, running_var):
+    """The running averages from the batch's means and biased variances (PyTorch's rule:
     weight ``momentum`` for the batch; the variance unbiased, ``var * n / (n - 1)``, when
     ``params[P_UNBIASED]``, else biased as Keras, Flax and numpy-ml keep it; n is
     ``params[P_COUNT]``, the values per channel), in float64, rounded once into their dtype;
     nothing when the running arrays have length 0. The one running-average update of bnfast
-    (also called from Python for ghost batches' combined statistics); :func:`update_flagged` is
-    its per-channel form."""
+    (also called from Python for ghost batches' combined statistics and running arrays of
+    another dtype); :func:`update_flagged` is its per-channel form."""
     if running_mean.shape[0] == 0:
         return
     momentum = params[P_MOMENTUM]
     n = params[P_COUNT]
-    w1 = w0 + running_mean.shape[0]
-    means, variances = stats[MEAN, w0:w1], stats[VAR, w0:w1]
     unbias = n / (n - 1.0) if params[P_UNBIASED] != 0.0 else 1.0
     for c in range(means.shape[0]):
         running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * means[c]
@@ -283,15 +302,11 @@ def update_running(stats, w0, params, running_mean, running_var):
 
 
 @helper
-def update_flagged(stats, w0, params, running_mean, running_var, flags, which):
+def update_flagged(means, variances, params, running_mean, running_var, flags, which):
     """:func:`update_running` of the channels whose flag is ``which`` (cold paths: a tile with
     bad channels, the rescue)."""
-    if running_mean.shape[0] == 0:
-        return
     momentum = params[P_MOMENTUM]
     n = params[P_COUNT]
-    w1 = w0 + running_mean.shape[0]
-    means, variances = stats[MEAN, w0:w1], stats[VAR, w0:w1]
     unbias = n / (n - 1.0) if params[P_UNBIASED] != 0.0 else 1.0
     for c in range(means.shape[0]):
         if flags[c] == which:
@@ -386,16 +401,15 @@ def parameter_gradients(s, so, stats, c0, c1, dgamma, dbeta):
 
 
 @shared
-def kept_gradients(s, kept, eps, dgamma, dbeta):
-    """:func:`parameter_gradients` of every channel from the rows a cache kept (INVSTD, R and D
-    as :func:`complete_channels` makes them), for Python's callers: a virtual batch's float64
-    share, a synchronized rank without values."""
+def kept_gradients(s, kept, dgamma, dbeta):
+    """:func:`parameter_gradients` of every channel from the rows a cache kept (INVSTD, and R
+    and D under renorm), for Python's callers: a virtual batch's float64 share, a synchronized
+    rank without values."""
     renorm = kept.shape[0] >= KEPT_RENORM
     for c in range(kept.shape[1]):
-        invstd = 1.0 / np.sqrt(kept[VAR, c] + eps)
         r = kept[R, c] if renorm else 1.0
         d = kept[D, c] if renorm else 0.0
-        dgamma[c] = dgamma_of(s[0, c], s[1, c], invstd, r, d)
+        dgamma[c] = dgamma_of(s[0, c], s[1, c], kept[INVSTD, c], r, d)
         dbeta[c] = s[0, c]
 
 
@@ -644,33 +658,34 @@ def rewrite_flagged(x, y, stats, flags, relu, thr):
 @kernel(*RESCUE)
 def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
     """After a training forward that returned a non-zero count, with the whole work block
-    (``stats``, (8, C): the first pass's MEAN and VAR, and R and D of the other channels):
-    channels from ill-placed shifts are recomputed around their mean (``recentred``) and their
-    y rewritten, in memory order; channels whose statistics are not finite are recomputed from
-    rescaled values when the channel's values are finite (then their y rewritten with rescaled
-    arithmetic), NaN statistics and an all-NaN y when the channel holds inf or NaN (as the
+    (``stats``, (8, C); the forward's kept rows in it: the first pass's MEAN, INVSTD ``BAD``
+    for each channel it counted, and R and D of the others): a counted channel whose mean is
+    finite is recomputed around that mean (``recentred``: an ill-placed shift, or sums that
+    overflowed) and its y rewritten, in memory order; one whose statistics are still not finite
+    is recomputed from rescaled values when its values are finite (its y rewritten with
+    rescaled arithmetic), NaN statistics and an all-NaN y when it holds inf or NaN (as the
     README says); then the running averages of these channels (the forward updated the
     others')."""
     x, gamma, beta, running_mean, running_var, params, stats, y = borrowed(
         x, gamma, beta, running_mean, running_var, params, stats, y
     )
-    relu, thr, eps = params[P_RELU] != 0.0, params[P_THR], params[P_EPS]
-    means, variances = stats[MEAN], stats[VAR]
-    k = np.empty(means.shape[0])
-    for c in range(means.shape[0]):
-        k[c] = x[0, c, 0]
-    flags = bad_flags(k, means, variances, eps)
-    ill = ill_channels(x, means, variances, eps)
-    zero = np.int64(0)
-    if ill.any():
+    relu, thr = params[P_RELU] != 0.0, params[P_THR]
+    means, invstds, variances = stats[MEAN], stats[INVSTD], stats[VAR]
+    channels = means.shape[0]
+    flags = np.zeros(channels, np.bool_)
+    again = np.zeros(channels, np.bool_)
+    for c in range(channels):
+        flags[c] = invstds[c] == BAD
+        again[c] = flags[c] and np.isfinite(means[c])
+    if again.any():
         none = np.empty(0)
-        recentred(x, x, zero, means, variances, ill, none, none)
-        for c in range(means.shape[0]):
-            if ill[c]:
+        recentred(x, x, np.int64(0), means, variances, again, none, none)
+        for c in range(channels):
+            if again[c]:
                 finish_channels(stats, c, c, c + 1, gamma, beta, running_mean, running_var, params)
-        rewrite_flagged(x, y, stats, ill, relu, thr)
-    for c in range(means.shape[0]):
-        if np.isfinite(means[c]) and np.isfinite(variances[c]):
+        rewrite_flagged(x, y, stats, again, relu, thr)
+    for c in range(channels):
+        if not flags[c] or (again[c] and np.isfinite(means[c]) and np.isfinite(variances[c])):
             continue
         f, mean, var = rescued_moments(x, c)
         means[c] = mean
@@ -683,7 +698,7 @@ def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
             for i in range(x.shape[2]):
                 v = (np.float64(x[o, c, i]) * g - mean * g) * (s / g) + b
                 y[o, c, i] = activate(v, relu, thr)
-    update_flagged(stats, zero, params, running_mean, running_var, flags, True)
+    update_flagged(means, variances, params, running_mean, running_var, flags, True)
 
 
 @kernel(*RESCUE_MOMENTS)

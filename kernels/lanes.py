@@ -93,23 +93,25 @@ from ._jit import (
     step,
 )
 from .common import (
-    KEPT,
     MEAN,
     SCALE,
     SHIFT,
     STATS_ROWS,
     VAR,
     activate,
+    complete_channels,
     count_bad,
     expand,
     finish_channels,
     given_channels,
     gradient_channels,
     input_channels,
+    invstd_channels,
     keep_rows,
     moments_channels,
     parameter_gradients,
     passes,
+    plain_channels,
     rebuild_channels,
     running_channels,
     same,
@@ -575,12 +577,13 @@ def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, 
     finish_channels(work, zero, c0, c1, gamma, beta, running_mean, running_var, params)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
     write_task(x2, y2, inner, work, zero, relu, thr, zero, x2.shape[0], l0, l1)
-    keep_rows(work, zero, c0, c1, kept)
+    bad = 0
     if batch:
-        return settle_channels(k, work, zero, c0, c1, params, running_mean, running_var)
-    if ALL_ROUTES and mode == FORWARD_GIVEN:
-        update_running(work, zero, params, running_mean[c0:c1], running_var[c0:c1])
-    return 0
+        bad = settle_channels(k, work, zero, c0, c1, params, running_mean, running_var)
+    elif ALL_ROUTES and mode == FORWARD_GIVEN:
+        update_running(work[MEAN], work[VAR], params, running_mean[c0:c1], running_var[c0:c1])
+    keep_rows(work, zero, c0, c1, kept)
+    return bad
 
 
 @step
@@ -649,16 +652,16 @@ def tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params):
     tile's statistics taken again: the forward's own sums (``sums_tile``), so the same bits."""
     wc, zero = c1 - c0, np.int64(0)
     work = np.empty((STATS_ROWS, wc))
-    g, b = gamma[c0:c1], beta[c0:c1]
     if ALL_ROUTES and kept.shape[1] == 0:
         k = np.empty(wc)
         s = np.empty((2, wc))
         sums_tile(x2, inner, l0, l1, k, s)
-        again = np.empty((KEPT, wc))
-        moments_channels(k, s[0], s[1], params[P_COUNT], again[MEAN], again[VAR])
-        rebuild_channels(again, zero, wc, g, b, params[P_EPS], work, zero)
+        moments_channels(k, s[0], s[1], params[P_COUNT], work[MEAN], work[VAR])
+        invstd_channels(work, zero, wc, params[P_EPS])
+        plain_channels(work, zero, wc)
+        complete_channels(work, zero, c0, c1, gamma, beta, np.bool_(False))
     else:
-        rebuild_channels(kept, c0, c1, gamma, beta, params[P_EPS], work, zero)
+        rebuild_channels(kept, c0, c1, gamma, beta, work, zero)
     return work
 
 
@@ -863,14 +866,14 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
             write_task(x2, y2, inner, work, l0 // inner, relu, thr, r0, r1, l0, l1)
         bad += t
     if not local:
-        keep_rows(work, zero, zero, channels, stats)
         if ALL_ROUTES:
             if reduce:
                 bad = settle_channels(
                     k, work, zero, zero, channels, params, running_mean, running_var
                 )
             elif mode == FORWARD_GIVEN:
-                update_running(work, zero, params, running_mean, running_var)
+                update_running(work[MEAN], work[VAR], params, running_mean, running_var)
+        keep_rows(work, zero, zero, channels, stats)
     return bad
 
 
@@ -908,7 +911,7 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
     work = np.empty((STATS_ROWS, 0 if fused else channels))  # >= 64 values per channel here
     zero = np.int64(0)
     if not fused:
-        rebuild_channels(stats, zero, channels, gamma, beta, params[P_EPS], work, zero)
+        rebuild_channels(stats, zero, channels, gamma, beta, work, zero)
     tasks = nt if fused else (nt * nrb if reduce else 0)
     if tasks > 0:  # an empty parallel region still wakes the thread pool
         for task in prange(tasks):

@@ -41,7 +41,6 @@ from ._jit import (
     MIN_TASKS,
     MOMENTS,
     P_COUNT,
-    P_EPS,
     P_MODE,
     P_RELU,
     P_THR,
@@ -338,12 +337,13 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
         for t in prange(nb * ng):
             b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
             write_task(x, work, relu, thr, o0, o1, c0, c1, y)
-    keep_rows(work, zero, zero, channels, stats)
+    bad = 0
     if batch:
-        return settle_channels(k, work, zero, zero, channels, params, running_mean, running_var)
-    if ALL_ROUTES and mode == FORWARD_GIVEN:
-        update_running(work, zero, params, running_mean, running_var)
-    return 0
+        bad = settle_channels(k, work, zero, zero, channels, params, running_mean, running_var)
+    elif ALL_ROUTES and mode == FORWARD_GIVEN:
+        update_running(work[MEAN], work[VAR], params, running_mean, running_var)
+    keep_rows(work, zero, zero, channels, stats)
+    return bad
 
 
 @parallel_kernel(*BACKWARD, returns=True, small=True)
@@ -366,7 +366,7 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
         return -2
     zero = np.int64(0)
     work = np.empty((STATS_ROWS, channels))
-    rebuild_channels(stats, zero, channels, gamma, beta, params[P_EPS], work, zero)
+    rebuild_channels(stats, zero, channels, gamma, beta, work, zero)
     s = sums if sums.shape[1] > 0 else np.empty((2, channels))  # rows: O(C) is <= x/16
     reduce = not fused_route and mode != BACKWARD_GIVEN
     coef = np.empty((3, channels))

@@ -107,10 +107,9 @@ class BatchNormCache(NamedTuple):
     eps : float
         The forward's eps.
     running : tuple or None
-        An inference cache's ``(running_mean, running_var)``: the arrays the forward normalized
-        with, in x's dtype (references to the caller's arrays when they had x's dtype; the
-        frozen-statistics backward reads them, so do not modify them before it). None while
-        training.
+        An inference cache's ``(running_mean, running_var)``: the caller's arrays the forward
+        normalized with (references, read in x's dtype; the frozen-statistics backward reads
+        them, so do not modify them before it). None while training.
 
     ``mean`` and ``invstd`` (``1/sqrt(var + eps)``) are float64 vectors: the statistics that
     normalized x (with ``virtual_batch_size``, those of the first virtual batch; ``parts`` has
@@ -171,8 +170,11 @@ class BatchNormCache(NamedTuple):
 
     def frozen_stats(self) -> np.ndarray:
         """An inference cache's MEAN and INVSTD rows for the backward kernel: the running
-        arrays in float64, ``1/sqrt(var + eps)`` (the forward kernel's arithmetic)."""
-        rows = np.array(self.running, np.float64).reshape(KEPT, -1)
+        arrays as the forward kernel read them (in x's dtype) in float64, and ``1/sqrt(var +
+        eps)`` (the kernel's arithmetic)."""
+        rows = np.empty((KEPT, self.layout.channels))
+        rows[MEAN] = self.running[0].astype(self.x.dtype, copy=False)
+        rows[INVSTD] = self.running[1].astype(self.x.dtype, copy=False)
         v = rows[INVSTD]  # in place: 16 bytes per channel in all
         v += self.eps
         np.sqrt(v, out=v)
@@ -550,13 +552,14 @@ def forward(
         running = None
         if training:
             block = params(FORWARD_BATCH, eps, momentum, unbiased, rmax, dmax, *relu_thr, count)
-            stats = kept_block(layout, dtype, rmax > 0.0)
+            if rmax == 0.0 and channels <= KEEP_CHANNELS:  # (the common case, inline)
+                stats = np.empty((KEPT, channels))
+            else:
+                stats = kept_block(layout, dtype, rmax > 0.0)
         else:
             block = params(FORWARD_RUNNING, eps, 0.0, unbiased, 0.0, 0.0, *relu_thr, count)
             stats = NO_KEPT
-            running = running_mean, running_var = _running_for_kernel(
-                running_mean, running_var, dtype
-            )
+            running = running_mean, running_var
         stats = run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats)
         layout.finish_output(y, y3)
         cache = BatchNormCache.of(
@@ -602,6 +605,7 @@ _BLOCKS: dict = {}
 # channel), and backward takes the statistics again from x. Float32 (2, 2_000_000) kept 128 MB
 # (the whole (8, C) block) for x of 16 MB.
 KEEP_ALWAYS = 2**19
+KEEP_CHANNELS = KEEP_ALWAYS // (8 * KEPT)  # up to this many channels: always kept
 
 
 def kept_block(layout, dtype, renorm: bool) -> np.ndarray:

@@ -13,8 +13,9 @@ view; ``bnfast`` copies any other view once). Parameter kinds:
   ``"p_out"``: one the kernel may write (running statistics, dgamma, dbeta).
 - ``"stats"``: the float64 rows a cache keeps (``common.KEPT``: MEAN and INVSTD; R and D too
   under renorm; or none, ``(2, 0)``) that a forward kernel writes and a backward kernel reads;
-  also the rescue's whole ``(8, C)`` work block. Writeable in both, so that every helper that
-  reads it is compiled once (a read-only type in backward compiled each of them twice).
+  also the rescue's whole ``(STATS_ROWS, C)`` work block. Writeable in both, so that every
+  helper that reads it is compiled once (a read-only type in backward compiled each of them
+  twice).
 - ``"sums"``: the float64 ``(2, C)`` gradient sums a backward kernel writes or reads.
 - ``"vec_out"``: a float64 per-channel vector the kernel writes (``moments``).
 - ``"params"``: the float64 parameter block (``P_*`` below): the mode and every scalar option.

@@ -8,7 +8,7 @@ kernel call -> a write pass applying ``(x - m[c]) * a[c] + b[c]`` (or the gradie
 are computed here in float64 and rounded once into their arrays' dtype; nothing of it is left
 to NumPy after the kernel has written (it could raise under ``np.errstate``, after a write).
 
-Compile time: each per-channel function takes the whole arrays (the (8, C) block, gamma,
+Compile time: each per-channel function takes the whole arrays (the work block, gamma,
 beta, the running arrays) and a channel range ``c0:c1`` and slices inside, so it is compiled
 once per dtype whoever calls it (a fused tile, the two-pass route, the rescue). Called with
 slices of different layouts, ``finish_channels`` compiled three times for one first training
@@ -48,19 +48,20 @@ from ._jit import (
 # Rows of the float64 per-channel work block of a forward or backward call: the mean and the
 # inverse std that normalized x, Batch Renormalization's ``R`` and ``D`` (1 and 0 without it),
 # the variance (the biased batch variance while training, the running variance in inference),
-# gamma (rounded to x's dtype), and the write pass's ``SCALE`` and ``SHIFT``
-# (``y = (x - MEAN) * SCALE + SHIFT``): ``INVSTD = 1 / sqrt(VAR + eps)``, ``SCALE = GAMMA *
-# INVSTD * R``, ``SHIFT = GAMMA * D + beta``. A cache keeps only the first ``KEPT`` rows
+# and the write pass's ``SCALE`` and ``SHIFT`` (``y = (x - MEAN) * SCALE + SHIFT``): ``INVSTD =
+# 1 / sqrt(VAR + eps)``, ``SCALE = gamma * INVSTD * R``, ``SHIFT = gamma * D + beta`` (gamma
+# and beta in x's dtype). A cache keeps only the first ``KEPT`` rows
 # (``KEPT_RENORM`` under renorm): backward rebuilds the rest from them, gamma and beta with
 # multiplications only (:func:`complete_channels`, the forward's own arithmetic, so the same
 # bits). Kept as the variance instead of the inverse std, a square root and a division per
 # channel in every backward cost float32 (2, 4096) 14.7 -> 20.3 us (Zen 5, one thread).
 # Forward and backward make the block per tile where a task has every row of its tile (O(T)
-# memory), for the whole array otherwise (x then holds at least 64 values per channel: 64
-# bytes per channel is at most x/4). A forward given ``KEPT_VAR`` rows keeps VAR too (the
+# memory), for the whole array otherwise (x then holds at least 64 values per channel: 56
+# bytes per channel is below x/4). A forward given ``KEPT_VAR`` rows keeps VAR too (the
 # API's running updates of ghost batches and of running arrays of another dtype).
-MEAN, INVSTD, R, D, VAR, GAMMA, SCALE, SHIFT = 0, 1, 2, 3, 4, 5, 6, 7
-STATS_ROWS = 8
+MEAN, INVSTD, R, D, VAR, SCALE, SHIFT = 0, 1, 2, 3, 4, 5, 6
+STATS_ROWS = 7
+TILE_ROWS = STATS_ROWS + 5  # and a backward tile's two sums and three coefficients
 KEPT = 2  # MEAN, INVSTD
 KEPT_RENORM = 4  # MEAN, INVSTD, R, D
 KEPT_VAR = 5  # and VAR
@@ -96,7 +97,7 @@ def clip(v, lo, hi):
 @shared
 def finish_channels(stats, w0, c0, c1, gamma, beta, running_mean, running_var, params):
     """Channels c0:c1 (columns ``w0:w0 + c1 - c0`` of the work block ``stats``), from their
-    MEAN and VAR rows: INVSTD, R, D, GAMMA, SCALE and SHIFT. Batch Renormalization (Ioffe 2017)
+    MEAN and VAR rows: INVSTD, R, D, SCALE and SHIFT. Batch Renormalization (Ioffe 2017)
     when ``params[P_RMAX] > 0``, against the running statistics as they were before this batch:
     ``sigma_run = sqrt(running_var + eps)``, ``r = clip(sqrt(var + eps) / sigma_run, 1/rmax,
     rmax)``, ``d = clip((mean - running_mean) / sigma_run, -dmax, dmax)``; r and d are
@@ -141,24 +142,21 @@ def plain_channels(stats, w0, w1):
 
 @helper
 def complete_channels(stats, w0, c0, c1, gamma, beta, renorm):
-    """GAMMA, SCALE and SHIFT of channels c0:c1 (columns ``w0:...`` of ``stats``) from their
+    """SCALE and SHIFT of channels c0:c1 (columns ``w0:...`` of ``stats``) from their
     INVSTD, R and D rows: the forward's epilogue, and the backward's rebuilding of the rows a
     cache does not keep (the same operations, so the same bits)."""
     w1 = w0 + c1 - c0
-    invstds, gammas = stats[INVSTD, w0:w1], stats[GAMMA, w0:w1]
-    rs, ds = stats[R, w0:w1], stats[D, w0:w1]
+    invstds, rs, ds = stats[INVSTD, w0:w1], stats[R, w0:w1], stats[D, w0:w1]
     scales, shifts = stats[SCALE, w0:w1], stats[SHIFT, w0:w1]
     g, b = gamma[c0:c1], beta[c0:c1]
-    for j in range(invstds.shape[0]):
-        gammas[j] = g[j]
     if renorm:
         for j in range(invstds.shape[0]):
-            shifts[j] = gammas[j] * ds[j] + b[j]
+            shifts[j] = np.float64(g[j]) * ds[j] + b[j]
     else:
         for j in range(invstds.shape[0]):
             shifts[j] = b[j]
     for j in range(invstds.shape[0]):
-        scales[j] = gammas[j] * invstds[j] * rs[j]
+        scales[j] = np.float64(g[j]) * invstds[j] * rs[j]
 
 
 @helper
@@ -658,12 +656,12 @@ def rewrite_flagged(x, y, stats, flags, relu, thr):
 @kernel(*RESCUE)
 def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
     """After a training forward that returned a non-zero count, with the whole work block
-    (``stats``, (8, C); the forward's kept rows in it: the first pass's MEAN, INVSTD ``BAD``
-    for each channel it counted, and R and D of the others): a counted channel whose mean is
-    finite is recomputed around that mean (``recentred``: an ill-placed shift, or sums that
-    overflowed) and its y rewritten, in memory order; one whose statistics are still not finite
-    is recomputed from rescaled values when its values are finite (its y rewritten with
-    rescaled arithmetic), NaN statistics and an all-NaN y when it holds inf or NaN (as the
+    (``stats``, ``(STATS_ROWS, C)``; the forward's kept rows in it: the first pass's MEAN,
+    INVSTD ``BAD`` for each channel it counted, and R and D of the others): a counted channel
+    whose mean is finite is recomputed around that mean (``recentred``: an ill-placed shift, or
+    sums that overflowed) and its y rewritten, in memory order; one whose statistics are still
+    not finite is recomputed from rescaled values when its values are finite (its y rewritten
+    with rescaled arithmetic), NaN statistics and an all-NaN y when it holds inf or NaN (as the
     README says); then the running averages of these channels (the forward updated the
     others')."""
     x, gamma, beta, running_mean, running_var, params, stats, y = borrowed(

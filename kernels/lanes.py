@@ -35,7 +35,7 @@ rows (``TUNE_BLOCK`` bytes of x per task).
   partials (at most ``16 * P * ceil(outer / rb)`` bytes, <= x/8 for float32 since rb >= 64)
   and two float64 values per channel (<= x/8): at most x/4 in all, x/8 for float64 x.
 - Shifts: each lane is accumulated around its channel's first value (the accuracy argument
-  below). Per-lane copies of per-channel values are built per task, O(T), from the (8, C)
+  below). Per-lane copies of per-channel values are built per task, O(T), from the per-channel
   statistics block, so no write pass needs a per-channel scratch vector.
 
 Statistics, in one read of x (both families).
@@ -97,6 +97,7 @@ from .common import (
     SCALE,
     SHIFT,
     STATS_ROWS,
+    TILE_ROWS,
     VAR,
     activate,
     complete_channels,
@@ -542,8 +543,8 @@ def sums_tile(x2, inner, l0, l1, k, s):
     for j in range(k.shape[0]):
         k[j] = x2[0, l0 + j * inner]
     w = l1 - l0
-    a1 = np.empty(w)
-    a2 = np.empty(w)
+    a = np.empty((2, w))  # (one allocation: ~0.1 us each, a small call makes a handful)
+    a1, a2 = a[0], a[1]
     whole = np.bool_(False)  # a fused tile has every row: grouped anyway
     moment_sums(
         x2, expand(k, inner, np.int64(0), w), np.int64(0), x2.shape[0], l0, l1, a1, a2, whole
@@ -564,10 +565,9 @@ def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, 
     wc, zero = c1 - c0, np.int64(0)
     mode = params[P_MODE]
     batch = mode == FORWARD_BATCH
-    work = np.empty((STATS_ROWS, wc))
-    k = np.empty(wc if batch else 0)
+    buf = np.empty((STATS_ROWS + 3, wc))  # one allocation: the work block, shifts, sums
+    work, k, s = buf[:STATS_ROWS], buf[STATS_ROWS], buf[STATS_ROWS + 1 :]
     if batch:
-        s = np.empty((2, wc))
         sums_tile(x2, inner, l0, l1, k, s)
         moments_channels(k, s[0], s[1], params[P_COUNT], work[MEAN], work[VAR])
     elif mode == FORWARD_RUNNING:
@@ -649,12 +649,14 @@ def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef):
 def tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params):
     """A backward tile's work block from the rows the cache kept, or, where it kept none
     (``kept`` without columns: short batches of many channels, see ``bnfast._core``), from the
-    tile's statistics taken again: the forward's own sums (``sums_tile``), so the same bits."""
+    tile's statistics taken again: the forward's own sums (``sums_tile``), so the same bits.
+    Returns it with ``TILE_ROWS - STATS_ROWS`` rows more for the tile's sums and coefficients
+    (one allocation)."""
     wc, zero = c1 - c0, np.int64(0)
-    work = np.empty((STATS_ROWS, wc))
+    buf = np.empty((TILE_ROWS, wc))
+    work = buf[:STATS_ROWS]
     if ALL_ROUTES and kept.shape[1] == 0:
-        k = np.empty(wc)
-        s = np.empty((2, wc))
+        k, s = buf[STATS_ROWS + 2], buf[STATS_ROWS : STATS_ROWS + 2]
         sums_tile(x2, inner, l0, l1, k, s)
         moments_channels(k, s[0], s[1], params[P_COUNT], work[MEAN], work[VAR])
         invstd_channels(work, zero, wc, params[P_EPS])
@@ -662,7 +664,7 @@ def tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params):
         complete_channels(work, zero, c0, c1, gamma, beta, np.bool_(False))
     else:
         rebuild_channels(kept, c0, c1, gamma, beta, work, zero)
-    return work
+    return buf
 
 
 @step
@@ -674,16 +676,15 @@ def backward_tile(
     into ``sums`` when it has columns. Buffers O(T) (the tile's own)."""
     w = l1 - l0
     c0, c1 = span_channels(l0, l1, inner, dgamma.shape[0])
-    stats = tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params)
+    buf = tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params)
+    stats, t, coef = buf[:STATS_ROWS], buf[STATS_ROWS : STATS_ROWS + 2], buf[STATS_ROWS + 2 :]
     m, s, b = coefficients(stats, inner, np.int64(0), w)
-    a1 = np.empty(w)
-    a2 = np.empty(w)
+    a = np.empty((2, w))
+    a1, a2 = a[0], a[1]
     whole = np.bool_(False)  # every row: grouped anyway
     gradient_sums(x2, g2, m, s, b, relu, thr, np.int64(0), x2.shape[0], l0, l1, a1, a2, whole)
-    t = np.empty((2, c1 - c0))
     fold_into(a1, inner, t[0])
     fold_into(a2, inner, t[1])
-    coef = np.empty((3, c1 - c0))
     zero = np.int64(0)
     gradient_channels(t, zero, n, stats, zero, c1 - c0, coef, dgamma[c0:c1], dbeta[c0:c1])
     keep_sums(t, c0, sums)
@@ -698,12 +699,12 @@ def frozen_tile(
     sums, when ``sums`` has columns). Buffers O(T)."""
     w = l1 - l0
     c0, c1 = span_channels(l0, l1, inner, dgamma.shape[0])
-    stats = tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params)
+    buf = tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params)
+    stats, t = buf[:STATS_ROWS], buf[STATS_ROWS : STATS_ROWS + 2]
     m, s, b = coefficients(stats, inner, np.int64(0), w)
-    a1 = np.empty(w)
-    a2 = np.empty(w)
+    a = np.empty((2, w))
+    a1, a2 = a[0], a[1]
     frozen_rows(x2, g2, d2, m, s, b, relu, thr, np.int64(0), x2.shape[0], l0, l1, a1, a2)
-    t = np.empty((2, c1 - c0))
     fold_into(a1, inner, t[0])
     fold_into(a2, inner, t[1])
     zero = np.int64(0)
@@ -814,7 +815,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     when it has no columns). Where a task has every row of its tile (the fused route of batch
     statistics, when a strip of every row fits ``TUNE_STRIP``; a single row block otherwise)
     each tile is one task with its own work block (``forward_tile``); else a work block of the
-    whole array (x then holds at least 64 values per channel: 64 bytes per channel is at most
+    whole array (x then holds at least 64 values per channel: 56 bytes per channel is below
     x/4) and two passes. Returns how many channels' batch statistics are not finite or came
     from an ill-placed shift: the running averages of the others are updated, and the caller
     runs ``common.rescue`` (-1 from the ``.small`` twin where its routes do not apply: see
@@ -835,8 +836,8 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     reduce = batch and not local  # the two-pass route's partials
     if not ALL_ROUTES and (reduce or mode == FORWARD_GIVEN):
         return -1
-    k = np.empty(channels if reduce else 0)
-    work = np.empty((STATS_ROWS, 0 if local else channels))
+    buf = np.empty((STATS_ROWS + 1, 0 if local else channels))  # (one allocation)
+    work, k = buf[:STATS_ROWS], buf[STATS_ROWS]  # k: the two-pass route's shifts
     zero = np.int64(0)
     if ALL_ROUTES:
         if reduce:
@@ -907,8 +908,10 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
     if not fused and stats.shape[1] == 0:
         return -2
     reduce = not fused and mode != BACKWARD_GIVEN  # the two-pass route's partials
-    p = np.empty((2, nrb if reduce else 0, lanes))
-    work = np.empty((STATS_ROWS, 0 if fused else channels))  # >= 64 values per channel here
+    np_, nw = 2 * (nrb if reduce else 0) * lanes, 0 if fused else channels
+    buf = np.empty(np_ + STATS_ROWS * nw)  # one allocation; >= 64 values per channel if nw
+    p = buf[:np_].reshape((2, nrb if reduce else 0, lanes))
+    work = buf[np_:].reshape((STATS_ROWS, nw))
     zero = np.int64(0)
     if not fused:
         rebuild_channels(stats, zero, channels, gamma, beta, work, zero)

@@ -283,7 +283,7 @@ def moments(x, mean, var, tune):
 @parallel_kernel(*FORWARD, returns=True, small=True)
 def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     """The forward of every mode (see ``lanes.forward``), with a work block of the whole array
-    (x holds at least ``ROWS_MIN`` values per channel: 64 bytes per channel is at most x/4);
+    (x holds at least ``ROWS_MIN`` values per channel: 56 bytes per channel is below x/4);
     with :func:`fused` shapes and batch statistics each channel is one task (its rows summed in
     order, then normalized from cache)."""
     x, gamma, beta, running_mean, running_var, params, stats, y, tune = borrowed(

@@ -698,11 +698,12 @@ def run_forward(
 
 def _rescued(x3, y3, gamma, beta, rm, rv, block, stats, tune) -> np.ndarray:
     """The rescue after a forward that counted bad channels (the cold path): the whole work
-    block from the first pass's kept rows (the mean, and ``common.BAD`` as the inverse std of
-    each counted channel; where none were kept, from the forward kernel again without running
-    arrays: the same sums, the same y), the rescue kernel on it (it updates the running
-    averages of the channels it recomputes: the forward updated the others'), and the kept
-    rows from it (a new block where none were kept)."""
+    block from the first pass's kept rows (the mean, and minus the variance in place of the
+    inverse std of each channel of a tile that counted bad ones: ``common.settle_channels``;
+    where none were kept, from the forward kernel again without running arrays: the same sums,
+    the same y), the rescue kernel on it (it finishes the marked channels and updates their
+    running averages: the forward updated the others'), and the kept rows from it (a new block
+    where none were kept)."""
     if stats.shape[1] == 0:
         stats = np.empty((KEPT, x3.shape[1]))
         none = _NO_RUNNING[x3.dtype]

@@ -26,9 +26,12 @@ import math
 import numpy as np
 
 from ._jit import (
+    FORWARD_BATCH,
+    FORWARD_RUNNING,
     P_COUNT,
     P_DMAX,
     P_EPS,
+    P_MODE,
     P_MOMENTUM,
     P_RELU,
     P_RMAX,
@@ -65,7 +68,6 @@ TILE_ROWS = STATS_ROWS + 5  # and a backward tile's two sums and three coefficie
 KEPT = 2  # MEAN, INVSTD
 KEPT_RENORM = 4  # MEAN, INVSTD, R, D
 KEPT_VAR = 5  # and VAR
-BAD = -1.0  # INVSTD of a channel the forward counted as bad (the rescue's to recompute)
 
 
 @helper
@@ -101,12 +103,14 @@ def finish_channels(stats, w0, c0, c1, gamma, beta, running_mean, running_var, p
     when ``params[P_RMAX] > 0``, against the running statistics as they were before this batch:
     ``sigma_run = sqrt(running_var + eps)``, ``r = clip(sqrt(var + eps) / sigma_run, 1/rmax,
     rmax)``, ``d = clip((mean - running_mean) / sigma_run, -dmax, dmax)``; r and d are
-    constants for backward."""
+    constants for backward. (Its loops live in this one function: as four helpers they cost a
+    cold first training step 0.5 s more, Zen 5.)"""
     eps, rmax, dmax = params[P_EPS], params[P_RMAX], params[P_DMAX]
     w1 = w0 + c1 - c0
-    invstd_channels(stats, w0, w1, eps)
-    means, variances = stats[MEAN, w0:w1], stats[VAR, w0:w1]
+    means, invstds, variances = stats[MEAN, w0:w1], stats[INVSTD, w0:w1], stats[VAR, w0:w1]
     rs, ds = stats[R, w0:w1], stats[D, w0:w1]
+    for j in range(invstds.shape[0]):
+        invstds[j] = 1.0 / np.sqrt(variances[j] + eps)
     if rmax > 0.0:
         rm, rv = running_mean[c0:c1], running_var[c0:c1]
         for j in range(means.shape[0]):
@@ -118,33 +122,19 @@ def finish_channels(stats, w0, c0, c1, gamma, beta, running_mean, running_var, p
                 (means[j] - np.float64(rm[j])) / np.sqrt(np.float64(rv[j]) + eps), -dmax, dmax
             )
     else:
-        plain_channels(stats, w0, w1)
-    complete_channels(stats, w0, c0, c1, gamma, beta, rmax > 0.0)
+        for j in range(rs.shape[0]):
+            rs[j] = 1.0
+        for j in range(rs.shape[0]):
+            ds[j] = 0.0
+    scale_shift(stats, w0, c0, c1, gamma, beta, rmax > 0.0)
 
 
-@helper
-def invstd_channels(stats, w0, w1, eps):
-    """INVSTD of columns w0:w1 from their VAR rows: ``1 / sqrt(var + eps)``."""
-    invstds, variances = stats[INVSTD, w0:w1], stats[VAR, w0:w1]
-    for j in range(invstds.shape[0]):
-        invstds[j] = 1.0 / np.sqrt(variances[j] + eps)
-
-
-@helper
-def plain_channels(stats, w0, w1):
-    """R = 1, D = 0 for columns w0:w1 (no Batch Renormalization)."""
-    rs, ds = stats[R, w0:w1], stats[D, w0:w1]
-    for j in range(rs.shape[0]):
-        rs[j] = 1.0
-    for j in range(rs.shape[0]):
-        ds[j] = 0.0
-
-
-@helper
-def complete_channels(stats, w0, c0, c1, gamma, beta, renorm):
-    """SCALE and SHIFT of channels c0:c1 (columns ``w0:...`` of ``stats``) from their
-    INVSTD, R and D rows: the forward's epilogue, and the backward's rebuilding of the rows a
-    cache does not keep (the same operations, so the same bits)."""
+@step
+def scale_shift(stats, w0, c0, c1, gamma, beta, renorm):
+    """SCALE and SHIFT of channels c0:c1 (columns ``w0:...``) from their INVSTD, R and D rows:
+    the end of :func:`finish_channels` and of :func:`rebuild_channels` (inlined in each: as a
+    compiled function of its own it cost the first training step 0.3 s, and through
+    ``finish_channels`` the backward 0.7 s)."""
     w1 = w0 + c1 - c0
     invstds, rs, ds = stats[INVSTD, w0:w1], stats[R, w0:w1], stats[D, w0:w1]
     scales, shifts = stats[SCALE, w0:w1], stats[SHIFT, w0:w1]
@@ -170,21 +160,12 @@ def rebuild_channels(kept, c0, c1, gamma, beta, stats, w0):
             dst[j] = src[j]
     renorm = kept.shape[0] >= KEPT_RENORM
     if not renorm:
-        plain_channels(stats, w0, w1)
-    complete_channels(stats, w0, c0, c1, gamma, beta, renorm)
-
-
-@helper
-def keep_rows(stats, w0, c0, c1, kept):
-    """Channels c0:c1 of the rows a cache keeps (the first ``kept.shape[0]``), from columns
-    ``w0:...`` of the work block, into ``kept``; nothing when kept has no columns."""
-    if kept.shape[1] == 0:
-        return
-    w1 = w0 + c1 - c0
-    for i in range(kept.shape[0]):
-        src, dst = stats[i, w0:w1], kept[i, c0:c1]
-        for j in range(dst.shape[0]):
-            dst[j] = src[j]
+        rs, ds = stats[R, w0:w1], stats[D, w0:w1]
+        for j in range(rs.shape[0]):
+            rs[j] = 1.0
+        for j in range(rs.shape[0]):
+            ds[j] = 0.0
+    scale_shift(stats, w0, c0, c1, gamma, beta, renorm)
 
 
 @helper
@@ -254,26 +235,32 @@ def bad_flags(k, mean, var, eps):
 
 
 @helper
-def settle_channels(k, stats, w0, c0, c1, params, running_mean, running_var):
-    """The end of a training forward for channels c0:c1 (columns ``w0:...`` of the work
-    block, shifts ``k``): how many are bad (:func:`count_bad`; their INVSTD set to ``BAD`` for
-    the rescue to find them); the running averages of the others (the rescue updates those it
-    recomputes, so each channel's are updated once)."""
+def settle_channels(k, stats, w0, c0, c1, params, running_mean, running_var, kept):
+    """The end of a forward for channels c0:c1 (columns ``w0:...`` of the work block, shifts
+    ``k``). Batch statistics: how many are bad (:func:`count_bad`; the return value); none:
+    their running averages; some: none of the running averages, and ``-VAR`` in place of
+    every channel's INVSTD (an inverse std is positive: the sign marks the channels the rescue
+    kernel must finish, and -VAR is their variance exactly; settling them there kept that code
+    out of the first training step's compilation). Given statistics: the running averages.
+    Then the rows a cache keeps into ``kept`` (the first ``kept.shape[0]``; none when it has
+    no columns)."""
     w1 = w0 + c1 - c0
     means, variances = stats[MEAN, w0:w1], stats[VAR, w0:w1]
-    bad = count_bad(k, means, variances, params[P_EPS])
-    rm, rv = running_mean[c0:c1], running_var[c0:c1]
-    if bad == 0:
-        if running_mean.shape[0] > 0:
-            update_running(means, variances, params, rm, rv)
-        return bad
-    flags = bad_flags(k, means, variances, params[P_EPS])
-    invstds = stats[INVSTD, w0:w1]
-    for j in range(flags.shape[0]):
-        if flags[j]:
-            invstds[j] = BAD
-    if running_mean.shape[0] > 0:
-        update_flagged(means, variances, params, rm, rv, flags, False)
+    mode = params[P_MODE]
+    bad = 0
+    if mode == FORWARD_BATCH:
+        bad = count_bad(k, means, variances, params[P_EPS])
+    if bad > 0:
+        invstds = stats[INVSTD, w0:w1]
+        for j in range(invstds.shape[0]):
+            invstds[j] = -variances[j]
+    elif mode != FORWARD_RUNNING and running_mean.shape[0] > 0:
+        update_running(means, variances, params, running_mean[c0:c1], running_var[c0:c1])
+    if kept.shape[1] > 0:
+        for i in range(kept.shape[0]):
+            src, dst = stats[i, w0:w1], kept[i, c0:c1]
+            for j in range(dst.shape[0]):
+                dst[j] = src[j]
     return bad
 
 
@@ -301,8 +288,7 @@ def update_running(means, variances, params, running_mean, running_var):
 
 @helper
 def update_flagged(means, variances, params, running_mean, running_var, flags, which):
-    """:func:`update_running` of the channels whose flag is ``which`` (cold paths: a tile with
-    bad channels, the rescue)."""
+    """:func:`update_running` of the channels whose flag is ``which`` (the rescue)."""
     momentum = params[P_MOMENTUM]
     n = params[P_COUNT]
     unbias = n / (n - 1.0) if params[P_UNBIASED] != 0.0 else 1.0
@@ -656,31 +642,41 @@ def rewrite_flagged(x, y, stats, flags, relu, thr):
 @kernel(*RESCUE)
 def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
     """After a training forward that returned a non-zero count, with the whole work block
-    (``stats``, ``(STATS_ROWS, C)``; the forward's kept rows in it: the first pass's MEAN,
-    INVSTD ``BAD`` for each channel it counted, and R and D of the others): a counted channel
-    whose mean is finite is recomputed around that mean (``recentred``: an ill-placed shift, or
-    sums that overflowed) and its y rewritten, in memory order; one whose statistics are still
-    not finite is recomputed from rescaled values when its values are finite (its y rewritten
-    with rescaled arithmetic), NaN statistics and an all-NaN y when it holds inf or NaN (as the
-    README says); then the running averages of these channels (the forward updated the
-    others')."""
+    (``stats``, ``(STATS_ROWS, C)``; the forward's kept rows in it, where ``-VAR`` in place of
+    INVSTD marks the channels of each tile that counted bad ones: see
+    ``settle_channels``): the marked channels' variance and their bad ones (:func:`bad_flags`);
+    a bad channel whose mean is finite is recomputed around that mean (``recentred``: an
+    ill-placed shift, or sums that overflowed) and its y rewritten, in memory order; one whose
+    statistics are still not finite is recomputed from rescaled values when its values are
+    finite (its y rewritten with rescaled arithmetic), NaN statistics and an all-NaN y when it
+    holds inf or NaN (as the README says); every marked channel finished (the good ones' y is
+    already right) and its running averages updated (the forward updated the others')."""
     x, gamma, beta, running_mean, running_var, params, stats, y = borrowed(
         x, gamma, beta, running_mean, running_var, params, stats, y
     )
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
+    rm, rv = running_mean, running_var
     means, invstds, variances = stats[MEAN], stats[INVSTD], stats[VAR]
     channels = means.shape[0]
-    flags = np.zeros(channels, np.bool_)
+    marked = np.zeros(channels, np.bool_)
+    k = np.empty(channels)
+    for c in range(channels):
+        marked[c] = math.copysign(1.0, invstds[c]) < 0.0 or np.isnan(invstds[c])
+        if marked[c]:
+            variances[c] = -invstds[c]
+        k[c] = x[0, c, 0]
+    flags = bad_flags(k, means, variances, params[P_EPS]) & marked
     again = np.zeros(channels, np.bool_)
     for c in range(channels):
-        flags[c] = invstds[c] == BAD
         again[c] = flags[c] and np.isfinite(means[c])
+    zero = np.int64(0)
     if again.any():
         none = np.empty(0)
-        recentred(x, x, np.int64(0), means, variances, again, none, none)
-        for c in range(channels):
-            if again[c]:
-                finish_channels(stats, c, c, c + 1, gamma, beta, running_mean, running_var, params)
+        recentred(x, x, zero, means, variances, again, none, none)
+    for c in range(channels):
+        if marked[c]:
+            finish_channels(stats, c, c, c + 1, gamma, beta, rm, rv, params)
+    if again.any():
         rewrite_flagged(x, y, stats, again, relu, thr)
     for c in range(channels):
         if not flags[c] or (again[c] and np.isfinite(means[c]) and np.isfinite(variances[c])):
@@ -688,7 +684,7 @@ def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
         f, mean, var = rescued_moments(x, c)
         means[c] = mean
         variances[c] = var
-        finish_channels(stats, c, c, c + 1, gamma, beta, running_mean, running_var, params)
+        finish_channels(stats, c, c, c + 1, gamma, beta, rm, rv, params)
         s = stats[SCALE, c]
         b = stats[SHIFT, c]
         g = 1.0 if f == 0.0 else f
@@ -696,7 +692,7 @@ def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
             for i in range(x.shape[2]):
                 v = (np.float64(x[o, c, i]) * g - mean * g) * (s / g) + b
                 y[o, c, i] = activate(v, relu, thr)
-    update_flagged(means, variances, params, running_mean, running_var, flags, True)
+    update_flagged(means, variances, params, running_mean, running_var, marked, True)
 
 
 @kernel(*RESCUE_MOMENTS)

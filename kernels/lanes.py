@@ -77,7 +77,6 @@ from ._jit import (
     FUSE_TASKS_PER_THREAD,
     MOMENTS,
     P_COUNT,
-    P_EPS,
     P_MODE,
     P_RELU,
     P_THR,
@@ -100,24 +99,19 @@ from .common import (
     TILE_ROWS,
     VAR,
     activate,
-    complete_channels,
     count_bad,
     expand,
     finish_channels,
     given_channels,
     gradient_channels,
     input_channels,
-    invstd_channels,
-    keep_rows,
     moments_channels,
     parameter_gradients,
     passes,
-    plain_channels,
     rebuild_channels,
     running_channels,
     same,
     settle_channels,
-    update_running,
 )
 
 
@@ -577,13 +571,7 @@ def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, 
     finish_channels(work, zero, c0, c1, gamma, beta, running_mean, running_var, params)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
     write_task(x2, y2, inner, work, zero, relu, thr, zero, x2.shape[0], l0, l1)
-    bad = 0
-    if batch:
-        bad = settle_channels(k, work, zero, c0, c1, params, running_mean, running_var)
-    elif ALL_ROUTES and mode == FORWARD_GIVEN:
-        update_running(work[MEAN], work[VAR], params, running_mean[c0:c1], running_var[c0:c1])
-    keep_rows(work, zero, c0, c1, kept)
-    return bad
+    return settle_channels(k, work, zero, c0, c1, params, running_mean, running_var, kept)
 
 
 @step
@@ -646,37 +634,27 @@ def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef):
 
 
 @step
-def tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params):
-    """A backward tile's work block from the rows the cache kept, or, where it kept none
-    (``kept`` without columns: short batches of many channels, see ``bnfast._core``), from the
-    tile's statistics taken again: the forward's own sums (``sums_tile``), so the same bits.
-    Returns it with ``TILE_ROWS - STATS_ROWS`` rows more for the tile's sums and coefficients
-    (one allocation)."""
-    wc, zero = c1 - c0, np.int64(0)
-    buf = np.empty((TILE_ROWS, wc))
-    work = buf[:STATS_ROWS]
-    if ALL_ROUTES and kept.shape[1] == 0:
-        k, s = buf[STATS_ROWS + 2], buf[STATS_ROWS : STATS_ROWS + 2]
-        sums_tile(x2, inner, l0, l1, k, s)
-        moments_channels(k, s[0], s[1], params[P_COUNT], work[MEAN], work[VAR])
-        invstd_channels(work, zero, wc, params[P_EPS])
-        plain_channels(work, zero, wc)
-        complete_channels(work, zero, c0, c1, gamma, beta, np.bool_(False))
-    else:
-        rebuild_channels(kept, c0, c1, gamma, beta, work, zero)
-    return buf
+def tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, buf):
+    """A backward tile's work block (in ``buf``) where the cache kept no statistics (short
+    batches of many channels, see ``bnfast._core``): the tile's statistics taken again with
+    the forward's own sums (``sums_tile``), so the same bits. Called at kernel level, under
+    ``ALL_ROUTES``: numba prunes that branch before it inlines steps, so the ``.small`` twin
+    (and a new user's first step) does not compile this."""
+    zero = np.int64(0)
+    work, k, s = buf[:STATS_ROWS], buf[STATS_ROWS + 2], buf[STATS_ROWS : STATS_ROWS + 2]
+    sums_tile(x2, inner, l0, l1, k, s)
+    moments_channels(k, s[0], s[1], params[P_COUNT], work[MEAN], work[VAR])
+    finish_channels(work, zero, c0, c1, gamma, beta, gamma, gamma, params)  # (no renorm)
 
 
 @step
-def backward_tile(
-    x2, g2, d2, inner, l0, l1, gamma, beta, kept, params, relu, thr, n, sums, dgamma, dbeta
-):
-    """The fused training backward of one tile: its work block (``tile_work``), its sums over
-    every row, its channels' coefficients, then dx while the tile is in cache; the sums also
-    into ``sums`` when it has columns. Buffers O(T) (the tile's own)."""
+def backward_tile(x2, g2, d2, inner, l0, l1, buf, relu, thr, n, sums, dgamma, dbeta):
+    """The fused training backward of one tile from its work block (in ``buf``, rows
+    ``TILE_ROWS``: the block, then room for the tile's two sums and three coefficients): its
+    sums over every row, its channels' coefficients, then dx while the tile is in cache; the
+    sums also into ``sums`` when it has columns. Buffers O(T) (the tile's own)."""
     w = l1 - l0
     c0, c1 = span_channels(l0, l1, inner, dgamma.shape[0])
-    buf = tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params)
     stats, t, coef = buf[:STATS_ROWS], buf[STATS_ROWS : STATS_ROWS + 2], buf[STATS_ROWS + 2 :]
     m, s, b = coefficients(stats, inner, np.int64(0), w)
     a = np.empty((2, w))
@@ -692,14 +670,12 @@ def backward_tile(
 
 
 @step
-def frozen_tile(
-    x2, g2, d2, inner, l0, l1, gamma, beta, kept, params, relu, thr, sums, dgamma, dbeta
-):
-    """The frozen backward of a tile over every row: dx, and its channels' dgamma, dbeta (and
-    sums, when ``sums`` has columns). Buffers O(T)."""
+def frozen_tile(x2, g2, d2, inner, l0, l1, buf, relu, thr, sums, dgamma, dbeta):
+    """The frozen backward of a tile over every row from its work block (``buf``, see
+    ``backward_tile``): dx, and its channels' dgamma, dbeta (and sums, when ``sums`` has
+    columns). Buffers O(T)."""
     w = l1 - l0
     c0, c1 = span_channels(l0, l1, inner, dgamma.shape[0])
-    buf = tile_work(x2, inner, l0, l1, c0, c1, gamma, beta, kept, params)
     stats, t = buf[:STATS_ROWS], buf[STATS_ROWS : STATS_ROWS + 2]
     m, s, b = coefficients(stats, inner, np.int64(0), w)
     a = np.empty((2, w))
@@ -854,7 +830,8 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     if not local:
         if mode == FORWARD_RUNNING:
             running_channels(work, running_mean, running_var)
-        finish_channels(work, zero, zero, channels, gamma, beta, running_mean, running_var, params)
+        rm, rv = running_mean, running_var
+        finish_channels(work, zero, zero, channels, gamma, beta, rm, rv, params)
     bad = 0
     for task in prange(nt * nrb):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
@@ -867,14 +844,8 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
             write_task(x2, y2, inner, work, l0 // inner, relu, thr, r0, r1, l0, l1)
         bad += t
     if not local:
-        if ALL_ROUTES:
-            if reduce:
-                bad = settle_channels(
-                    k, work, zero, zero, channels, params, running_mean, running_var
-                )
-            elif mode == FORWARD_GIVEN:
-                update_running(work[MEAN], work[VAR], params, running_mean, running_var)
-        keep_rows(work, zero, zero, channels, stats)
+        rm, rv = running_mean, running_var
+        bad = settle_channels(k, work, zero, zero, channels, params, rm, rv, stats)
     return bad
 
 
@@ -908,56 +879,31 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
     if not fused and stats.shape[1] == 0:
         return -2
     reduce = not fused and mode != BACKWARD_GIVEN  # the two-pass route's partials
-    np_, nw = 2 * (nrb if reduce else 0) * lanes, 0 if fused else channels
-    buf = np.empty(np_ + STATS_ROWS * nw)  # one allocation; >= 64 values per channel if nw
-    p = buf[:np_].reshape((2, nrb if reduce else 0, lanes))
-    work = buf[np_:].reshape((STATS_ROWS, nw))
+    p = np.empty((2, nrb if reduce else 0, lanes))
+    work = p[0]  # (of the work block's type: the fused route needs no whole-array block)
     zero = np.int64(0)
-    if not fused:
+    if not fused:  # (x holds >= 64 values per channel here)
+        work = np.empty((STATS_ROWS, channels))
         rebuild_channels(stats, zero, channels, gamma, beta, work, zero)
     tasks = nt if fused else (nt * nrb if reduce else 0)
     if tasks > 0:  # an empty parallel region still wakes the thread pool
         for task in prange(tasks):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
             b = task // nt
+            if fused:  # the tile's work block, rebuilt from the kept rows (or taken again)
+                c0, c1 = span_channels(l0, l1, inner, channels)
+                tb = np.empty((TILE_ROWS, c1 - c0))
+                if not ALL_ROUTES:  # (a test of the constant alone: numba prunes it)
+                    rebuild_channels(stats, c0, c1, gamma, beta, tb[:STATS_ROWS], zero)
+                elif stats.shape[1] == 0:
+                    tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, tb)
+                else:
+                    rebuild_channels(stats, c0, c1, gamma, beta, tb[:STATS_ROWS], zero)
             if fused and not frozen:
-                backward_tile(
-                    x2,
-                    g2,
-                    d2,
-                    inner,
-                    l0,
-                    l1,
-                    gamma,
-                    beta,
-                    stats,
-                    params,
-                    relu,
-                    thr,
-                    n,
-                    sums,
-                    dgamma,
-                    dbeta,
-                )
+                backward_tile(x2, g2, d2, inner, l0, l1, tb, relu, thr, n, sums, dgamma, dbeta)
             elif ALL_ROUTES:
                 if fused:
-                    frozen_tile(
-                        x2,
-                        g2,
-                        d2,
-                        inner,
-                        l0,
-                        l1,
-                        gamma,
-                        beta,
-                        stats,
-                        params,
-                        relu,
-                        thr,
-                        sums,
-                        dgamma,
-                        dbeta,
-                    )
+                    frozen_tile(x2, g2, d2, inner, l0, l1, tb, relu, thr, sums, dgamma, dbeta)
                 elif frozen:
                     frozen_task(
                         x2,

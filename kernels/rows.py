@@ -63,7 +63,6 @@ from .common import (
     given_channels,
     gradient_channels,
     input_channels,
-    keep_rows,
     moments_channels,
     parameter_gradients,
     passes,
@@ -75,7 +74,6 @@ from .common import (
     running_channels,
     same,
     settle_channels,
-    update_running,
 )
 
 
@@ -319,7 +317,8 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
                     work[MEAN, c : c + 1],
                     work[VAR, c : c + 1],
                 )
-                finish_channels(work, c, c, c + 1, gamma, beta, running_mean, running_var, params)
+                rm, rv = running_mean, running_var
+                finish_channels(work, c, c, c + 1, gamma, beta, rm, rv, params)
                 write_task(x, work, relu, thr, zero, outer, c, c + 1, y)
             elif ALL_ROUTES:
                 b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
@@ -333,17 +332,13 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
                 moments_channels(k, sums[0], sums[1], params[P_COUNT], work[MEAN], work[VAR])
             else:
                 given_channels(stats, zero, channels, work)
-        finish_channels(work, zero, zero, channels, gamma, beta, running_mean, running_var, params)
+        rm, rv = running_mean, running_var
+        finish_channels(work, zero, zero, channels, gamma, beta, rm, rv, params)
         for t in prange(nb * ng):
             b, o0, o1, c0, c1 = task_span(t, x, rb, cg, ng)
             write_task(x, work, relu, thr, o0, o1, c0, c1, y)
-    bad = 0
-    if batch:
-        bad = settle_channels(k, work, zero, zero, channels, params, running_mean, running_var)
-    elif ALL_ROUTES and mode == FORWARD_GIVEN:
-        update_running(work[MEAN], work[VAR], params, running_mean, running_var)
-    keep_rows(work, zero, zero, channels, stats)
-    return bad
+    rm, rv = running_mean, running_var
+    return settle_channels(k, work, zero, zero, channels, params, rm, rv, stats)
 
 
 @parallel_kernel(*BACKWARD, returns=True, small=True)

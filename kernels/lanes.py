@@ -634,7 +634,7 @@ def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef):
 
 
 @step
-def tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, buf):
+def tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, dgamma, dbeta, buf):
     """A backward tile's work block (in ``buf``) where the cache kept no statistics (short
     batches of many channels, see ``bnfast._core``): the tile's statistics taken again with
     the forward's own sums (``sums_tile``), so the same bits. Called at kernel level, under
@@ -644,7 +644,9 @@ def tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, buf):
     work, k, s = buf[:STATS_ROWS], buf[STATS_ROWS + 2], buf[STATS_ROWS : STATS_ROWS + 2]
     sums_tile(x2, inner, l0, l1, k, s)
     moments_channels(k, s[0], s[1], params[P_COUNT], work[MEAN], work[VAR])
-    finish_channels(work, zero, c0, c1, gamma, beta, gamma, gamma, params)  # (no renorm)
+    # (no renorm, so no running arrays are read: dgamma and dbeta stand in for them, arrays of
+    # their type, so that finish_channels is the forward's compiled signature)
+    finish_channels(work, zero, c0, c1, gamma, beta, dgamma, dbeta, params)
 
 
 @step
@@ -896,7 +898,7 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
                 if not ALL_ROUTES:  # (a test of the constant alone: numba prunes it)
                     rebuild_channels(stats, c0, c1, gamma, beta, tb[:STATS_ROWS], zero)
                 elif stats.shape[1] == 0:
-                    tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, tb)
+                    tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, dgamma, dbeta, tb)
                 else:
                     rebuild_channels(stats, c0, c1, gamma, beta, tb[:STATS_ROWS], zero)
             if fused and not frozen:

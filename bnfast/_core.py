@@ -620,16 +620,6 @@ def kept_block(layout, dtype, renorm: bool) -> np.ndarray:
     return np.empty((KEPT, channels if keep else 0))
 
 
-def _in_place(running_mean, running_var, dtype) -> bool:
-    """Does the kernel update the running arrays themselves (x's dtype, writeable)?"""
-    return (
-        running_mean.dtype == dtype
-        and running_var.dtype == dtype
-        and running_mean.flags.writeable
-        and running_var.flags.writeable
-    )
-
-
 def _kept_view(x, layout):
     """The canonical view a cache keeps of x: the view itself, or None where it would be a copy
     (backward then copies again rather than the cache holding a second x)."""
@@ -642,7 +632,12 @@ def _running_for_kernel(running_mean, running_var, dtype):
     them; the update is then :func:`update_running_of`'s, in the arrays' own dtype)."""
     if running_mean is None:
         return _NO_RUNNING[dtype], _NO_RUNNING[dtype]
-    if _in_place(running_mean, running_var, dtype):
+    if (
+        running_mean.dtype == dtype
+        and running_var.dtype == dtype
+        and running_mean.flags.writeable
+        and running_var.flags.writeable
+    ):
         return running_mean, running_var
     return running_mean.astype(dtype), running_var.astype(dtype)
 

@@ -272,7 +272,7 @@ def update_running(means, variances, params, running_mean, running_var):
     ``params[P_COUNT]``, the values per channel), in float64, rounded once into their dtype;
     nothing when the running arrays have length 0. The one running-average update of bnfast
     (also called from Python for ghost batches' combined statistics and running arrays of
-    another dtype); :func:`update_flagged` is its per-channel form."""
+    another dtype; the rescue calls it a channel at a time)."""
     if running_mean.shape[0] == 0:
         return
     momentum = params[P_MOMENTUM]
@@ -284,20 +284,6 @@ def update_running(means, variances, params, running_mean, running_var):
         running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * (
             variances[c] * unbias
         )
-
-
-@helper
-def update_flagged(means, variances, params, running_mean, running_var, flags, which):
-    """:func:`update_running` of the channels whose flag is ``which`` (the rescue)."""
-    momentum = params[P_MOMENTUM]
-    n = params[P_COUNT]
-    unbias = n / (n - 1.0) if params[P_UNBIASED] != 0.0 else 1.0
-    for c in range(means.shape[0]):
-        if flags[c] == which:
-            running_mean[c] = (1.0 - momentum) * np.float64(running_mean[c]) + momentum * means[c]
-            running_var[c] = (1.0 - momentum) * np.float64(running_var[c]) + momentum * (
-                variances[c] * unbias
-            )
 
 
 @helper
@@ -692,7 +678,11 @@ def rescue(x, gamma, beta, running_mean, running_var, params, stats, y):
             for i in range(x.shape[2]):
                 v = (np.float64(x[o, c, i]) * g - mean * g) * (s / g) + b
                 y[o, c, i] = activate(v, relu, thr)
-    update_flagged(means, variances, params, running_mean, running_var, marked, True)
+    for c in range(channels):  # (the one update, a channel at a time)
+        if marked[c]:
+            update_running(
+                means[c : c + 1], variances[c : c + 1], params, rm[c : c + 1], rv[c : c + 1]
+            )
 
 
 @kernel(*RESCUE_MOMENTS)

@@ -44,7 +44,9 @@ from .kernels.common import (
     MEAN,
     STATS_ROWS,
     VAR,
-    kept_gradients,
+    D,
+    R,
+    parameter_gradients,
     update_running,
 )
 
@@ -552,10 +554,7 @@ def forward(
         running = None
         if training:
             block = params(FORWARD_BATCH, eps, momentum, unbiased, rmax, dmax, *relu_thr, count)
-            if rmax == 0.0 and channels <= KEEP_CHANNELS:  # (the common case, inline)
-                stats = np.empty((KEPT, channels))
-            else:
-                stats = kept_block(layout, dtype, rmax > 0.0)
+            stats = kept_block(layout, dtype, rmax > 0.0)
         else:
             block = params(FORWARD_RUNNING, eps, 0.0, unbiased, 0.0, 0.0, *relu_thr, count)
             stats = NO_KEPT
@@ -605,7 +604,7 @@ _BLOCKS: dict = {}
 # channel), and backward takes the statistics again from x. Float32 (2, 2_000_000) kept 128 MB
 # (the whole (8, C) block) for x of 16 MB.
 KEEP_ALWAYS = 2**19
-KEEP_CHANNELS = KEEP_ALWAYS // (8 * KEPT)  # up to this many channels: always kept
+KEEP_CHANNELS = KEEP_ALWAYS // (8 * KEPT)  # up to this many channels, always kept
 
 
 def kept_block(layout, dtype, renorm: bool) -> np.ndarray:
@@ -615,8 +614,11 @@ def kept_block(layout, dtype, renorm: bool) -> np.ndarray:
     channels = layout.channels
     if renorm:
         return np.empty((KEPT_RENORM, channels))
-    nbytes = layout.count * channels * dtype.itemsize
-    keep = 8 * KEPT * channels <= max(nbytes // 8, KEEP_ALWAYS)
+    # (the first test decides the common case without the product)
+    keep = (
+        channels <= KEEP_CHANNELS
+        or 8 * KEPT * channels <= layout.count * channels * dtype.itemsize // 8
+    )
     return np.empty((KEPT, channels if keep else 0))
 
 
@@ -936,7 +938,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
                 dxg3,
             )
             part.layout.finish_output(dxg, dxg3)
-            kept_gradients(sums, part.stats, share[0], share[1])
+            _kept_gradients(sums, part.stats, share[0], share[1])
             total += share  # each part's float64 dgamma, dbeta; rounded once below
         with _after_write():
             dgamma[...] = total[0]
@@ -962,6 +964,18 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         )
         layout.finish_output(dx, dx3)
     return (dx if out is None else given), dgamma, dbeta
+
+
+def _kept_gradients(sums, kept, dgamma, dbeta) -> None:
+    """dgamma and dbeta of every channel from the two sums and the rows a cache kept (the
+    kernels' ``parameter_gradients`` on those rows, r = 1 and d = 0 without renorm): a virtual
+    batch's float64 share, a synchronized rank without values."""
+    rows = np.empty((KEPT_RENORM, kept.shape[1]))
+    rows[: kept.shape[0]] = kept
+    if kept.shape[0] < KEPT_RENORM:
+        rows[R] = 1.0
+        rows[D] = 0.0
+    parameter_gradients(sums, 0, rows, 0, kept.shape[1], dgamma, dbeta)
 
 
 def run_backward(x3, dy3, gamma, beta, stats, block, sums, dgamma, dbeta, dx3, launch=None) -> None:
@@ -1012,7 +1026,7 @@ def _backward_synced(
             dx3,
         )
     else:  # this rank's share of dgamma and dbeta (written by the kernel's BACKWARD_SUMS)
-        kept_gradients(sums, stats, dgamma, dbeta)
+        _kept_gradients(sums, stats, dgamma, dbeta)
     total = _sync.global_sums(cache.comm, sums)
     if local:  # dgamma and dbeta not wanted again (length 0): the kernel keeps the share
         block = params(BACKWARD_GIVEN, eps, 0.0, 0, 0.0, 0.0, *relu_thr, cache.total)

@@ -370,19 +370,6 @@ def parameter_gradients(s, so, stats, c0, c1, dgamma, dbeta):
         db[j] = s1[j]
 
 
-@shared
-def kept_gradients(s, kept, dgamma, dbeta):
-    """:func:`parameter_gradients` of every channel from the rows a cache kept (INVSTD, and R
-    and D under renorm), for Python's callers: a virtual batch's float64 share, a synchronized
-    rank without values."""
-    renorm = kept.shape[0] >= KEPT_RENORM
-    for c in range(kept.shape[1]):
-        r = kept[R, c] if renorm else 1.0
-        d = kept[D, c] if renorm else 0.0
-        dgamma[c] = dgamma_of(s[0, c], s[1, c], kept[INVSTD, c], r, d)
-        dbeta[c] = s[0, c]
-
-
 @helper
 def input_channels(x, dy, base, k, s, n, gamma, params, stats, c0, c1):
     """The cache-free backward's statistics of channels c0:c1 from one pass of sums around the

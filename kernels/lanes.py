@@ -857,10 +857,10 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
     ``dx = scale * dy`` (one pass), the two sums alone (into ``sums``, for a synchronized
     backward), or dx, dgamma and dbeta from the given ``sums`` over ``params[P_COUNT]`` values.
     ``stats`` holds the rows the cache kept (``common.KEPT`` or ``KEPT_RENORM``); the work
-    block is rebuilt from them, gamma, beta and ``params[P_EPS]`` (per tile on the fused route,
-    where a cache may also keep none: the tile's statistics are then taken again). dy is behind
-    the activation's mask, recomputed from x and the block. ``sums`` (2, C) receives the two
-    sums in the training and frozen modes too; (2, 0) when not wanted (then the fused route
+    block is rebuilt from them, gamma and beta (per tile on the fused route, where a cache may
+    also keep none: the tile's statistics are then taken again, with ``params[P_EPS]``). dy is
+    behind the activation's mask, recomputed from x and the block. ``sums`` (2, C) receives the
+    two sums in the training and frozen modes too; (2, 0) when not wanted (then the fused route
     needs only its tiles' own buffers). Returns 0 (-1 from the ``.small`` twin where its route
     does not apply; -2 when no statistics were kept and the route is not fused)."""
     x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune = borrowed(

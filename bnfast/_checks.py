@@ -239,6 +239,28 @@ def apart(a: np.ndarray, owned: np.ndarray) -> bool:
     return not np.may_share_memory(a, owned)
 
 
+def _separate(written, read) -> bool:
+    """True when every array (None skipped) owns its memory, no two are the same array, and each
+    written one is contiguous (so free of self-overlap): then none overlaps another. A trainer's
+    call with fresh activations and its own parameter arrays; 0.45 us for a training forward's
+    five arrays where the owner loop below takes 0.95 (Zen 5)."""
+    ids = set()
+    n = 0
+    for a in written:
+        if a is not None:
+            if a.base is not None or not (f := a.flags).owndata or not f.forc:
+                return False
+            ids.add(id(a))
+            n += 1
+    for a in read:
+        if a is not None:
+            if a.base is not None or not a.flags.owndata:
+                return False
+            ids.add(id(a))
+            n += 1
+    return len(ids) == n
+
+
 def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
     """Raise ``ValueError`` unless every written array is free of self-overlap and disjoint from
     every other written array and from every array read. ``in_place`` names (written, read) pairs
@@ -249,6 +271,8 @@ def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
     with a common owner (or an unknown one) are checked by address: a trainer's call with
     separate arrays costs ~1 us here instead of ~4.6 us for NumPy's check on every pair.
     """
+    if _separate(written.values(), read.values()):
+        return
     seen: set[int] = set()
     for a in (*written.values(), *read.values()):
         if a is None:
@@ -271,7 +295,7 @@ def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
         # (32, 64): 2.5 us for NumPy's pairwise check, 1.6 us for this test built from
         # comprehensions, 0.8 us as this loop (Zen 5).
         for w, a in written.items():
-            if a is not None and self_overlapping(a):
+            if a is not None and not a.flags.forc and self_overlapping(a):
                 raise ValueError(
                     f"{w} has elements that share memory (strides {a.strides}); "
                     "pass an array whose elements are distinct"

@@ -78,6 +78,33 @@ def test_forward_bad_input_raises_and_writes_nothing(name, exc, words, change):
         np.testing.assert_array_equal(args[k], want, err_msg=f"{name}: {k} was written")
 
 
+@pytest.mark.parametrize(
+    "change,exc",
+    [
+        (dict(axis=True), TypeError),
+        (dict(training=1), TypeError),
+        (dict(unbiased=1), TypeError),
+        (dict(momentum=True), TypeError),
+        (dict(eps=True), TypeError),
+        (dict(renorm=(True, 0.0)), TypeError),
+        (dict(renorm=[1.0, -1.0]), ValueError),
+    ],
+    ids=repr,
+)
+def test_memoized_checks_do_not_admit_lookalikes(change, exc):
+    """forward() memoizes what its scalar checks established per call signature; True == 1 and
+    1 == 1.0 as dict keys, so a call that equals a checked one but passes a bool must still
+    raise (the valid call runs first, with the same values otherwise)."""
+    s = _state()
+    valid = dict(axis=1, training=True, unbiased=True, momentum=1.0, eps=1.0, renorm=(1.0, 0.0))
+    bnfast.forward(**{**s, **valid, "out": None})
+    bnfast.forward(**{**s, **valid, "out": None})
+    rm = s["running_mean"].copy()
+    with pytest.raises(exc):
+        bnfast.forward(**{**s, **valid, "out": None, **change})
+    np.testing.assert_array_equal(s["running_mean"], rm)
+
+
 def test_out_overlapping_x_while_training():
     s = _state()
     rm = s["running_mean"].copy()

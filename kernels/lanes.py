@@ -88,6 +88,7 @@ from ._jit import (
     WIDE_LANES,
     borrowed,
     helper,
+    keep,
     parallel_kernel,
     step,
 )
@@ -531,13 +532,13 @@ def write_task(x2, y2, inner, stats, c0, relu, thr, r0, r1, l0, l1):
 
 
 @step
-def sums_tile(x2, inner, l0, l1, k, s):
+def sums_tile(x2, inner, l0, l1, k, s, a):
     """The fused route's reduction of a tile over every row: its channels' shifts (into k, the
-    tile's own buffer: first value of each) and shifted sums (rows 0 and 1 of ``s``)."""
+    tile's own buffer: first value of each) and shifted sums (rows 0 and 1 of ``s``), through
+    the per-lane sums ``a`` (2, T)."""
     for j in range(k.shape[0]):
         k[j] = x2[0, l0 + j * inner]
     w = l1 - l0
-    a = np.empty((2, w))  # (one allocation: ~0.1 us each, a small call makes a handful)
     a1, a2 = a[0], a[1]
     whole = np.bool_(False)  # a fused tile has every row: grouped anyway
     moment_sums(
@@ -545,6 +546,17 @@ def sums_tile(x2, inner, l0, l1, k, s):
     )
     fold_into(a1, inner, s[0])
     fold_into(a2, inner, s[1])
+
+
+@helper
+def tile_buffers(own, rows, wc, w):
+    """A tile's buffers from one allocation ``own`` (flat): a block of ``rows`` rows of its
+    ``wc`` channels and the (2, w) per-lane sums, both borrowed (see ``_jit.borrowed``): views
+    of them cost no atomic reference count, so the caller keeps ``own`` until its last use of
+    them (``_jit.keep``, or ``own`` passed on). Float32 (32, 64), one thread, Zen 5, kernel
+    calls: forward 1.99 -> 1.68 us (the work block alone borrowed), same bits."""
+    (flat,) = borrowed(own)
+    return flat[: rows * wc].reshape((rows, wc)), flat[rows * wc :].reshape((2, w))
 
 
 @step
@@ -559,10 +571,11 @@ def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, 
     wc, zero = c1 - c0, np.int64(0)
     mode = params[P_MODE]
     batch = mode == FORWARD_BATCH
-    buf = np.empty((STATS_ROWS + 3, wc))  # one allocation: the work block, shifts, sums
+    own = np.empty((STATS_ROWS + 3) * wc + 2 * (l1 - l0))  # one allocation (see tile_buffers)
+    buf, a = tile_buffers(own, STATS_ROWS + 3, wc, l1 - l0)
     work, k, s = buf[:STATS_ROWS], buf[STATS_ROWS], buf[STATS_ROWS + 1 :]
     if batch:
-        sums_tile(x2, inner, l0, l1, k, s)
+        sums_tile(x2, inner, l0, l1, k, s, a)
         moments_channels(k, s[0], s[1], params[P_COUNT], work[MEAN], work[VAR])
     elif mode == FORWARD_RUNNING:
         running_channels(work, running_mean[c0:c1], running_var[c0:c1])
@@ -571,7 +584,8 @@ def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, 
     finish_channels(work, zero, c0, c1, gamma, beta, running_mean, running_var, params)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
     write_task(x2, y2, inner, work, zero, relu, thr, zero, x2.shape[0], l0, l1)
-    return settle_channels(k, work, zero, c0, c1, params, running_mean, running_var, kept)
+    bad = settle_channels(k, work, zero, c0, c1, params, running_mean, running_var, kept)
+    return bad + keep(own)
 
 
 @step
@@ -634,7 +648,7 @@ def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef):
 
 
 @step
-def tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, dgamma, dbeta, buf):
+def tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, dgamma, dbeta, buf, a):
     """A backward tile's work block (in ``buf``) where the cache kept no statistics (short
     batches of many channels, see ``bnfast._core``): the tile's statistics taken again with
     the forward's own sums (``sums_tile``), so the same bits. Called at kernel level, under
@@ -642,7 +656,7 @@ def tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, dgamma, dbeta, bu
     (and a new user's first step) does not compile this."""
     zero = np.int64(0)
     work, k, s = buf[:STATS_ROWS], buf[STATS_ROWS + 2], buf[STATS_ROWS : STATS_ROWS + 2]
-    sums_tile(x2, inner, l0, l1, k, s)
+    sums_tile(x2, inner, l0, l1, k, s, a)
     moments_channels(k, s[0], s[1], params[P_COUNT], work[MEAN], work[VAR])
     # (no renorm, so no running arrays are read: dgamma and dbeta stand in for them, arrays of
     # their type, so that finish_channels is the forward's compiled signature)
@@ -650,16 +664,16 @@ def tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, dgamma, dbeta, bu
 
 
 @step
-def backward_tile(x2, g2, d2, inner, l0, l1, buf, relu, thr, n, sums, dgamma, dbeta):
+def backward_tile(x2, g2, d2, inner, l0, l1, buf, a, relu, thr, n, sums, dgamma, dbeta, own):
     """The fused training backward of one tile from its work block (in ``buf``, rows
     ``TILE_ROWS``: the block, then room for the tile's two sums and three coefficients): its
     sums over every row, its channels' coefficients, then dx while the tile is in cache; the
-    sums also into ``sums`` when it has columns. Buffers O(T) (the tile's own)."""
+    sums also into ``sums`` when it has columns. Buffers O(T) (the tile's own: ``buf`` and the
+    per-lane sums ``a`` are borrowed views of ``own``, see ``tile_buffers``)."""
     w = l1 - l0
     c0, c1 = span_channels(l0, l1, inner, dgamma.shape[0])
     stats, t, coef = buf[:STATS_ROWS], buf[STATS_ROWS : STATS_ROWS + 2], buf[STATS_ROWS + 2 :]
     m, s, b = coefficients(stats, inner, np.int64(0), w)
-    a = np.empty((2, w))
     a1, a2 = a[0], a[1]
     whole = np.bool_(False)  # every row: grouped anyway
     gradient_sums(x2, g2, m, s, b, relu, thr, np.int64(0), x2.shape[0], l0, l1, a1, a2, whole)
@@ -669,10 +683,11 @@ def backward_tile(x2, g2, d2, inner, l0, l1, buf, relu, thr, n, sums, dgamma, db
     gradient_channels(t, zero, n, stats, zero, c1 - c0, coef, dgamma[c0:c1], dbeta[c0:c1])
     keep_sums(t, c0, sums)
     tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef)
+    return keep(own)
 
 
 @step
-def frozen_tile(x2, g2, d2, inner, l0, l1, buf, relu, thr, sums, dgamma, dbeta):
+def frozen_tile(x2, g2, d2, inner, l0, l1, buf, a, relu, thr, sums, dgamma, dbeta, own):
     """The frozen backward of a tile over every row from its work block (``buf``, see
     ``backward_tile``): dx, and its channels' dgamma, dbeta (and sums, when ``sums`` has
     columns). Buffers O(T)."""
@@ -680,7 +695,6 @@ def frozen_tile(x2, g2, d2, inner, l0, l1, buf, relu, thr, sums, dgamma, dbeta):
     c0, c1 = span_channels(l0, l1, inner, dgamma.shape[0])
     stats, t = buf[:STATS_ROWS], buf[STATS_ROWS : STATS_ROWS + 2]
     m, s, b = coefficients(stats, inner, np.int64(0), w)
-    a = np.empty((2, w))
     a1, a2 = a[0], a[1]
     frozen_rows(x2, g2, d2, m, s, b, relu, thr, np.int64(0), x2.shape[0], l0, l1, a1, a2)
     fold_into(a1, inner, t[0])
@@ -688,6 +702,7 @@ def frozen_tile(x2, g2, d2, inner, l0, l1, buf, relu, thr, sums, dgamma, dbeta):
     zero = np.int64(0)
     parameter_gradients(t, zero, stats, zero, c1 - c0, dgamma[c0:c1], dbeta[c0:c1])
     keep_sums(t, c0, sums)
+    return keep(own)
 
 
 @helper
@@ -768,11 +783,12 @@ def moments(x, mean, var, tune):
             t = 0
             if fused:
                 c0, c1 = span_channels(l0, l1, inner, channels)
-                kt = np.empty(c1 - c0)
-                st = np.empty((2, c1 - c0))
-                sums_tile(x2, inner, l0, l1, kt, st)
+                own = np.empty(3 * (c1 - c0) + 2 * (l1 - l0))
+                buf, a = tile_buffers(own, 3, c1 - c0, l1 - l0)
+                kt, st = buf[0], buf[1:]
+                sums_tile(x2, inner, l0, l1, kt, st, a)
                 moments_channels(kt, st[0], st[1], n, mean[c0:c1], var[c0:c1])
-                t = count_bad(kt, mean[c0:c1], var[c0:c1], 0.0)
+                t = count_bad(kt, mean[c0:c1], var[c0:c1], 0.0) + keep(own)
             else:
                 block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt, cached)
             bad += t
@@ -814,7 +830,8 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     reduce = batch and not local  # the two-pass route's partials
     if not ALL_ROUTES and (reduce or mode == FORWARD_GIVEN):
         return -1
-    buf = np.empty((STATS_ROWS + 1, 0 if local else channels))  # (one allocation)
+    own = np.empty((STATS_ROWS + 1, 0 if local else channels))  # (one allocation, kept below)
+    (buf,) = borrowed(own)
     work, k = buf[:STATS_ROWS], buf[STATS_ROWS]  # k: the two-pass route's shifts
     zero = np.int64(0)
     if ALL_ROUTES:
@@ -848,7 +865,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     if not local:
         rm, rv = running_mean, running_var
         bad = settle_channels(k, work, zero, zero, channels, params, rm, rv, stats)
-    return bad
+    return bad + keep(own)
 
 
 @parallel_kernel(*BACKWARD, returns=True, small=True)
@@ -894,18 +911,23 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
             b = task // nt
             if fused:  # the tile's work block, rebuilt from the kept rows (or taken again)
                 c0, c1 = span_channels(l0, l1, inner, channels)
-                tb = np.empty((TILE_ROWS, c1 - c0))
+                own = np.empty(TILE_ROWS * (c1 - c0) + 2 * (l1 - l0))  # (the tile step keeps it)
+                tb, a = tile_buffers(own, TILE_ROWS, c1 - c0, l1 - l0)
                 if not ALL_ROUTES:  # (a test of the constant alone: numba prunes it)
                     rebuild_channels(stats, c0, c1, gamma, beta, tb[:STATS_ROWS], zero)
                 elif stats.shape[1] == 0:
-                    tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, dgamma, dbeta, tb)
+                    tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, dgamma, dbeta, tb, a)
                 else:
                     rebuild_channels(stats, c0, c1, gamma, beta, tb[:STATS_ROWS], zero)
             if fused and not frozen:
-                backward_tile(x2, g2, d2, inner, l0, l1, tb, relu, thr, n, sums, dgamma, dbeta)
+                backward_tile(
+                    x2, g2, d2, inner, l0, l1, tb, a, relu, thr, n, sums, dgamma, dbeta, own
+                )
             elif ALL_ROUTES:
                 if fused:
-                    frozen_tile(x2, g2, d2, inner, l0, l1, tb, relu, thr, sums, dgamma, dbeta)
+                    frozen_tile(
+                        x2, g2, d2, inner, l0, l1, tb, a, relu, thr, sums, dgamma, dbeta, own
+                    )
                 elif frozen:
                     frozen_task(
                         x2,

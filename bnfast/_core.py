@@ -685,8 +685,20 @@ def _forward_plan(
         and (renorm is None or _float_pair(renorm))
     ):
         return _ForwardPlan(*args)
-    key = (x.shape, x.strides, x.dtype, axis, training, tracking, momentum, eps, activation)
-    key += (renorm, unbiased, synced)
+    key = (
+        x.shape,
+        x.strides,
+        x.dtype,
+        axis,
+        training,
+        tracking,
+        momentum,
+        eps,
+        activation,
+        renorm,
+        unbiased,
+        synced,
+    )
     plan = _FORWARD_PLANS.get(key)
     if plan is None:
         plan = _ForwardPlan(*args)

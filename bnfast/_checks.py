@@ -239,22 +239,25 @@ def apart(a: np.ndarray, owned: np.ndarray) -> bool:
     return not np.may_share_memory(a, owned)
 
 
-def _separate(written, read) -> bool:
+def separate(written: tuple, read: tuple) -> bool:
     """True when every array (None skipped) owns its memory, no two are the same array, and each
-    written one is contiguous (so free of self-overlap): then none overlaps another. A trainer's
-    call with fresh activations and its own parameter arrays; 0.45 us for a training forward's
-    five arrays where the owner loop below takes 0.95 (Zen 5)."""
+    written one is contiguous (so free of self-overlap): then none overlaps another, and
+    :func:`disjoint` has nothing to find. A trainer's call with fresh activations and its own
+    parameter arrays: 0.35 us for a training forward's five arrays where :func:`disjoint`'s
+    owner loop takes 0.95 (Zen 5). (An array that owns its memory shares it only through views,
+    whose ``base`` leads to it, so ``owndata`` alone says it is apart from another owner.)"""
     ids = set()
     n = 0
     for a in written:
         if a is not None:
-            if a.base is not None or not (f := a.flags).owndata or not f.forc:
+            f = a.flags
+            if not (f.owndata and f.forc):
                 return False
             ids.add(id(a))
             n += 1
     for a in read:
         if a is not None:
-            if a.base is not None or not a.flags.owndata:
+            if not a.flags.owndata:
                 return False
             ids.add(id(a))
             n += 1
@@ -271,7 +274,7 @@ def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
     with a common owner (or an unknown one) are checked by address: a trainer's call with
     separate arrays costs ~1 us here instead of ~4.6 us for NumPy's check on every pair.
     """
-    if _separate(written.values(), read.values()):
+    if separate(tuple(written.values()), tuple(read.values())):
         return
     seen: set[int] = set()
     for a in (*written.values(), *read.values()):

@@ -548,7 +548,7 @@ def sums_tile(x2, inner, l0, l1, k, s, a):
     fold_into(a2, inner, s[1])
 
 
-@helper
+@step
 def tile_buffers(own, rows, wc, w):
     """A tile's buffers from one allocation ``own`` (flat): a block of ``rows`` rows of its
     ``wc`` channels and the (2, w) per-lane sums, both borrowed (see ``_jit.borrowed``): views

@@ -783,12 +783,11 @@ def moments(x, mean, var, tune):
             t = 0
             if fused:
                 c0, c1 = span_channels(l0, l1, inner, channels)
-                own = np.empty(3 * (c1 - c0) + 2 * (l1 - l0))
-                buf, a = tile_buffers(own, 3, c1 - c0, l1 - l0)
-                kt, st = buf[0], buf[1:]
-                sums_tile(x2, inner, l0, l1, kt, st, a)
+                kt = np.empty(c1 - c0)
+                st = np.empty((2, c1 - c0))
+                sums_tile(x2, inner, l0, l1, kt, st, np.empty((2, l1 - l0)))
                 moments_channels(kt, st[0], st[1], n, mean[c0:c1], var[c0:c1])
-                t = count_bad(kt, mean[c0:c1], var[c0:c1], 0.0) + keep(own)
+                t = count_bad(kt, mean[c0:c1], var[c0:c1], 0.0)
             else:
                 block_sums_task(x2, inner, k, r0, r1, l0, l1, p, task // nt, cached)
             bad += t

@@ -7,7 +7,10 @@ canonical view's shape (``kernels.rows`` or ``kernels.lanes``): ``moments`` -> `
 inference, given statistics for a synchronized forward; once per virtual batch with
 ``virtual_batch_size``); ``backward`` -> ``backward`` (mode: train, frozen, or the sums and the
 given-sums pass of a synchronized backward); ``backward_from_input`` -> ``backward_input``.
-:func:`run_forward` and :func:`run_backward` are the run path the layer's planned calls share.
+:func:`run_forward` and :func:`run_backward` are the run path the layer's planned calls share;
+what a functional call's checks establish from its scalar arguments and x's shape, strides
+and dtype is memoized per call signature (``_ForwardPlan``, ``_backward_plan``), as the layer
+keeps its plan.
 Each kernel also does the per-channel arithmetic (``kernels/common.py``: statistics, running
 averages, gradient coefficients, dgamma and dbeta), so a call allocates its outputs and makes
 one kernel call. The math they implement is written out in ``bnfast.reference``.

@@ -383,7 +383,8 @@ _ADAPTIVE = {
 def small_launch(canon: tuple, dtype: np.dtype, general: bool = False):
     """``kernels_for``'s answer for every C-contiguous x3 of shape ``canon`` and ``dtype`` below
     the serial threshold (it depends on nothing else there), for a plan to keep; None above it
-    (where the thread count and the threading layer's state decide)."""
+    (where the thread count and the threading layer's state decide). ``general``: a mode the
+    ``.small`` twins lack (see ``kernels_for``)."""
     if canon[0] * canon[1] * canon[2] * dtype.itemsize >= SERIAL_BELOW:
         return None
     return (_SERIAL if general else _SMALL)[_name(canon)], TUNE

@@ -210,3 +210,22 @@ def test_layer_bad_construction_and_forward():
         bn(np.ones((1, 3), np.float32))
     assert bn.num_batches_tracked == 0
     np.testing.assert_array_equal(bn.running_mean, np.zeros(3))
+
+
+def test_memoized_plans_keep_no_caller_array_alive():
+    """The call plans are memoized per call signature (shapes, strides, dtypes, scalars): they
+    must not hold the caller's arrays (x, gamma, running arrays, dy), which would keep them
+    alive after the caller dropped them."""
+    import gc
+    import weakref
+
+    s = _state()
+    x, rm, dy = s["x"], s["running_mean"], np.ones_like(s["x"])
+    refs = [weakref.ref(a) for a in (x, rm, dy, s["gamma"])]
+    y, cache = bnfast.forward(x, s["gamma"], running_mean=rm, running_var=s["running_var"])
+    bnfast.backward(dy, cache)
+    _, cache = bnfast.forward(x, training=False, running_mean=rm, running_var=s["running_var"])
+    bnfast.backward(dy, cache)
+    del s, x, rm, dy, y, cache
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)

@@ -170,8 +170,25 @@ class BatchNormCache(NamedTuple):
     ) -> BatchNormCache:
         """A plain (not synchronized, no virtual batches) cache, built positionally: the run
         path's constructor (0.14 us where the keyword call took 0.43 us)."""
-        fields = (x, stats, axis, training, layout, view, activation, (), None, 0)
-        return tuple.__new__(cls, (*fields, gamma, beta, eps, running))
+        return tuple.__new__(
+            cls,
+            (
+                x,
+                stats,
+                axis,
+                training,
+                layout,
+                view,
+                activation,
+                (),
+                None,
+                0,
+                gamma,
+                beta,
+                eps,
+                running,
+            ),
+        )
 
     def frozen_stats(self) -> np.ndarray:
         """An inference cache's MEAN and INVSTD rows for the backward kernel: the running
@@ -561,7 +578,8 @@ def forward(
             np.empty(plan.kept) if training else NO_KEPT,
             launch,
         )
-        layout.finish_output(y, y3)
+        if out is not None:  # (without out, y3 is a view of y)
+            layout.finish_output(y, y3)
         cache = BatchNormCache.of(
             x,
             stats,
@@ -685,8 +703,7 @@ def _forward_plan(
         type(axis) is int
         and (training is True or training is False)
         and (unbiased is True or unbiased is False)
-        and type(eps) is float
-        and type(momentum) is float
+        and type(eps) is float is type(momentum)
         and (activation is None or type(activation) is str)
         and vbs is None
         and (renorm is None or _float_pair(renorm))

@@ -154,10 +154,9 @@ class BatchNormCache(NamedTuple):
         else:
             x3 = self.view if self.view is not None else self.layout.view3(self.x)
             rows = np.empty((KEPT, x3.shape[1]))
-            var = np.empty(x3.shape[1])
             kernels, tune = _threading.kernels_for(x3, fused=True)
-            kernels.moments(x3, rows[MEAN], var, tune)  # (no rescue: none was needed here)
-            rows[INVSTD] = 1.0 / np.sqrt(var + self.eps)  # the kernels' arithmetic
+            kernels.moments(x3, rows[MEAN], rows[INVSTD], tune)  # (no rescue: none was needed)
+            _invstd_in_place(rows[INVSTD], self.eps)
         return _read_only(rows)
 
     def __repr__(self) -> str:
@@ -197,10 +196,7 @@ class BatchNormCache(NamedTuple):
         rows = np.empty((KEPT, self.layout.channels))
         rows[MEAN] = self.running[0].astype(self.x.dtype, copy=False)
         rows[INVSTD] = self.running[1].astype(self.x.dtype, copy=False)
-        v = rows[INVSTD]  # in place: 16 bytes per channel in all
-        v += self.eps
-        np.sqrt(v, out=v)
-        np.divide(1.0, v, out=v)
+        _invstd_in_place(rows[INVSTD], self.eps)  # (16 bytes per channel in all)
         return rows
 
     def __reduce__(self):
@@ -208,6 +204,15 @@ class BatchNormCache(NamedTuple):
         fields = self._asdict()
         fields["view"] = None
         return _rebuild_cache, (fields, self.view is not None)
+
+
+def _invstd_in_place(v: np.ndarray, eps: float) -> None:
+    """``v = 1 / sqrt(v + eps)`` in place on a float64 row of variances: the kernels'
+    arithmetic (``common.finish_channels``), for the rows Python builds (an inference cache's,
+    a cache that kept none, a synchronized rank without values): the same bits."""
+    v += eps
+    np.sqrt(v, out=v)
+    np.divide(1.0, v, out=v)
 
 
 def _read_only(rows: np.ndarray) -> np.ndarray:
@@ -937,7 +942,7 @@ def _forward_synced(
     else:  # this rank holds no values: the running averages, and the kept rows
         if running_mean is not None:
             update_running_of(running_mean, running_var, mean, var, block)
-        stats[INVSTD] = 1.0 / np.sqrt(var + eps)  # the kernels' arithmetic
+        _invstd_in_place(var, eps)  # (var is the row INVSTD)
     return stats, total
 
 

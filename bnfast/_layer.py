@@ -3,7 +3,8 @@
 Repeated calls take a planned path: the layer keeps its six per-channel arrays as rows of one
 block, and after a checked call it keeps what that call established about its input (a
 *plan*: the layout, whether x's canonical view is a view, the forward kernel's parameter
-block). A later call whose input has the same type, shape, strides and dtype, whose
+block; the backward's comes from the functional backward's memo, ``_core._backward_plan``).
+A later call whose input has the same type, shape, strides and dtype, whose
 configuration is unchanged, whose arrays are still the layer's own rows and whose input does
 not overlap the block goes straight to the run path the functional API uses
 (``_core.run_forward`` / ``run_backward``, or the synchronized ones with ``comm=``), so it
@@ -32,6 +33,7 @@ from ._core import (
     BatchNormCache,
     _activation,
     _after_write,
+    _backward_plan,
     _backward_synced,
     _forward_synced,
     _renorm,
@@ -43,11 +45,8 @@ from ._core import (
     run_forward,
 )
 from .kernels._jit import (
-    BACKWARD_FROZEN,
-    BACKWARD_TRAIN,
     FORWARD_BATCH,
     FORWARD_RUNNING,
-    P_EPS,
     P_MOMENTUM,
     P_RMAX,
 )
@@ -339,8 +338,6 @@ class BatchNorm:
         q.layout, q.dtype, q.shape = cache.layout, cache.x.dtype, cache.x.shape
         q.view = cache.layout.is_view(cache.x)
         q.reshapes = q.view and not cache.layout.transposed
-        q.backward_blocks = _backward_blocks(q.dtype, q.layout.count, cache.eps)
-        q.launch = None
         return q
 
     def _own_rows(self) -> bool:
@@ -558,15 +555,12 @@ class BatchNorm:
         p = self._plan_of(cache)
         dy3 = dy.reshape(layout.canon) if p.reshapes else layout.view3(dy)
         dx, dx3 = self._planned_output("dx", p, cache.x, dy)
-        relu = cache.activation == "relu"
+        relu_thr, block, launch = _backward_plan(
+            layout, x3.dtype, cache.training, cache.activation, cache.eps
+        )
         if cache.comm is not None:  # synchronized: one collective of the two sums
-            relu_thr = (1.0, RELU_THRESHOLD[x3.dtype]) if relu else (0.0, 0.0)
             _backward_synced(cache, dy3, relu_thr, self._rows[4], self._rows[5], dx3)
             return dx
-        block = p.backward_blocks[relu][cache.training]
-        if block[P_EPS] != cache.eps:  # eps changed since the forward
-            block = _backward_blocks(x3.dtype, layout.count, cache.eps)[relu][cache.training]
-        launch = p.launch if cache.training else None  # (the frozen mode: the general kernels)
         run_backward(
             x3,
             dy3,
@@ -693,7 +687,6 @@ class _Plan:
         "block",
         "comm",
         "relu_thr",
-        "backward_blocks",
         "launch",
         "kept",
     )
@@ -710,7 +703,6 @@ class _Plan:
     block: np.ndarray
     comm: Any
     relu_thr: tuple[float, float]
-    backward_blocks: tuple  # the backward kernel's blocks: [relu][training]
     launch: tuple | None  # (kernels, tune) of a call below the serial threshold, else None
     kept: tuple  # the shape of the block a forward keeps (``_core.kept_block``)
 
@@ -740,7 +732,6 @@ class _Plan:
         thr = RELU_THRESHOLD[bn.dtype] if relu else 0.0
         p.comm = bn.comm if bn.training else None  # eval: no collective
         p.relu_thr = (1.0, thr) if relu else (0.0, 0.0)
-        p.backward_blocks = _backward_blocks(bn.dtype, cache.layout.count, bn.eps)
         p.launch = _threading.small_launch(cache.layout.canon, bn.dtype)
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
@@ -771,15 +762,3 @@ class _Plan:
                 cache.layout.count,
             )
         return p
-
-
-def _backward_blocks(dtype: np.dtype, count: int, eps: float) -> tuple:
-    """The backward kernel's parameter blocks for a plan, indexed ``[relu][training]`` by the
-    cache's activation and mode (the frozen or the training gradient)."""
-    return tuple(
-        tuple(
-            params(mode, eps, 0.0, 0, 0.0, 0.0, float(relu), RELU_THRESHOLD[dtype] * relu, count)
-            for mode in (BACKWARD_FROZEN, BACKWARD_TRAIN)
-        )
-        for relu in (False, True)
-    )

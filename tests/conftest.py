@@ -63,12 +63,17 @@ def _shift_factor(x, axis, cache):
 def forward_tolerance(x, axis, cache) -> np.ndarray:
     """Per-channel absolute tolerance for y, from the reference cache.
 
-    ``y = gamma*(x - mean)*invstd + beta``; an error of ``eps*max|x|`` in ``x - mean`` and the
-    rounding of y scale with ``S_c = |gamma|*invstd*(max|x_c| + |mean_c|) + |beta_c|``.
+    ``y = gamma*((x - mean)*invstd*r + d) + beta`` (r = 1, d = 0 without renorm); an error of
+    ``eps*max|x|`` in ``x - mean`` and the rounding of y scale with ``S_c =
+    |gamma|*(invstd*(max|x_c| + |mean_c|) + |d_c|) + |beta_c|`` (r: the callers' renorm factor).
+    Without the ``|d|`` term a constant channel under renorm had a bound of ~0 against y =
+    gamma*d + beta, whose rounding is an ulp of |gamma*d| (Hypothesis, float64 zeros, d = -0.17,
+    gamma 1.5: 5.6e-17 against 5.4e-305; the same bits at 02464cf).
     """
     z = channels_last64(x, axis)
     xmax = np.max(np.abs(z), axis=0, initial=0.0)
-    s = np.abs(cache["gamma"]) * cache["invstd"] * (xmax + np.abs(cache["mean"]))
+    d = np.abs(np.asarray(cache.get("d", 0.0)))
+    s = np.abs(cache["gamma"]) * (cache["invstd"] * (xmax + np.abs(cache["mean"])) + d)
     beta = np.asarray(cache.get("beta", 0.0))
     slack = _slack(x.dtype, z.shape[0], _shift_factor(x, axis, cache))
     return slack * (s + np.abs(beta) + np.finfo(np.float64).tiny)

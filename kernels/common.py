@@ -55,7 +55,7 @@ from ._jit import (
 # 1 / sqrt(VAR + eps)``, ``SCALE = gamma * INVSTD * R``, ``SHIFT = gamma * D + beta`` (gamma
 # and beta in x's dtype). A cache keeps only the first ``KEPT`` rows
 # (``KEPT_RENORM`` under renorm): backward rebuilds the rest from them, gamma and beta with
-# multiplications only (:func:`complete_channels`, the forward's own arithmetic, so the same
+# multiplications only (:func:`rebuild_channels`, the forward's own arithmetic, so the same
 # bits). Kept as the variance instead of the inverse std, a square root and a division per
 # channel in every backward cost float32 (2, 4096) 14.7 -> 20.3 us (Zen 5, one thread).
 # Forward and backward make the block per tile where a task has every row of its tile (O(T)

@@ -96,7 +96,7 @@ def clip(v, lo, hi):
     return lo if v < lo else (hi if v > hi else v)
 
 
-@shared
+@helper
 def finish_channels(stats, w0, c0, c1, gamma, beta, running_mean, running_var, params):
     """Channels c0:c1 (columns ``w0:w0 + c1 - c0`` of the work block ``stats``), from their
     MEAN and VAR rows: INVSTD, R, D, SCALE and SHIFT. Batch Renormalization (Ioffe 2017)

@@ -892,7 +892,7 @@ def update_running_of(running_mean, running_var, mean, var, block) -> None:
     (:func:`_after_write`)."""
     rm64 = running_mean.astype(np.float64)
     rv64 = running_var.astype(np.float64)
-    update_running(mean, var, block, rm64, rv64)
+    update_running.python(mean, var, block, rm64, rv64)
     with _after_write():
         running_mean[...] = rm64
         running_var[...] = rv64
@@ -1177,7 +1177,7 @@ def _kept_gradients(sums, kept, dgamma, dbeta) -> None:
     if kept.shape[0] < KEPT_RENORM:
         rows[R] = 1.0
         rows[D] = 0.0
-    parameter_gradients(sums, 0, rows, 0, kept.shape[1], dgamma, dbeta)
+    parameter_gradients.python(sums, 0, rows, 0, kept.shape[1], dgamma, dbeta)
 
 
 def run_backward(x3, dy3, gamma, beta, stats, block, sums, dgamma, dbeta, dx3, launch=None) -> None:

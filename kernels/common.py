@@ -41,6 +41,7 @@ from ._jit import (
     RESCUE_MOMENTS,
     borrowed,
     exact,
+    from_python,
     helper,
     kernel,
     reduction,
@@ -418,7 +419,7 @@ def merge_moments(a, b):
         b[i, 0] = n
 
 
-@shared
+@from_python
 def pack_moments(count, mean, var, checks, msg):
     """A synchronized forward's message: rows ``(count, mean, M2 = var * count)`` per channel
     (all 0 from a rank without values), then the check rows (``bnfast._sync``). One call
@@ -433,7 +434,7 @@ def pack_moments(count, mean, var, checks, msg):
             msg[channels + i, k] = checks[i, k]
 
 
-@shared
+@from_python
 def unpack_moments(out, mean, var):
     """The merged message into the global ``mean`` and biased ``var`` (M2 / count); returns
     the global count, or -1 when a check row's M2 is not 0 (the ranks disagree)."""

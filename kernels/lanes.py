@@ -560,13 +560,18 @@ def tile_buffers(own, rows, wc, w):
 
 
 @step
-def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, kept):
+def forward_tile(
+    x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, kept, routes
+):
     """The forward of one tile over every row, with a work block of its own (O(T)): the
     tile's statistics (batch: every row reduced, the fused route, so the write pass finds the
     tile in cache; running; or given in ``kept``), its channels finished, then written; the
     rows a cache keeps into ``kept`` (when it has columns); the running averages of its
     channels (of the good ones, in training); returns how many are bad
-    (``common.settle_channels``)."""
+    (``common.settle_channels``). ``routes``: the calling kernel's ``ALL_ROUTES``, passed as
+    the constant it is, so numba prunes the given statistics (a synchronized forward's) from
+    the ``.small`` twin (a step's own module constant is not the twin's): 0.15 s of a cold
+    first training step (Zen 5)."""
     c0, c1 = span_channels(l0, l1, inner, gamma.shape[0])
     wc, zero = c1 - c0, np.int64(0)
     mode = params[P_MODE]
@@ -579,7 +584,7 @@ def forward_tile(x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, 
         moments_channels(k, s[0], s[1], params[P_COUNT], work[MEAN], work[VAR])
     elif mode == FORWARD_RUNNING:
         running_channels(work, running_mean[c0:c1], running_var[c0:c1])
-    elif ALL_ROUTES:
+    elif routes:
         given_channels(kept, c0, c1, work)
     finish_channels(work, zero, c0, c1, gamma, beta, running_mean, running_var, params)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
@@ -856,7 +861,18 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
         t = 0
         if local:
             t = forward_tile(
-                x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, stats
+                x2,
+                y2,
+                inner,
+                l0,
+                l1,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                params,
+                stats,
+                ALL_ROUTES,
             )
         else:
             write_task(x2, y2, inner, work, l0 // inner, relu, thr, r0, r1, l0, l1)

@@ -265,6 +265,38 @@ def separate(written: tuple, read: tuple) -> bool:
     return len(ids) == n
 
 
+def trainer_arrays(x, gamma, beta, running_mean, running_var, channels: int) -> bool:
+    """A training forward's arrays as a trainer passes them, checked in one go: gamma, beta and
+    the running arrays ndarrays of x's dtype and shape ``(channels,)``, the running arrays
+    writeable and distinct from each other and from gamma and beta (x has another ndim), all
+    five owning their memory (so none overlaps another, see :func:`separate`; a 1-D array that
+    owns its memory is contiguous). True: the four
+    vector checks and the overlap check have nothing to find. False: the caller runs them
+    (they raise or convert). Float32 (32, 64), Zen 5: 0.3 us where the separate checks took
+    1.17 us (gamma and beta 0.28, the running arrays 0.35, the overlap 0.54)."""
+    shape, dtype, rm, rv = (channels,), x.dtype, running_mean, running_var
+    return (
+        type(gamma) is type(beta) is type(rm) is type(rv) is np.ndarray
+        and gamma.dtype is dtype
+        and beta.dtype is dtype
+        and rm.dtype is dtype
+        and rv.dtype is dtype
+        and gamma.shape == beta.shape == rm.shape == rv.shape == shape
+        and rm is not rv
+        and rm is not gamma
+        and rm is not beta
+        and rv is not gamma
+        and rv is not beta
+        and (f := rm.flags).writeable
+        and f.owndata
+        and (f := rv.flags).writeable
+        and f.owndata
+        and x.flags.owndata
+        and gamma.flags.owndata
+        and beta.flags.owndata
+    )
+
+
 def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
     """Raise ``ValueError`` unless every written array is free of self-overlap and disjoint from
     every other written array and from every array read. ``in_place`` names (written, read) pairs

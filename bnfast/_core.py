@@ -480,13 +480,12 @@ def forward(
     layout, dtype, training = plan.layout, x.dtype, plan.training
     channels = layout.channels
     # a trainer's call: every vector as the kernels take it, and nothing can overlap
-    trainer = (
-        training
-        and tracking
+    as_is = (
+        tracking
         and out is None
-        and chk.trainer_arrays(x, gamma, beta, running_mean, running_var, channels)
+        and chk.taken_as_is(x, gamma, beta, running_mean, running_var, channels, training)
     )
-    if not trainer:
+    if not as_is:
         gamma = chk.parameter(gamma, "gamma", channels, dtype, 1.0)
         beta = chk.parameter(beta, "beta", channels, dtype, 0.0)
         if tracking:
@@ -503,8 +502,8 @@ def forward(
         out = chk.output_array(out, "out", x.shape, dtype)
     # The caller's arrays a call writes: out, and the running arrays while training; where it
     # writes none, nothing can alias (0.8 us of a 6 us call saved).
-    if trainer:
-        pass
+    if as_is:
+        pass  # (no out; while training nothing overlaps)
     elif (
         training
         and (out is not None or tracking)  # x is kept for backward: out=x refused

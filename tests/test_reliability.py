@@ -121,7 +121,7 @@ def test_forward_refuses_aliasing_and_writes_nothing(name, words, make):
 
 def _trainer_aliasing_cases():
     """Forward's arguments as a trainer passes them (gamma, beta and the running arrays all
-    arrays of x's dtype and shape), the case ``_checks.trainer_arrays`` admits in one test:
+    arrays of x's dtype and shape), the case ``_checks.taken_as_is`` admits in one test:
     each aliases two of them in a way that test must not miss."""
 
     def vectors(x):

@@ -1095,7 +1095,11 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         out = chk.output_array(out, "out", x.shape, x.dtype)
         chk.disjoint({"out": out}, {"dy": dy, "x": x}, in_place=(("out", "dy"),))
 
-    dx, dx3 = layout.output(out, x.dtype)
+    if out is None and not layout.transposed:  # a fresh array is canonical
+        dx = np.empty(x.shape, x.dtype)
+        dx3 = dx.reshape(layout.canon)
+    else:
+        dx, dx3 = layout.output(out, x.dtype)
     channels = layout.channels
     dgamma = np.empty(channels, x.dtype)
     dbeta = np.empty(channels, x.dtype)
@@ -1136,7 +1140,9 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         x3 = cache.view if cache.view is not None else layout.view3(x)
         run_backward(
             x3,
-            layout.view3(dy),
+            dy.reshape(layout.canon)
+            if dy.flags.c_contiguous and not layout.transposed
+            else layout.view3(dy),
             cache.gamma,
             cache.beta,
             cache.stats if cache.training else cache.frozen_stats(),

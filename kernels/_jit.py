@@ -360,6 +360,7 @@ def parallel_kernel(*kinds: str, returns: bool = False, small: bool = False):
     def wrap(func):
         sigs = signatures(*kinds, returns=returns)
         dispatcher = _declared(numba.njit(parallel=True, **JIT_OPTIONS)(func), sigs)
+        _PARALLEL.add(id(dispatcher))
         dispatcher.serial = _declared(
             numba.njit(parallel=False, **JIT_OPTIONS)(_renamed(func, "_serial")), sigs
         )
@@ -421,13 +422,37 @@ def helper(func):
 # their libraries are finalized for linking only (numba's ``finalize`` without the final
 # module's optimization and without the execution engine) and cached as LLVM bitcode, which a
 # process loads without compiling it to machine code (so a helper the other process of a cold
-# first step compiled is loaded, not compiled again). The callers' machine code is what it was
-# (same bits; kernel calls within noise, A/B). Measured cold on Zen 5, float32, in the same
-# hour: the forward's small twin with its helpers 4.5-4.9 -> 3.4-3.75 s, the backward's 4.2
-# -> 3.2-3.3 s, a first training step (``bench/compile_time.py first``) 4.6-5.0 -> 4.1-4.3 s.
-# Where numba's internals differ from what this expects (another numba version), the hook is
-# not installed and helpers compile as any jitted function.
+# first step compiled is loaded, not compiled again). Measured cold on Zen 5, float32, in the
+# same hour: the forward's small twin with its helpers 4.5-4.9 -> 3.4-3.75 s, the backward's
+# 4.2 -> 3.2-3.3 s, a first training step (``bench/compile_time.py first``) 4.6-5.0 -> 4.1-4.3
+# s. The same holds for the pieces numba builds for a parallel kernel's ``prange`` loops: the
+# loop body (a "gufunc" compiled from the kernel's IR) and its two wrappers, each optimized and
+# emitted on its own, then linked into the kernel and optimized and emitted again with it.
+# While one of this package's parallel kernels compiles (``_InParallelKernel``, from numba's
+# compile events), they are finalized for linking only too: the parallel forward (lanes,
+# float32) 8.4 -> 5.2 s, compiling everything (``bench/compile_time.py everything``) 99 ->
+# 61 s. The callers' machine code is what it was (same bits; kernel calls within noise, A/B
+# at one and two threads). Where numba's internals differ from what this expects (another
+# numba version), the hook is not installed and everything compiles as numba does it.
 _LINK_ONLY: set[tuple[str, str]] = set()
+_PARALLEL: set[int] = set()  # ids of the parallel kernels' dispatchers
+_PARFOR_LIBRARIES = ("parallelgufuncwrapper", "<numba.np.ufunc.wrappers._GufuncWrapper")
+_PARFOR_GUFUNC = "__numba_parfor_gufunc_"
+
+
+class _InParallelKernel(event.Listener):
+    """Counts the parallel kernels of this package being compiled (numba's compile event
+    brackets a real compilation, inside numba's compiler lock)."""
+
+    depth = 0
+
+    def on_start(self, ev) -> None:
+        if id(ev.data.get("dispatcher")) in _PARALLEL:
+            _InParallelKernel.depth += 1
+
+    def on_end(self, ev) -> None:
+        if id(ev.data.get("dispatcher")) in _PARALLEL:
+            _InParallelKernel.depth -= 1
 
 
 def _linked_only(func):
@@ -471,9 +496,10 @@ def _install_linking_hook() -> bool:
     numba_unserialize = library_class._unserialize.__func__
 
     def get_executable(self, library, fndesc, env):
-        if (fndesc.modname, fndesc.qualname) not in _LINK_ONLY or not isinstance(
-            library, library_class
-        ):
+        ours = (fndesc.modname, fndesc.qualname) in _LINK_ONLY or (
+            _InParallelKernel.depth > 0 and fndesc.qualname.startswith(_PARFOR_GUFUNC)
+        )
+        if not ours or not isinstance(library, library_class):
             return numba_get_executable(self, library, fndesc, env)
         _finalize_for_linking(library)
         # what numba makes for a function without a CPython wrapper: an entry of address 0
@@ -498,6 +524,16 @@ def _install_linking_hook() -> bool:
         if self._engine.get_global_value_address(env_name):
             numba_set_env(self, env_name, env)
 
+    numba_finalize = library_class.finalize
+
+    def finalize(self):
+        if _InParallelKernel.depth > 0 and self.name.startswith(_PARFOR_LIBRARIES):
+            _finalize_for_linking(self)
+        else:
+            numba_finalize(self)
+
+    event.register("numba:compile", _InParallelKernel())
+    library_class.finalize = finalize
     numba_cpu.CPUContext.get_executable = get_executable
     library_class._unserialize = classmethod(_unserialize)
     numba_codegen.JITCPUCodegen.set_env = set_env

@@ -27,7 +27,9 @@ no exception is raised inside a kernel (numba compiles its message formatting: s
 kernel returns a count, the caller acts on it), no array-slice assignment (it raises a
 formatted shape error), no literal constant passed to a helper (numba compiles a second
 specialization for ``Literal[int](0)``: ``np.int64(0)`` instead), task bodies inlined
-(:func:`step`), options as data (``params``) rather than compile-time switches. And the two
+(:func:`step`), options as data (``params``) rather than compile-time switches, helpers and a
+parallel loop's pieces compiled only as IR that the kernels link (``_install_linking_hook``:
+not optimized and emitted to machine code on their own as well). And the two
 kernels of a training step compile side by side: numba compiles one function at a time in a
 process, so ``bnfast._ahead`` compiles the backward in a helper process (into the cache) while
 this one compiles the forward (hooks: ``on_compile``, ``before_compile``).

@@ -913,8 +913,9 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
     if not fused and stats.shape[1] == 0:
         return -2
     reduce = not fused and mode != BACKWARD_GIVEN  # the two-pass route's partials
-    p = np.empty((2, nrb if reduce else 0, lanes))
-    work = p[0]  # (of the work block's type: the fused route needs no whole-array block)
+    if ALL_ROUTES:  # (the .small twin never reduces: no allocation there)
+        p = np.empty((2, nrb if reduce else 0, lanes))
+    work = stats  # (of the work block's type: the fused route needs no whole-array block)
     zero = np.int64(0)
     if not fused:  # (x holds >= 64 values per channel here)
         work = np.empty((STATS_ROWS, channels))

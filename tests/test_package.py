@@ -85,6 +85,27 @@ def test_declared_signatures_compile():
     assert kernels.compile_all() == n
 
 
+def test_kernel_helpers_are_linked_only():
+    """With the linking hook on (``kernels._jit``), a helper only kernels call is finalized for
+    linking only (kept as IR for the kernels, cached as bitcode: the marker is its library's
+    own ``serialize_using_object_code``), while a function with a Python entry (a shared
+    helper's ``.python`` twin) compiles as numba does it. Fails when a helper stops being
+    recognized (a renamed decorator, a moved module), which would bring back seconds of
+    compilation without any test noticing."""
+    from bnfast.kernels import _jit, common
+
+    if not _jit.LINKING_HOOK:
+        pytest.skip("this numba's internals differ: helpers compile as numba does it")
+    common.clip.compile("float64(float64, float64, float64)")
+    common.update_running.python.compile(
+        "void(float64[::1], float64[::1], float64[::1], float64[::1], float64[::1])"
+    )
+    for dispatcher, linked in ((common.clip, True), (common.update_running.python, False)):
+        (cres,) = dispatcher.overloads.values()
+        marked = "serialize_using_object_code" in vars(cres.library)
+        assert marked is linked, dispatcher.py_func.__qualname__
+
+
 def test_calls_use_the_declared_types():
     """bnfast passes exactly the declared types, so no call compiles an extra specialization
     (which would cost start-up time), whatever the input's layout."""

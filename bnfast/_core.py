@@ -1140,9 +1140,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         x3 = cache.view if cache.view is not None else layout.view3(x)
         run_backward(
             x3,
-            dy.reshape(layout.canon)
-            if dy.flags.c_contiguous and not layout.transposed
-            else layout.view3(dy),
+            layout.view3(dy),
             cache.gamma,
             cache.beta,
             cache.stats if cache.training else cache.frozen_stats(),

@@ -400,19 +400,19 @@ REDUCTION_FASTMATH = {"reassoc", "contract"}
 def reduction(func):
     """Decorator for a helper that sums one contiguous row (see the fastmath note above)."""
     options = {**JIT_OPTIONS, "fastmath": REDUCTION_FASTMATH}
-    return numba.njit(parallel=False, **{**options, **_LINKED_ONLY})(_linked_only(func))
+    return numba.njit(parallel=False, **{**options, **_NO_WRAPPERS})(_linked_only(func))
 
 
 # Helpers only kernels call need no Python entry point: numba otherwise builds and emits a
 # CPython wrapper and a C callback for each (a cold first training step 7.1 -> 6.4 s, Zen 5).
-# Nor machine code or a cache entry of their own (``_linked_only``).
-_LINKED_ONLY = dict(no_cpython_wrapper=True, no_cfunc_wrapper=True)
+# Nor machine code of their own (``_linked_only``, ``_install_linking_hook``).
+_NO_WRAPPERS = dict(no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
 
 def helper(func):
     """Decorator for a jitted function called only from kernels (compiled with their options,
     without a Python entry point, linked into them only: ``_linked_only``)."""
-    return numba.njit(parallel=False, **{**JIT_OPTIONS, **_LINKED_ONLY})(_linked_only(func))
+    return numba.njit(parallel=False, **{**JIT_OPTIONS, **_NO_WRAPPERS})(_linked_only(func))
 
 
 # A helper only kernels call is linked into each caller as LLVM IR, and the caller's module is

@@ -115,7 +115,8 @@ def finish_channels(stats, w0, c0, c1, gamma, beta, running_mean, running_var, p
     if rmax > 0.0:
         # sigma_run first into the D row (contiguous float64), read by both loops: the running
         # arrays are strided ('A') vectors, and the loops that read them with sqrt and division
-        # did not vectorize (renorm's extra cost float32 (128, 512), one thread, Zen 5: 5.3 us)
+        # did not vectorize (renorm's extra cost float32 (128, 512), one thread, Zen 5: 5.3 us;
+        # the forward kernel at (32, 64), renorm 2.32 -> 2.02 us against 1.78 plain; same bits)
         rm, rv = running_mean[c0:c1], running_var[c0:c1]
         for j in range(means.shape[0]):
             ds[j] = np.sqrt(np.float64(rv[j]) + eps)

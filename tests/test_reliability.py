@@ -119,46 +119,49 @@ def test_forward_refuses_aliasing_and_writes_nothing(name, words, make):
     _unchanged(kwargs, before, name)
 
 
+def _trainer_vectors():
+    """gamma, beta, running_mean, running_var as a trainer passes them (x's dtype and shape)."""
+    return [np.ones(C), np.zeros(C), np.zeros(C), np.ones(C)]
+
+
 def _trainer_aliasing_cases():
     """Forward's arguments as a trainer passes them (gamma, beta and the running arrays all
     arrays of x's dtype and shape), the case ``_checks.taken_as_is`` admits in one test:
-    each aliases two of them in a way that test must not miss."""
-
-    def vectors(x):
-        return [np.ones(C), np.zeros(C), np.zeros(C), np.ones(C)]
-
-    def gamma_is_running_mean(x, g, b, rm, rv):
-        return x, rm, b, rm, rv
-
-    def beta_views_running_var(x, g, b, rm, rv):
-        return x, g, rv[:], rm, rv
-
-    def running_arrays_same(x, g, b, rm, rv):
-        return x, g, b, rm, rm
-
-    def running_var_row_of_x(x, g, b, rm, rv):
-        return x, g, b, rm, x[1]
-
-    def running_mean_views_gamma(x, g, b, rm, rv):
-        return x, g, b, g[::-1], rv
-
+    each aliases two of them in a way that test must not miss. (name, words in the message,
+    a function of (x, gamma, beta, running_mean, running_var) returning the five to pass)."""
     return [
-        ("gamma is running_mean", "running_mean overlaps gamma", gamma_is_running_mean),
-        ("beta views running_var", "running_var overlaps beta", beta_views_running_var),
-        ("running arrays are one", "share memory", running_arrays_same),
-        ("running_var is a row of x", "running_var overlaps x", running_var_row_of_x),
-        ("running_mean views gamma", "running_mean overlaps gamma", running_mean_views_gamma),
-    ], vectors
+        (
+            "gamma is running_mean",
+            "running_mean overlaps gamma",
+            lambda x, g, b, m, v: (x, m, b, m, v),
+        ),
+        (
+            "beta views running_var",
+            "running_var overlaps beta",
+            lambda x, g, b, m, v: (x, g, v[:], m, v),
+        ),
+        ("running arrays are one", "share memory", lambda x, g, b, m, v: (x, g, b, m, m)),
+        (
+            "running_var is a row of x",
+            "running_var overlaps x",
+            lambda x, g, b, m, v: (x, g, b, m, x[1]),
+        ),
+        (
+            "running_mean views gamma",
+            "running_mean overlaps gamma",
+            lambda x, g, b, m, v: (x, g, b, g[::-1], v),
+        ),
+    ]
 
 
-@pytest.mark.parametrize("case", range(5))
-def test_trainer_shaped_call_refuses_aliasing(case):
-    cases, vectors = _trainer_aliasing_cases()
-    name, words, alias = cases[case]
-    x = _x()
-    x, g, b, rm, rv = alias(x, *vectors(x))
+@pytest.mark.parametrize(
+    "name,words,alias", _trainer_aliasing_cases(), ids=[c[0] for c in _trainer_aliasing_cases()]
+)
+def test_trainer_shaped_call_refuses_aliasing(name, words, alias):
+    x, g, b, rm, rv = alias(_x(), *_trainer_vectors())
     # the plain call admitted first (the fast test then has a plan and a valid call behind it)
-    bnfast.forward(_x(1), *vectors(x)[:2], running_mean=np.zeros(C), running_var=np.ones(C))
+    g0, b0, _, _ = _trainer_vectors()
+    bnfast.forward(_x(1), g0, b0, running_mean=np.zeros(C), running_var=np.ones(C))
     kwargs = dict(x=x, gamma=g, beta=b, running_mean=rm, running_var=rv)
     before = _snapshot(kwargs)
     with pytest.raises(ValueError, match=words):

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import bnfast
-from bnfast import _sync
+from bnfast import _sync, _threading
 from bnfast import reference as ref
+from bnfast.kernels import _jit
 
 
 class _World:
@@ -84,9 +85,13 @@ def test_synced_step_equals_the_whole_batch(shape, axis, sizes, dtype):
     batch (float64: 1e-12 relative; float32: the same bits here, asserted to 1 ulp of y's
     scale), dgamma and dbeta sum to the whole batch's, running statistics are the same bits
     on every rank, and a step makes exactly two collectives."""
-    n = sum(sizes)
-    shape = (n, *shape[1:])
-    rng = np.random.default_rng(n)
+    _check_synced_step((sum(sizes), *shape[1:]), axis, sizes, dtype)
+
+
+def _check_synced_step(shape, axis, sizes, dtype):
+    """The synced step on ranks of ``sizes`` rows against single-process BN on the whole batch
+    (see the test above)."""
+    rng = np.random.default_rng(sum(sizes))
     x = rng.normal(3.0, 2.0, shape).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
     c = shape[axis]
@@ -120,6 +125,23 @@ def test_synced_step_equals_the_whole_batch(shape, axis, sizes, dtype):
         np.testing.assert_allclose(r[2], rv, rtol=tol * 4, atol=tol)
         assert r[1].tobytes() == results[0][1].tobytes()
         assert r[2].tobytes() == results[0][2].tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("route", ["fused tiles", "two-pass"])
+def test_synced_step_at_parallel_sizes_equals_the_whole_batch(route, dtype):
+    """Shards above the serial threshold (the parallel kernels, more than one task): a rank's
+    two gradient sums come from the fused tiles of a strip that fits ``TUNE_STRIP`` (or the
+    two-pass route's partials beyond it), dx from the given global sums; the step equals the
+    whole batch's as at small sizes. Shapes derived from this machine's tuning vector."""
+    itemsize = np.dtype(dtype).itemsize
+    if route == "fused tiles":
+        c = 1024
+        rows = _threading.SERIAL_BELOW // (c * itemsize) + 8
+    else:
+        c = 256
+        rows = int(_threading.TUNE[_jit.TUNE_STRIP]) // (c * itemsize) + 64
+    _check_synced_step((2 * rows, c), 1, [rows, rows], dtype)
 
 
 def test_synced_statistics_at_a_large_offset_match_float64():

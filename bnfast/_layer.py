@@ -703,7 +703,7 @@ class _Plan:
     block: np.ndarray
     comm: Any
     relu_thr: tuple[float, float]
-    launch: tuple | None  # (kernels, tune) of a call below the serial threshold, else None
+    launch: tuple | None  # (kernel, tune) of a call below the serial threshold, else None
     kept: tuple  # the shape of the block a forward keeps (``_core.kept_block``)
 
     @classmethod
@@ -732,7 +732,7 @@ class _Plan:
         thr = RELU_THRESHOLD[bn.dtype] if relu else 0.0
         p.comm = bn.comm if bn.training else None  # eval: no collective
         p.relu_thr = (1.0, thr) if relu else (0.0, 0.0)
-        p.launch = _threading.small_launch(cache.layout.canon, bn.dtype)
+        p.launch = _threading.small_launch(cache.layout.canon, bn.dtype, "forward")
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)

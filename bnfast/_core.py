@@ -345,16 +345,22 @@ def moments(x, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(x.dtype), var.astype(x.dtype)  # one rounding of the float64 results
 
 
-def _moments64(x3, mean=None, var=None) -> tuple[np.ndarray, np.ndarray]:
+def _moments64(x3, mean=None, var=None, launch=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance in float64 of a canonical view (the ``moments``
     kernel, then the rescue kernel if it reports overflowed channels; needs a value per
-    channel), into ``mean`` and ``var`` when given (C-contiguous float64)."""
+    channel), into ``mean`` and ``var`` when given (C-contiguous float64). ``launch``: a
+    plan's ``(kernel, tune)`` (see ``run_forward``)."""
     mean = np.empty(x3.shape[1]) if mean is None else mean
     var = np.empty(x3.shape[1]) if var is None else var
-    if x3.shape[1]:
+    if launch is not None:
+        bad = launch[0](x3, mean, var, launch[1])
+    elif x3.shape[1]:
         kernels, tune = _threading.kernels_for(x3, fused=True)
-        if kernels.moments(x3, mean, var, tune):
-            _threading.rescue_moments(x3, mean, var)
+        bad = kernels.moments(x3, mean, var, tune)
+    else:
+        bad = 0
+    if bad:
+        _threading.rescue_moments(x3, mean, var)
     return mean, var
 
 
@@ -922,22 +928,28 @@ def _forward_synced(
     eps,
     relu_thr: tuple[float, float],
     unbiased,
+    x3=None,
+    launches=None,
 ) -> tuple[np.ndarray, int]:
     """A synchronized training forward on checked arguments: this rank's float64 moments (the
     ``moments`` kernel), the global ones (``_sync``: one collective), then the ``forward``
     kernel with those statistics given (``FORWARD_GIVEN``: the block, y and the running
     averages over all ranks' values); returns the block and the global count. Raises on every
     rank, before any write, when the ranks disagree or the global batch has one value per
-    channel."""
+    channel. A layer's plan passes x's canonical view ``x3`` and ``launches``, the small
+    ``moments`` and general ``forward`` kernels (``_synced_launches``), for arguments whose
+    types it fixed (running arrays in x's dtype, writeable, or none)."""
     dtype, channels, count = x.dtype, layout.channels, layout.count
     local = count > 0 and channels > 0
-    x3 = layout.view3(x)
+    if x3 is None:
+        x3 = layout.view3(x)
+    moments_launch, forward_launch = launches if launches is not None else (None, None)
     # Kept (the global statistics cannot be taken again); the kernel is given the mean and the
     # variance in rows 0 and 1 and leaves MEAN and INVSTD there.
     stats = np.empty((KEPT, channels))
     mean, var = stats[0], stats[1]  # this rank's, then (in place) the global batch's
     if local:
-        _moments64(x3, mean, var)
+        _moments64(x3, mean, var, moments_launch)
     total = _sync.global_moments(comm, count, mean, var, dtype, eps, momentum)
     if total == 1:
         raise ValueError(
@@ -949,7 +961,7 @@ def _forward_synced(
         return stats, total
     block = params(FORWARD_GIVEN, eps, momentum, unbiased, 0.0, 0.0, *relu_thr, total)
     if local:
-        run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats)
+        run_forward(x3, y3, gamma, beta, running_mean, running_var, block, stats, forward_launch)
     else:  # this rank holds no values: the running averages, and the kept rows
         if running_mean is not None:
             update_running_of(running_mean, running_var, mean, var, block)
@@ -1232,6 +1244,9 @@ def _backward_synced(
     gamma, beta = cache.gamma, cache.beta
     x3 = cache.view if cache.view is not None else layout.view3(cache.x)
     local = layout.count > 0 and layout.channels > 0
+    # the general kernels take both modes (the cache's arrays as forward made them, see
+    # run_backward); None above the serial threshold or for an empty shard
+    launch = _threading.small_launch(layout.canon, x3.dtype, "backward", True) if local else None
     sums = np.zeros((2, layout.channels))
     if local:
         run_backward(
@@ -1245,6 +1260,7 @@ def _backward_synced(
             dgamma,
             dbeta,
             dx3,
+            launch,
         )
     else:  # this rank's share of dgamma and dbeta (written by the kernel's BACKWARD_SUMS)
         _kept_gradients(sums, stats, dgamma, dbeta)
@@ -1252,7 +1268,7 @@ def _backward_synced(
     if local:  # dgamma and dbeta not wanted again (length 0): the kernel keeps the share
         block = params(BACKWARD_GIVEN, eps, 0.0, 0, 0.0, 0.0, *relu_thr, cache.total)
         none = _NO_RUNNING[x3.dtype]
-        run_backward(x3, dy3, gamma, beta, stats, block, total, none, none, dx3)
+        run_backward(x3, dy3, gamma, beta, stats, block, total, none, none, dx3, launch)
 
 
 def backward_from_input(

@@ -450,7 +450,6 @@ class BatchNorm:
         layout = p.layout
         x3 = x.reshape(layout.canon) if p.reshapes else layout.view3(x)
         y, y3 = self._planned_output("y", p, x)
-        stats = np.empty(p.kept) if p.batch_stats else NO_KEPT
         rows = self._rows
         block = p.block
         total = 0
@@ -469,10 +468,13 @@ class BatchNorm:
                 self.eps,
                 p.relu_thr,
                 self.unbiased,
+                x3,
+                p.synced,
             )
             if self.track_running_stats:
                 self.num_batches_tracked += 1
         elif p.batch_stats:
+            stats = np.empty(p.kept)
             if self.momentum is None:  # the cumulative average's weight changes every call
                 block[P_MOMENTUM] = self._momentum()  # (else set in the plan: _mode has it)
             rm, rv = (rows[2], rows[3]) if self.track_running_stats else (None, None)
@@ -480,7 +482,8 @@ class BatchNorm:
             if self.track_running_stats:
                 self.num_batches_tracked += 1
         else:
-            run_forward(x3, y3, p.gamma, p.beta, rows[2], rows[3], block, NO_KEPT, p.launch)
+            stats = NO_KEPT
+            run_forward(x3, y3, p.gamma, p.beta, rows[2], rows[3], block, stats, p.launch)
         if p.comm is None:
             self._cache = BatchNormCache.of(
                 x,
@@ -688,6 +691,7 @@ class _Plan:
         "comm",
         "relu_thr",
         "launch",
+        "synced",
         "kept",
     )
     shape: tuple
@@ -704,6 +708,7 @@ class _Plan:
     comm: Any
     relu_thr: tuple[float, float]
     launch: tuple | None  # (kernel, tune) of a call below the serial threshold, else None
+    synced: tuple | None  # with comm: the moments and given-statistics forward launches
     kept: tuple  # the shape of the block a forward keeps (``_core.kept_block``)
 
     @classmethod
@@ -732,7 +737,14 @@ class _Plan:
         thr = RELU_THRESHOLD[bn.dtype] if relu else 0.0
         p.comm = bn.comm if bn.training else None  # eval: no collective
         p.relu_thr = (1.0, thr) if relu else (0.0, 0.0)
-        p.launch = _threading.small_launch(cache.layout.canon, bn.dtype, "forward")
+        canon = cache.layout.canon
+        p.launch = _threading.small_launch(canon, bn.dtype, "forward")
+        p.synced = None
+        if p.comm is not None and p.launch is not None:  # (see _core._forward_synced)
+            p.synced = (
+                _threading.small_launch(canon, bn.dtype, "moments"),
+                _threading.small_launch(canon, bn.dtype, "forward", general=True),
+            )
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)

@@ -381,17 +381,28 @@ _ADAPTIVE = {
 
 
 def small_launch(canon: tuple, dtype: np.dtype, op: str, general: bool = False):
-    """``(kernel, tune)`` for a plan to keep: the compiled ``op`` kernel (``"forward"`` or
-    ``"backward"``) of ``kernels_for``'s answer for every C-contiguous x3 of shape ``canon``
-    and ``dtype`` below the serial threshold (it depends on nothing else there), as
+    """``(kernel, tune)`` for a plan to keep: the compiled ``op`` kernel (``"forward"``,
+    ``"backward"`` or ``"moments"``) of ``kernels_for``'s answer for every C-contiguous x3 of
+    shape ``canon`` and ``dtype`` below the serial threshold (it depends on nothing else there), as
     ``Launcher.entry`` gives it: called without numba's type dispatch, so the plan's checks
     must fix every argument's type (see ``bnfast._core.run_forward``). None above the
     threshold (where the thread count and the threading layer's state decide). ``general``: a
     mode the ``.small`` twins lack (see ``kernels_for``)."""
-    if canon[0] * canon[1] * canon[2] * dtype.itemsize >= SERIAL_BELOW:
-        return None
-    kernels = (_SERIAL if general else _SMALL)[_name(canon)]
-    return getattr(kernels, op).entry(dtype), TUNE
+    key = (canon, dtype, op, general)
+    launch = _LAUNCHES.get(key, False)
+    if launch is False:
+        if canon[0] * canon[1] * canon[2] * dtype.itemsize >= SERIAL_BELOW:
+            launch = None
+        else:
+            kernels = (_SERIAL if general else _SMALL)[_name(canon)]
+            launch = getattr(kernels, op).entry(dtype), TUNE
+        if len(_LAUNCHES) >= 256:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = launch
+    return launch
+
+
+_LAUNCHES: dict = {}  # small_launch's answers (a synchronized backward asks at every call)
 
 
 def _name(canon: tuple) -> str:

@@ -241,6 +241,49 @@ def test_inference_and_eval_mode_make_no_collective():
     bn.backward(bn(x) * 0 + 1)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kwargs", [{}, {"activation": "relu", "unbiased": False}], ids=str)
+def test_synced_layer_steps_equal_the_whole_batch(kwargs, dtype):
+    """BatchNorm(comm=) over several steps (from the second on, the layer's planned path with
+    the small calls' kernels): each rank's y and dx, and the running statistics, equal one
+    layer's on the whole batch; dgamma and dbeta sum to its. Ranks' shards of 5 and 7 rows."""
+    c, sizes = 6, [5, 7]
+    rng = np.random.default_rng(5)
+    steps = [
+        (rng.normal(1.0, 3.0, (12, c)).astype(dtype), rng.normal(size=(12, c)).astype(dtype))
+        for _ in range(3)
+    ]
+    whole = bnfast.BatchNorm(c, dtype=dtype, **kwargs)
+    want = []
+    for x, dy in steps:
+        want.append((whole(x), whole.backward(dy), whole.dgamma.copy(), whole.dbeta.copy()))
+
+    def work(rank, comm, shard):
+        bn = bnfast.BatchNorm(c, dtype=dtype, comm=comm, **kwargs)
+        got = [
+            (bn(x[shard]), bn.backward(dy[shard]), bn.dgamma.copy(), bn.dbeta.copy())
+            for x, dy in steps
+        ]
+        return got, bn.running_mean, bn.running_var
+
+    results, errors, world = _run_ranks(sizes, work)
+    assert not errors, errors
+    assert world.calls == 2 * len(steps)
+    tol = 1e-12 if dtype == np.float64 else 2.4e-7
+    for k, (y, dx, dgamma, dbeta) in enumerate(want):
+        for got, wanted in (
+            (np.concatenate([r[0][k][0] for r in results]), y),
+            (np.concatenate([r[0][k][1] for r in results]), dx),
+            (sum(r[0][k][2].astype(np.float64) for r in results), dgamma),
+            (sum(r[0][k][3].astype(np.float64) for r in results), dbeta),
+        ):
+            wanted = wanted.astype(np.float64)
+            assert np.all(np.abs(got - wanted) <= 4 * tol * np.maximum(np.abs(wanted), 1.0))
+    for r in results:
+        np.testing.assert_allclose(r[1], whole.running_mean, rtol=4 * tol, atol=tol)
+        np.testing.assert_allclose(r[2], whole.running_var, rtol=4 * tol, atol=tol)
+
+
 def test_bad_comm_and_unsupported_combinations_are_refused():
     x = np.ones((4, 3))
     with pytest.raises(TypeError, match="Allreduce"):

@@ -643,6 +643,7 @@ class _ForwardPlan:
         "view",
         "reshapes",
         "launch",
+        "pending",
     )
 
     def __init__(
@@ -715,7 +716,9 @@ class _ForwardPlan:
         self.view = layout.is_view(x)
         self.reshapes = self.view and not layout.transposed
         nothing = count == 0 or layout.channels == 0  # (run_forward's own path handles it)
-        self.launch = None if nothing else _threading.small_launch(layout.canon, dtype, "forward")
+        launch = None if nothing else _threading.small_launch(layout.canon, dtype, "forward")
+        self.pending = launch is _threading.PENDING  # (then not kept: see small_launch)
+        self.launch = None if self.pending else launch
 
 
 def _forward_plan(
@@ -752,6 +755,8 @@ def _forward_plan(
     plan = _FORWARD_PLANS.get(key)
     if plan is None:
         plan = _ForwardPlan(*args)
+        if plan.pending:  # its kernel compiles in this call: the next call plans again
+            return plan
         if len(_FORWARD_PLANS) >= 256:
             _FORWARD_PLANS.clear()
         _FORWARD_PLANS[key] = plan
@@ -1185,6 +1190,8 @@ def _backward_plan(
         launch = None
         if layout.count and layout.channels:
             launch = _threading.small_launch(layout.canon, dtype, "backward", not training)
+        if launch is _threading.PENDING:  # its kernel compiles in this call: not kept
+            return relu_thr, block, None
         plan = relu_thr, block, launch
         if len(_BACKWARD_PLANS) >= 256:
             _BACKWARD_PLANS.clear()
@@ -1247,6 +1254,8 @@ def _backward_synced(
     # the general kernels take both modes (the cache's arrays as forward made them, see
     # run_backward); None above the serial threshold or for an empty shard
     launch = _threading.small_launch(layout.canon, x3.dtype, "backward", True) if local else None
+    if launch is _threading.PENDING:
+        launch = None
     sums = np.zeros((2, layout.channels))
     if local:
         run_backward(

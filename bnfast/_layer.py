@@ -737,14 +737,17 @@ class _Plan:
         thr = RELU_THRESHOLD[bn.dtype] if relu else 0.0
         p.comm = bn.comm if bn.training else None  # eval: no collective
         p.relu_thr = (1.0, thr) if relu else (0.0, 0.0)
-        canon = cache.layout.canon
-        p.launch = _threading.small_launch(canon, bn.dtype, "forward")
+        # the small calls' kernels, compiled by the checked call before (else none: PENDING)
+        canon, pending = cache.layout.canon, _threading.PENDING
+        launch = _threading.small_launch(canon, bn.dtype, "forward")
+        p.launch = None if launch is pending else launch
         p.synced = None
         if p.comm is not None and p.launch is not None:  # (see _core._forward_synced)
-            p.synced = (
+            synced = (
                 _threading.small_launch(canon, bn.dtype, "moments"),
                 _threading.small_launch(canon, bn.dtype, "forward", general=True),
             )
+            p.synced = None if pending in synced else synced
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)

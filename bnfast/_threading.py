@@ -383,25 +383,33 @@ _ADAPTIVE = {
 def small_launch(canon: tuple, dtype: np.dtype, op: str, general: bool = False):
     """``(kernel, tune)`` for a plan to keep: the compiled ``op`` kernel (``"forward"``,
     ``"backward"`` or ``"moments"``) of ``kernels_for``'s answer for every C-contiguous x3 of
-    shape ``canon`` and ``dtype`` below the serial threshold (it depends on nothing else there), as
-    ``Launcher.entry`` gives it: called without numba's type dispatch, so the plan's checks
-    must fix every argument's type (see ``bnfast._core.run_forward``). None above the
-    threshold (where the thread count and the threading layer's state decide). ``general``: a
-    mode the ``.small`` twins lack (see ``kernels_for``)."""
+    shape ``canon`` and ``dtype`` below the serial threshold (it depends on nothing else
+    there), as ``Launcher.entry`` gives it: called without numba's type dispatch, so the plan's
+    checks must fix every argument's type (see ``bnfast._core.run_forward``). None above the
+    threshold (where the thread count and the threading layer's state decide). ``PENDING``
+    while that kernel is not compiled or loaded in this process: the call then runs the
+    checked way, which compiles it, and the caller does not keep a plan made with this answer.
+    (Compiling at plan time instead moved numba's first cache load ahead of the call's own
+    work, where importing SciPy's BLAS for numba and OpenBLAS's spinning threads made it 0.07 s
+    slower: a warm first step 0.15 -> 0.23 s, Zen 5.) ``general``: a mode the ``.small``
+    twins lack (see ``kernels_for``)."""
     key = (canon, dtype, op, general)
-    launch = _LAUNCHES.get(key, False)
-    if launch is False:
+    launch = _LAUNCHES.get(key, PENDING)
+    if launch is PENDING:
         if canon[0] * canon[1] * canon[2] * dtype.itemsize >= SERIAL_BELOW:
             launch = None
         else:
-            kernels = (_SERIAL if general else _SMALL)[_name(canon)]
-            launch = getattr(kernels, op).entry(dtype), TUNE
+            kernel = getattr((_SERIAL if general else _SMALL)[_name(canon)], op).entry(dtype)
+            if kernel is None:
+                return PENDING
+            launch = kernel, TUNE
         if len(_LAUNCHES) >= 256:
             _LAUNCHES.clear()
         _LAUNCHES[key] = launch
     return launch
 
 
+PENDING = ()  # small_launch: the kernel is not compiled here yet (no launch, no plan to keep)
 _LAUNCHES: dict = {}  # small_launch's answers (a synchronized backward asks at every call)
 
 

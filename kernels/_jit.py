@@ -318,18 +318,16 @@ class Launcher:
     def entry(self, dtype):
         """The compiled declared signature for data of ``dtype``, as a function that takes
         the arguments with no type dispatch: numba's CPython wrapper of that one overload, which
-        unboxes each argument as the signature's type without testing it. Only for a caller
-        whose own checks fix every argument's type, ndim, layout and writeability (the plans of
-        small calls, ``bnfast._threading.small_launch``); a wrong type there is not an error
-        but a misread. Compiles (or loads) the signature first where needed. What it saves is
-        numba's typing of each argument and the overload lookup: float32 (32, 64), one
-        thread, Zen 5, a backward kernel call (11 arrays) 2.08 -> 1.78 us."""
-        for _ in range(2):
-            for sig, cres in list(self.dispatcher.overloads.items()):  # (another thread may add)
-                if str(sig[0].dtype) == str(dtype):
-                    return cres.entry_point
-            compile_declared(self.dispatcher, dtype)
-        raise TypeError(f"{self.dispatcher.__name__} has no declared signature for {dtype}")
+        unboxes each argument as the signature's type without testing it; None while it is not
+        compiled (or loaded) in this process. Only for a caller whose own checks fix every
+        argument's type, ndim, layout and writeability (the plans of small calls,
+        ``bnfast._threading.small_launch``); a wrong type there is not an error but a misread.
+        What it saves is numba's typing of each argument and the overload lookup: float32 (32,
+        64), one thread, Zen 5, a backward kernel call (11 arrays) 2.08 -> 1.78 us."""
+        for sig, cres in list(self.dispatcher.overloads.items()):  # (another thread may add)
+            if str(sig[0].dtype) == str(dtype):
+                return cres.entry_point
+        return None
 
 
 def kernel(*kinds: str, returns: bool = False):

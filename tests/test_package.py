@@ -134,6 +134,33 @@ def test_calls_use_the_declared_types():
                 assert not extra, (family, k, extra)
 
 
+def test_small_calls_keep_plans_with_the_compiled_kernels():
+    """From a trainer's second call on, a small forward, backward and layer step run the
+    compiled kernel's entry point (``_threading.small_launch``), the one declared overload for
+    the dtype; a first call that compiles it keeps no plan (it runs the checked way). Fails
+    when plans stop carrying the entry points (numba's dispatch again, 0.3 us a call)."""
+    from bnfast import _core, _threading
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 48)).astype(np.float32)
+    rm, rv = np.zeros(48, np.float32), np.ones(48, np.float32)
+    small = _threading._SMALL["lanes"]
+    canon = (32, 48, 1)
+    bn = bnfast.BatchNorm(48)
+    for _ in range(2):
+        y, cache = bnfast.forward(x, running_mean=rm, running_var=rv)
+        bnfast.backward(np.ones_like(x), cache)
+        bn.backward(bn(x))
+    entries = (small.forward.entry(x.dtype), small.backward.entry(x.dtype))
+    assert None not in entries
+    assert _threading.small_launch(canon, x.dtype, "forward")[0] is entries[0]
+    forward_plans = [p for k, p in _core._FORWARD_PLANS.items() if k[0] == x.shape]
+    assert forward_plans and all(p.launch[0] is entries[0] for p in forward_plans)
+    backward_plans = [p for k, p in _core._BACKWARD_PLANS.items() if k[0] is cache.layout]
+    assert backward_plans and all(p[2][0] is entries[1] for p in backward_plans)
+    assert bn._plan is not None and bn._plan.launch[0] is entries[0]
+
+
 @pytest.mark.parametrize("op", cmp.OPERATIONS)
 def test_registry_implementations_agree(op):
     """Every available implementation in the shared registry matches the reference on small

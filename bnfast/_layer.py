@@ -484,35 +484,21 @@ class BatchNorm:
         else:
             stats = NO_KEPT
             run_forward(x3, y3, p.gamma, p.beta, rows[2], rows[3], block, stats, p.launch)
-        if p.comm is None:
-            self._cache = BatchNormCache.of(
-                x,
-                stats,
-                layout.axis,
-                p.batch_stats,
-                layout,
-                x3 if p.view else None,
-                self.activation,
-                p.gamma,
-                p.beta,
-                self.eps,
-                None if p.batch_stats else (rows[2], rows[3]),
-            )
-        else:
-            self._cache = BatchNormCache(
-                x=x,
-                stats=stats,
-                axis=layout.axis,
-                training=p.batch_stats,
-                layout=layout,
-                view=x3 if p.view else None,
-                activation=self.activation,
-                comm=p.comm,
-                total=total,
-                gamma=p.gamma,
-                beta=p.beta,
-                eps=self.eps,
-            )
+        self._cache = BatchNormCache.of(
+            x,
+            stats,
+            layout.axis,
+            p.batch_stats,
+            layout,
+            x3 if p.view else None,
+            self.activation,
+            p.gamma,
+            p.beta,
+            self.eps,
+            None if p.batch_stats else (rows[2], rows[3]),
+            p.comm,
+            total,
+        )
         return y
 
     def backward(self, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:

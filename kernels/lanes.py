@@ -834,15 +834,21 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     outer, channels, inner = x.shape
     mode = params[P_MODE]
     batch = mode == FORWARD_BATCH
-    # a pass that only writes takes whole rows of a tile per task (``blocks``)
-    rows, lanes, tile, nt, rb, nrb = geometry(x, tune) if batch else blocks(x, tune)
+    # a pass that only writes takes whole rows of a tile per task (``blocks``); the ``.small``
+    # twin takes every mode a tile at a time over every row (``forward_tile``: a small array
+    # fits one strip, so ``geometry`` gives one row block), so numba prunes the whole-array
+    # work block, its epilogue and the write task from it (a cold first step compiles less)
+    if ALL_ROUTES and not batch:
+        rows, lanes, tile, nt, rb, nrb = blocks(x, tune)
+    else:
+        rows, lanes, tile, nt, rb, nrb = geometry(x, tune)
     cached = rows * lanes * x.itemsize <= tune[TUNE_STRIP]  # two-pass in cache: see geometry
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
     x2 = x.reshape(rows, lanes)
     y2 = y.reshape(rows, lanes)
     local = nrb == 1  # a task per tile, over every row
     reduce = batch and not local  # the two-pass route's partials
-    if not ALL_ROUTES and (reduce or mode == FORWARD_GIVEN):
+    if not ALL_ROUTES and (not local or mode == FORWARD_GIVEN):
         return -1
     own = np.empty((STATS_ROWS + 1, 0 if local else channels))  # (one allocation, kept below)
     (buf,) = borrowed(own)
@@ -860,7 +866,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
             moments_channels(k, sums[0], sums[1], params[P_COUNT], work[MEAN], work[VAR])
         elif not local and mode == FORWARD_GIVEN:
             given_channels(stats, zero, channels, work)
-    if not local:
+    if ALL_ROUTES and not local:
         if mode == FORWARD_RUNNING:
             running_channels(work, running_mean, running_var)
         rm, rv = running_mean, running_var
@@ -869,7 +875,9 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     for task in prange(nt * nrb):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
         t = 0
-        if local:
+        if ALL_ROUTES and not local:
+            write_task(x2, y2, inner, work, l0 // inner, relu, thr, r0, r1, l0, l1)
+        else:
             t = forward_tile(
                 x2,
                 y2,
@@ -884,10 +892,8 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
                 stats,
                 ALL_ROUTES,
             )
-        else:
-            write_task(x2, y2, inner, work, l0 // inner, relu, thr, r0, r1, l0, l1)
         bad += t
-    if not local:
+    if ALL_ROUTES and not local:
         rm, rv = running_mean, running_var
         bad = settle_channels(k, work, zero, zero, channels, params, rm, rv, stats)
     return bad + keep(own)

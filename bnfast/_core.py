@@ -956,8 +956,8 @@ def _forward_synced(
     averages over all ranks' values); returns the block and the global count. Raises on every
     rank, before any write, when the ranks disagree or the global batch has one value per
     channel. A layer's plan passes x's canonical view ``x3`` and ``launches``, the small
-    ``moments`` and general ``forward`` kernels (``_synced_launches``), for arguments whose
-    types it fixed (running arrays in x's dtype, writeable, or none)."""
+    ``moments`` and general ``forward`` kernels (its ``synced``), for arguments whose types it
+    fixed (running arrays in x's dtype, writeable, or none)."""
     dtype, channels, count = x.dtype, layout.channels, layout.count
     local = count > 0 and channels > 0
     if x3 is None:

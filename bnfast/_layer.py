@@ -728,12 +728,13 @@ class _Plan:
         launch = _threading.small_launch(canon, bn.dtype, "forward")
         p.launch = None if launch is pending else launch
         p.synced = None
-        if p.comm is not None and p.launch is not None:  # (see _core._forward_synced)
+        if p.comm is not None:  # (see _core._forward_synced; the checked call compiled them)
             synced = (
                 _threading.small_launch(canon, bn.dtype, "moments"),
                 _threading.small_launch(canon, bn.dtype, "forward", general=True),
             )
-            p.synced = None if pending in synced else synced
+            if pending not in synced and None not in synced:
+                p.synced = synced
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)

@@ -264,6 +264,7 @@ def test_synced_layer_steps_equal_the_whole_batch(kwargs, dtype):
             (bn(x[shard]), bn.backward(dy[shard]), bn.dgamma.copy(), bn.dbeta.copy())
             for x, dy in steps
         ]
+        assert bn._plan.synced is not None  # small shards: the plan's compiled kernels ran
         return got, bn.running_mean, bn.running_var
 
     results, errors, world = _run_ranks(sizes, work)
@@ -282,6 +283,29 @@ def test_synced_layer_steps_equal_the_whole_batch(kwargs, dtype):
     for r in results:
         np.testing.assert_allclose(r[1], whole.running_mean, rtol=4 * tol, atol=tol)
         np.testing.assert_allclose(r[2], whole.running_var, rtol=4 * tol, atol=tol)
+
+
+def test_a_synced_layer_keeps_its_plan_kernels_in_a_process_of_its_own():
+    """In a process that only trains with comm= (so the small-call forward twin never
+    compiles), the layer's planned synced step still carries its compiled kernels (moments and
+    the given-statistics forward): the plan asks for those, not for the twin it does not run."""
+    code = (
+        "import numpy as np, bnfast\n"
+        "class Comm:\n"
+        "    def Allreduce(self, send, recv, op):\n"
+        "        recv[...] = send\n"
+        "bn = bnfast.BatchNorm(8, comm=Comm())\n"
+        "x = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)\n"
+        "for _ in range(3):\n"
+        "    bn.backward(bn(x))\n"
+        "print(bn._plan.synced is not None)\n"
+    )
+    env = {**os.environ, "BNFAST_QUIET": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "True", r.stdout + r.stderr
 
 
 def test_bad_comm_and_unsupported_combinations_are_refused():

@@ -258,12 +258,19 @@ class _Compiling(event.Listener):
 
 def compile_declared(dispatcher, dtype=None) -> int:
     """Compile (or load from the cache) the declared signatures of a locked dispatcher, those
-    whose data arrays have ``dtype`` (all when None); returns how many."""
+    whose data arrays have ``dtype`` (all when None); returns how many.
+
+    The dispatcher may compile only while numba's compiler lock is held here: a call from
+    another thread that finds no exact overload then waits for that lock in numba's compile
+    and sees compilation disabled again (``Launcher``'s miss), instead of compiling its own
+    argument types in the moment the flag is up (seen: two ranks-as-threads' first
+    synchronized calls left the moments kernel with an undeclared signature, its x writeable
+    where the declared one reads any)."""
     count = 0
     hook = before_compile
     if hook is not None and dtype is not None:
         hook(dispatcher, dtype)
-    with _COMPILE:
+    with _COMPILE, global_compiler_lock:
         for sig in dispatcher.declared:
             if dtype is None or str(sig.args[0].dtype) == str(dtype):
                 dispatcher._can_compile = True

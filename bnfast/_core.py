@@ -1126,11 +1126,7 @@ def backward(dy, cache: BatchNormCache, *, out=None) -> tuple[np.ndarray, np.nda
         out = chk.output_array(out, "out", x.shape, x.dtype)
         chk.disjoint({"out": out}, {"dy": dy, "x": x}, in_place=(("out", "dy"),))
 
-    if out is None and not layout.transposed:  # a fresh array is canonical
-        dx = np.empty(x.shape, x.dtype)
-        dx3 = dx.reshape(layout.canon)
-    else:
-        dx, dx3 = layout.output(out, x.dtype)
+    dx, dx3 = layout.output(out, x.dtype)
     channels = layout.channels
     dgamma = np.empty(channels, x.dtype)
     dbeta = np.empty(channels, x.dtype)

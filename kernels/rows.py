@@ -105,13 +105,15 @@ def fused(x, tune):
 @helper
 def combine(part, sums):
     """``sums[i, c]``: the partials ``part[b, c, i]`` of every block added in block order, for
-    the rows of ``sums``."""
+    the rows of ``sums``; a block at a time (contiguous), the same additions in the same order
+    as one (i, c) at a time down the blocks (see ``lanes.partials_per_channel``)."""
     for i in range(sums.shape[0]):
         for c in range(part.shape[1]):
-            t = 0.0
-            for b in range(part.shape[0]):
-                t += part[b, c, i]
-            sums[i, c] = t
+            sums[i, c] = 0.0
+    for b in range(part.shape[0]):
+        for c in range(part.shape[1]):
+            for i in range(sums.shape[0]):
+                sums[i, c] += part[b, c, i]
 
 
 @helper

@@ -479,27 +479,29 @@ def coefficients(stats, inner, c0, w):
 
 @helper
 def partials_per_channel(p1, p2, inner, sums):
-    """Channels' sums from the partials p1 and p2 (blocks x lanes): per lane over blocks in
-    block order, then over its lanes in lane order, into rows 0 and 1 of ``sums``. The blocks
-    are added a block (a contiguous row of lanes) at a time into per-lane totals, the same
-    additions in the same order as lane by lane down the blocks, which strided P float64 per
-    load and missed L1 on each (set conflicts at a 32 KiB stride): float32 (16384, 4096), 256
-    blocks of 4096 lanes, Zen 4, medians of interleaved rounds, 2 threads: moments 18.0 ->
-    10.5 ms, forward 38.7 -> 31.1, backward 58.9 -> 51.3; (8192, 1024) forward 3.83 -> 3.06
-    ms; one thread (16384, 4096) moments 26.0 -> 17.1 ms. Same bits."""
-    lanes = p1.shape[1]
-    t1 = np.zeros(lanes)
-    t2 = np.zeros(lanes)
-    for b in range(p1.shape[0]):
-        q1, q2 = p1[b], p2[b]
-        for lane in range(lanes):
-            t1[lane] += q1[lane]
-            t2[lane] += q2[lane]
+    """Channels' sums from the partials p1 and p2 (blocks x lanes, the kernel's scratch: block
+    0 is overwritten): per lane over blocks in block order, then over its lanes in lane order,
+    into rows 0 and 1 of ``sums``. Blocks are added a block (a contiguous row of lanes) at a
+    time into block 0, the same additions in the same order as lane by lane down the blocks
+    (which strided P float64 per load and missed L1 on each, set conflicts at 32 KiB strides);
+    a partial is never -0.0 (its sums start at +0.0), so block 0 itself equals 0.0 + block 0,
+    the former first addition. Float32 (16384, 4096), 256 blocks of 4096 lanes, Zen 4,
+    medians of interleaved rounds, 2 threads: moments 18.0 -> 10.5 ms, forward 38.7 -> 31.1,
+    backward 58.9 -> 51.3; (8192, 1024) forward 3.83 -> 3.06 ms; one thread (16384, 4096)
+    moments 26.0 -> 17.1 ms. Same bits."""
     channels = sums.shape[1]
     for c in range(channels):
         sums[0, c] = 0.0
         sums[1, c] = 0.0
-    for base in range(0, lanes, channels * inner):
+    if p1.shape[0] == 0:  # no blocks (callers refuse empty batches before any kernel)
+        return
+    t1, t2 = p1[0], p2[0]
+    for b in range(1, p1.shape[0]):
+        q1, q2 = p1[b], p2[b]
+        for lane in range(t1.shape[0]):
+            t1[lane] += q1[lane]
+            t2[lane] += q2[lane]
+    for base in range(0, t1.shape[0], channels * inner):
         for c in range(channels):
             for lane in range(base + c * inner, base + (c + 1) * inner):
                 sums[0, c] += t1[lane]

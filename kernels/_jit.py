@@ -149,6 +149,7 @@ BLOCK_ROWS_MIN = 64  # lanes family: a row block has >= 64 rows, so its partials
 FUSE_LANES_MIN = 256  # lanes family: a fused strip is at least 256 lanes wide (see lanes.py)
 FUSE_TASKS_PER_THREAD = 2  # lanes family: a parallel fused call aims at 2 tiles per thread
 WIDE_LANES = 64  # lanes family: rows narrower than this are viewed k at a time (lanes.replicas)
+PAGE_BYTES = 4096  # lanes family: a row segment this long streams well as one of a group
 MIN_TASKS = 16  # rows family: split channels into groups when fewer outer blocks than this
 
 # The tuning vector's entries (values: ``bnfast._machine``, derived from this CPU's caches).

@@ -80,6 +80,7 @@ from ._jit import (
     P_MODE,
     P_RELU,
     P_THR,
+    PAGE_BYTES,
     TUNE_BLOCK,
     TUNE_L2,
     TUNE_STRIP,
@@ -163,6 +164,8 @@ def geometry(x, tune):
     (2 MiB each, beyond L2): forward 487-561 / 575-625, backward 1044-1312 / 1210-1641. On one
     thread a split only costs ((1024, 1024) forward 366 us as one tile, 470 as four), so serial
     calls keep the widest.
+    Not fused where the budget would cut rows into segments shorter than a page
+    (``PAGE_BYTES``) over a strip larger than L2 (measured in the code).
     Each lane's sums run over the rows in the same order whatever the tile, so the split
     leaves results bitwise unchanged (tests/test_parallel.py, 1 to 8 threads). Otherwise tiles of
     ``TUNE_TILE`` lanes and row blocks of ``TUNE_BLOCK`` bytes (at least ``BLOCK_ROWS_MIN`` rows).
@@ -189,6 +192,23 @@ def geometry(x, tune):
         # forward 1 thread 130 -> 139, 2 threads 128 -> 76, backward 190 -> 198 / 192 -> 108;
         # (8192, 64) forward 127 -> 130 / 129 -> 74, backward 215 -> 220 / 218 -> 116. Arrays
         # of L2/2 to L2 (two blocks) gained nothing on two threads and lost 5-10% on one.
+        return rows, lanes, tile, nt, rb, nrb
+    if (
+        narrow
+        and strip < lanes
+        and strip * x.itemsize < PAGE_BYTES
+        and rows * strip * x.itemsize > tune[TUNE_L2]
+    ):
+        # The budget cut the rows into segments shorter than a page, and a strip outgrows L2
+        # (its second read comes from L3 either way): a fused tile would read its rows in
+        # groups of short interleaved segments, which stream poorly (see ``grouped``); the
+        # two-pass route reads whole rows of a tile. Float32, Zen 4 (1 MiB L2), medians of
+        # interleaved rounds, fused -> two-pass (ms), 1 / 2 threads: (2048, 1024) forward
+        # 0.93 -> 0.90 / 0.53 -> 0.47, backward 4.42 -> 3.17 / 1.87 -> 1.63; (4096, 512)
+        # forward 1.09 -> 0.83 / 1.22 -> 0.98, backward 4.24 -> 2.08 / 2.85 -> 1.39. Strips of
+        # a page or more stay fused ((1024, 2048) forward 0.96 / 0.73 fused against 1.02 /
+        # 0.81, (512, 4096) 0.91 / 0.44 against 0.99 / 0.50). Shape and machine only, as the
+        # route must be.
         return rows, lanes, tile, nt, rb, nrb
     threads = tune[TUNE_THREADS]
     tasks = 1 if threads == 1 else FUSE_TASKS_PER_THREAD * threads
@@ -242,7 +262,7 @@ def grouped(x2, r0, r1, l0, l1):
     time, moments 1.07 against 0.70 ms; 51 MB in rows of 1024 float32 lanes: moment sums 2.7 ms
     eight rows at a time against 4.7 ms one at a time. In cache, a group loads and stores the
     accumulators once per group (see the module notes)."""
-    return (r0 == 0 and r1 == x2.shape[0]) or (l1 - l0) * x2.itemsize >= 4096
+    return (r0 == 0 and r1 == x2.shape[0]) or (l1 - l0) * x2.itemsize >= PAGE_BYTES
 
 
 @helper

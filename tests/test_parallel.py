@@ -64,6 +64,9 @@ CASES = [
         ("lanes small inner", (1700, 16, 5), 1),
         ("lanes wide C", (80, 2000), 1),
         ("lanes one unsplittable tile in cache", (_cached_rows(256), 256), 1),
+        # The strip budget would cut 2 KiB rows into 1 KiB segments over a strip beyond L2:
+        # two-pass (lanes.geometry's page rule).
+        ("lanes strips shorter than a page", (_two_pass_rows(512), 512), 1),
     ]
 ]
 

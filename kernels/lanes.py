@@ -164,8 +164,8 @@ def geometry(x, tune):
     (2 MiB each, beyond L2): forward 487-561 / 575-625, backward 1044-1312 / 1210-1641. On one
     thread a split only costs ((1024, 1024) forward 366 us as one tile, 470 as four), so serial
     calls keep the widest.
-    Not fused where the budget would cut rows into segments shorter than a page
-    (``PAGE_BYTES``) over a strip larger than L2 (measured in the code).
+    Not fused where a strip's row segments would be shorter than a page (``PAGE_BYTES``) and
+    the strip larger than L2 (measured in the code).
     Each lane's sums run over the rows in the same order whatever the tile, so the split
     leaves results bitwise unchanged (tests/test_parallel.py, 1 to 8 threads). Otherwise tiles of
     ``TUNE_TILE`` lanes and row blocks of ``TUNE_BLOCK`` bytes (at least ``BLOCK_ROWS_MIN`` rows).
@@ -199,8 +199,8 @@ def geometry(x, tune):
         and strip * x.itemsize < PAGE_BYTES
         and rows * strip * x.itemsize > tune[TUNE_L2]
     ):
-        # The budget cut the rows into segments shorter than a page, and a strip outgrows L2
-        # (its second read comes from L3 either way): a fused tile would read its rows in
+        # The strip (cut by the budget or by the tile) holds row segments shorter than a page,
+        # and it outgrows L2 (its second read comes from L3 either way): a fused tile reads in
         # groups of short interleaved segments, which stream poorly (see ``grouped``); the
         # two-pass route reads whole rows of a tile. Float32, Zen 4 (1 MiB L2), medians of
         # interleaved rounds, fused -> two-pass (ms), 1 / 2 threads: (2048, 1024) forward

@@ -377,17 +377,23 @@ def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4, cached):
 
 
 @helper
-def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1):
+def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed):
     """``y = activation((x - m[j]) * s[j] + b[j])`` on rows r0:r1, lanes l0:l1.
 
     One 2-D loop over the row block ``x2[r0:r1]``, rows from 0 and lanes at an unsigned
     offset: numba then knows no index is negative. Rows counted from r0 (or lanes at a signed
     offset) took a wrap-around test each and ran 5-30% slower than a bare loop over the same
-    rows; this form runs at the bare loop's speed, and one row at a time it matches the
-    four-rows-per-pass loop of wide tiles it replaces (float32, one thread, Zen 5, us, bare /
-    rows from r0 / this: (2048, 64) 19.1 / 25.2 / 19.4, (8192, 64) 73.5 / 96.6 / 74.1, (2048,
-    256) 62.2 / 73.2 / 62.6; four rows per pass / this: (2048, 1024) 292 / 292, a 1024-lane
-    tile of (512, 4096) 83.5 / 72.5, of (2048, 4096) 345 / 330)."""
+    rows (Zen 5, (2048, 64) 19.1 / 25.2 us, (8192, 64) 73.5 / 96.6 us).
+
+    Four rows per pass where the array is ``streamed`` (larger than the strip budget, so its
+    passes read it from L3 or memory) and the task's row segments are a page or more: the
+    pass loads each lane's m, s and b (float64) once for four rows, and on a CPU whose loads
+    are 256 bits wide those loads bound the loop. Each element is computed as one row at a
+    time computes it (same bits). Bare loop, float32, one thread, Zen 4, us, one row / four
+    rows per pass (a float32 FMA loop ``y = x * s + t`` for scale): (2048, 1024) 617 / 426
+    (266), (1024, 4096) 2270 / 1503 (1488); in cache no gain in the kernels ((512, 1024) 2 MB
+    within 4%); rows of 2 KiB four at a time ran 2x slower from L3 ((6272, 512): 766 / 1584).
+    In place (``out=x``) one row at a time: a second four-row body cost compilation."""
     xb, yb = x2[r0:r1], y2[r0:r1]
     lo, w = np.uint64(l0), np.uint64(l1 - l0)
     if same(x2, y2):  # in place (inference with out=x): read y itself, see ``common.same``
@@ -395,9 +401,18 @@ def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1):
             for j in range(w):
                 yb[i, lo + j] = activate((yb[i, lo + j] - m[j]) * s[j] + b[j], relu, thr)
         return
-    for i in range(xb.shape[0]):
+    i, n = 0, xb.shape[0]
+    while streamed and (l1 - l0) * x2.itemsize >= PAGE_BYTES and i + 4 <= n:
         for j in range(w):
-            yb[i, lo + j] = activate((xb[i, lo + j] - m[j]) * s[j] + b[j], relu, thr)
+            mj, sj, bj = m[j], s[j], b[j]
+            yb[i, lo + j] = activate((xb[i, lo + j] - mj) * sj + bj, relu, thr)
+            yb[i + 1, lo + j] = activate((xb[i + 1, lo + j] - mj) * sj + bj, relu, thr)
+            yb[i + 2, lo + j] = activate((xb[i + 2, lo + j] - mj) * sj + bj, relu, thr)
+            yb[i + 3, lo + j] = activate((xb[i + 3, lo + j] - mj) * sj + bj, relu, thr)
+        i += 4
+    for r in range(i, n):
+        for j in range(w):
+            yb[r, lo + j] = activate((xb[r, lo + j] - m[j]) * s[j] + b[j], relu, thr)
 
 
 @helper
@@ -555,11 +570,11 @@ def block_sums_task(x2, inner, k, r0, r1, l0, l1, p, b, cached):
 
 
 @step
-def write_task(x2, y2, inner, stats, c0, relu, thr, r0, r1, l0, l1):
+def write_task(x2, y2, inner, stats, c0, relu, thr, r0, r1, l0, l1, streamed):
     """y on a task's rows and lanes; column c0 of the work block ``stats`` is the channel of
     lane l0."""
     m, s, b = coefficients(stats, inner, c0, l1 - l0)
-    affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1)
+    affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed)
 
 
 @step
@@ -592,7 +607,7 @@ def tile_buffers(own, rows, wc, w):
 
 @step
 def forward_tile(
-    x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, kept, routes
+    x2, y2, inner, l0, l1, gamma, beta, running_mean, running_var, params, kept, routes, streamed
 ):
     """The forward of one tile over every row, with a work block of its own (O(T)): the
     tile's statistics (batch: every row reduced, the fused route, so the write pass finds the
@@ -619,7 +634,7 @@ def forward_tile(
         given_channels(kept, c0, c1, work)
     finish_channels(work, zero, c0, c1, gamma, beta, running_mean, running_var, params)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
-    write_task(x2, y2, inner, work, zero, relu, thr, zero, x2.shape[0], l0, l1)
+    write_task(x2, y2, inner, work, zero, relu, thr, zero, x2.shape[0], l0, l1, streamed)
     bad = settle_channels(k, work, zero, c0, c1, params, running_mean, running_var, kept)
     return bad + keep(own)
 
@@ -907,7 +922,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
         t = 0
         if ALL_ROUTES and not local:
-            write_task(x2, y2, inner, work, l0 // inner, relu, thr, r0, r1, l0, l1)
+            write_task(x2, y2, inner, work, l0 // inner, relu, thr, r0, r1, l0, l1, not cached)
         else:
             t = forward_tile(
                 x2,
@@ -922,6 +937,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
                 params,
                 stats,
                 ALL_ROUTES,
+                not cached,
             )
         bad += t
     if ALL_ROUTES and not local:

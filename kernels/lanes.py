@@ -443,6 +443,33 @@ def gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
 
 
 @helper
+def gradient_pairs(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
+    """``gradient_rows`` two rows per pass where the row segments are a page or more (else,
+    in place, and for an odd last row: ``gradient_rows`` itself), for arrays beyond the strip
+    budget (``streamed``): the five per-lane float64 vectors are loaded once per two rows,
+    each element computed as ``gradient_rows`` computes it (same bits). Float32, Zen 4,
+    in-process interleaved medians against one row at a time, 1 / 2 threads: see the
+    README's notes; four rows per pass lost at (1024, 4096) (0.79-0.85x: twelve streams)."""
+    n = r1 - r0
+    if same(g2, d2) or (l1 - l0) * x2.itemsize < PAGE_BYTES or n < 2:
+        gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1)
+        return
+    xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # 2-D, lanes at an unsigned offset:
+    lo, w = np.uint64(l0), np.uint64(l1 - l0)  # see ``affine_rows``
+    for i in range(0, n - 1, 2):
+        for j in range(w):
+            mj, sj, bj, pj, qj = m[j], s[j], b[j], c1[j], c0[j]
+            d = xb[i, lo + j] - mj
+            e = np.float64(gb[i, lo + j]) if passes(d * sj + bj, relu, thr) else 0.0
+            db[i, lo + j] = sj * e - pj * d + qj
+            d = xb[i + 1, lo + j] - mj
+            e = np.float64(gb[i + 1, lo + j]) if passes(d * sj + bj, relu, thr) else 0.0
+            db[i + 1, lo + j] = sj * e - pj * d + qj
+    if n % 2 == 1:
+        gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r1 - 1, r1, l0, l1)
+
+
+@helper
 def frozen_rows(x2, g2, d2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2):
     """``dx = s[j] * dy`` (x is read for dx only through the activation's mask, so an inf or
     NaN in x cannot reach dx without one) and the gradient sums for dgamma and dbeta, in one
@@ -653,49 +680,34 @@ def gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b, ca
 
 
 @step
-def gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1):
+def gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1, streamed):
     """dx on a task's rows and lanes from the whole array's per-channel ``coef`` rows c1, c0
-    (``coef[0]`` is SCALE, the lanes' s: see ``gradient_rows``)."""
+    (``coef[0]`` is SCALE, the lanes' s: see ``gradient_rows``); two rows per pass where the
+    array is ``streamed`` (``gradient_pairs``)."""
     c0, w = l0 // inner, l1 - l0
     m, s, b = coefficients(stats, inner, c0, w)
-    gradient_rows(
-        x2,
-        g2,
-        d2,
-        m,
-        s,
-        b,
-        relu,
-        thr,
-        expand(coef[1], inner, c0, w),
-        expand(coef[2], inner, c0, w),
-        r0,
-        r1,
-        l0,
-        l1,
-    )
+    p, q = expand(coef[1], inner, c0, w), expand(coef[2], inner, c0, w)
+    if streamed:
+        gradient_pairs(x2, g2, d2, m, s, b, relu, thr, p, q, r0, r1, l0, l1)
+    else:
+        gradient_rows(x2, g2, d2, m, s, b, relu, thr, p, q, r0, r1, l0, l1)
 
 
 @step
-def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef):
-    """dx over every row of a tile from per-lane m, s, b and the tile's own ``coef``."""
-    w, zero = l1 - l0, np.int64(0)
-    gradient_rows(
-        x2,
-        g2,
-        d2,
-        m,
-        s,
-        b,
-        relu,
-        thr,
-        expand(coef[1], inner, zero, w),
-        expand(coef[2], inner, zero, w),
-        zero,
-        x2.shape[0],
-        l0,
-        l1,
-    )
+def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef, streamed, routes):
+    """dx over every row of a tile from per-lane m, s, b and the tile's own ``coef``; two rows
+    per pass where the array is ``streamed`` (``gradient_pairs``). ``routes``: the calling
+    kernel's ``ALL_ROUTES``, passed as the constant it is (as in ``forward_tile``), so numba
+    prunes ``gradient_pairs`` from the ``.small`` twin (a cold first step compiles less)."""
+    w, zero, rows = l1 - l0, np.int64(0), x2.shape[0]
+    p, q = expand(coef[1], inner, zero, w), expand(coef[2], inner, zero, w)
+    if routes:
+        if streamed:
+            gradient_pairs(x2, g2, d2, m, s, b, relu, thr, p, q, zero, rows, l0, l1)
+        else:
+            gradient_rows(x2, g2, d2, m, s, b, relu, thr, p, q, zero, rows, l0, l1)
+    else:
+        gradient_rows(x2, g2, d2, m, s, b, relu, thr, p, q, zero, rows, l0, l1)
 
 
 @step
@@ -716,7 +728,24 @@ def tile_again(x2, inner, l0, l1, c0, c1, gamma, beta, params, dgamma, dbeta, bu
 
 @step
 def backward_tile(
-    x2, g2, d2, inner, l0, l1, buf, a, relu, thr, n, sums, dgamma, dbeta, own, dx_too
+    x2,
+    g2,
+    d2,
+    inner,
+    l0,
+    l1,
+    buf,
+    a,
+    relu,
+    thr,
+    n,
+    sums,
+    dgamma,
+    dbeta,
+    own,
+    dx_too,
+    streamed,
+    routes,
 ):
     """The fused training backward of one tile from its work block (in ``buf``, rows
     ``TILE_ROWS``: the block, then room for the tile's two sums and three coefficients): its
@@ -743,7 +772,7 @@ def backward_tile(
     gradient_channels(t, zero, n, stats, zero, c1 - c0, coef, dgamma[c0:c1], dbeta[c0:c1])
     keep_sums(t, c0, sums)
     if dx_too:
-        tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef)
+        tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef, streamed, routes)
     return keep(own)
 
 
@@ -783,7 +812,7 @@ def frozen_task(x2, g2, d2, inner, stats, relu, thr, r0, r1, l0, l1, a1, a2):
 
 
 @step
-def input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta):
+def input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta, streamed):
     """The fused cache-free backward of one tile: one read of x and dy for the statistics and
     both gradient sums, its channels' coefficients, then dx while the tile is in cache. Its
     own buffers, O(T): shifts, the four sums, a statistics block and the coefficients of its
@@ -808,7 +837,7 @@ def input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta):
     gradient_channels(s[2:], zero, n, stats, zero, wc, coef, dgamma[c0:c1], dbeta[c0:c1])
     m, sc, b = coefficients(stats, inner, zero, w)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]  # off: variables, not literals
-    tile_gradient(x2, g2, d2, inner, l0, l1, m, sc, b, relu, thr, coef)
+    tile_gradient(x2, g2, d2, inner, l0, l1, m, sc, b, relu, thr, coef, streamed, ALL_ROUTES)
 
 
 # --- Kernels: one per operation, its mode a parameter (``_jit.P_MODE``). Each has at most two
@@ -1001,7 +1030,24 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
             if fused and not frozen:
                 dx_too = mode == BACKWARD_TRAIN
                 backward_tile(
-                    x2, g2, d2, inner, l0, l1, tb, a, relu, thr, n, sums, dgamma, dbeta, own, dx_too
+                    x2,
+                    g2,
+                    d2,
+                    inner,
+                    l0,
+                    l1,
+                    tb,
+                    a,
+                    relu,
+                    thr,
+                    n,
+                    sums,
+                    dgamma,
+                    dbeta,
+                    own,
+                    dx_too,
+                    not cached,
+                    ALL_ROUTES,
                 )
             elif ALL_ROUTES:
                 if fused:
@@ -1038,7 +1084,9 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
                 gradient_channels(s, zero, n, work, zero, channels, coef, dgamma, dbeta)
                 for task in prange(nt * nrb):
                     r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-                    gradient_task(x2, g2, d2, inner, work, relu, thr, coef, r0, r1, l0, l1)
+                    gradient_task(
+                        x2, g2, d2, inner, work, relu, thr, coef, r0, r1, l0, l1, not cached
+                    )
     return 0
 
 
@@ -1068,7 +1116,9 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
             b = task // nt
             if fused:
-                input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta)
+                input_tile(
+                    x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta, not cached
+                )
             else:
                 input_sums(
                     x2,
@@ -1096,4 +1146,4 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
         gradient_channels(s[2:], zero, n, stats, zero, channels, coef, dgamma, dbeta)
         for task in prange(nt * nrb):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-            gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1)
+            gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1, not cached)

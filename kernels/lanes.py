@@ -116,6 +116,15 @@ from .common import (
     settle_channels,
 )
 
+# Row segments at least this long (7/8 of a page) take several rows per pass in the write and
+# dx passes of arrays beyond the strip budget (``affine_rows``, ``gradient_pairs``): 1024-lane
+# tiles cut to whole channels fall just short of a page (NCHW 7x7: 980 lanes, 3920 bytes;
+# four rows per pass there 1.15-1.37x faster), and shorter segments lost (float32, Zen 4,
+# inference four rows per pass against one, 1 / 2 threads: rows of 3584 bytes 1.02 / 1.07x,
+# 3072 bytes 0.90 / 0.87x, 2560 bytes 0.96 / 0.73x, 2048 bytes 0.70 / 0.73x, 512 bytes
+# 0.51 / 0.61x).
+NEAR_PAGE = PAGE_BYTES - PAGE_BYTES // 8
+
 
 @helper
 def replicas(outer, lanes, tile):
@@ -402,7 +411,7 @@ def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed):
                 yb[i, lo + j] = activate((yb[i, lo + j] - m[j]) * s[j] + b[j], relu, thr)
         return
     i, n = 0, xb.shape[0]
-    while streamed and (l1 - l0) * x2.itemsize >= PAGE_BYTES and i + 4 <= n:
+    while streamed and (l1 - l0) * x2.itemsize >= NEAR_PAGE and i + 4 <= n:
         for j in range(w):
             mj, sj, bj = m[j], s[j], b[j]
             yb[i, lo + j] = activate((xb[i, lo + j] - mj) * sj + bj, relu, thr)
@@ -451,7 +460,7 @@ def gradient_pairs(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
     in-process interleaved medians against one row at a time, 1 / 2 threads: see the
     README's notes; four rows per pass lost at (1024, 4096) (0.79-0.85x: twelve streams)."""
     n = r1 - r0
-    if same(g2, d2) or (l1 - l0) * x2.itemsize < PAGE_BYTES or n < 2:
+    if same(g2, d2) or (l1 - l0) * x2.itemsize < NEAR_PAGE or n < 2:
         gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1)
         return
     xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # 2-D, lanes at an unsigned offset:

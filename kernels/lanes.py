@@ -395,14 +395,18 @@ def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed):
     rows (Zen 5, (2048, 64) 19.1 / 25.2 us, (8192, 64) 73.5 / 96.6 us).
 
     Four rows per pass where the array is ``streamed`` (larger than the strip budget, so its
-    passes read it from L3 or memory) and the task's row segments are a page or more: the
-    pass loads each lane's m, s and b (float64) once for four rows, and on a CPU whose loads
-    are 256 bits wide those loads bound the loop. Each element is computed as one row at a
-    time computes it (same bits). Bare loop, float32, one thread, Zen 4, us, one row / four
+    passes read it from L3 or memory) and the task's row segments are ``NEAR_PAGE`` or more:
+    the pass loads each lane's m, s and b (float64) once for four rows, and on a CPU whose
+    loads are 256 bits wide those loads bound the loop. Each element is computed as one row at
+    a time computes it (same bits). Bare loop, float32, one thread, Zen 4, us, one row / four
     rows per pass (a float32 FMA loop ``y = x * s + t`` for scale): (2048, 1024) 617 / 426
-    (266), (1024, 4096) 2270 / 1503 (1488); in cache no gain in the kernels ((512, 1024) 2 MB
-    within 4%); rows of 2 KiB four at a time ran 2x slower from L3 ((6272, 512): 766 / 1584).
-    In place (``out=x``) one row at a time: a second four-row body cost compilation."""
+    (266), (1024, 4096) 2270 / 1503 (1488). On Zen 5 (512-bit loads) four rows per pass
+    measured the same as one ((2048, 1024) 292 / 292 us), so the rule costs nothing there. In
+    cache the kernels' gain was not consistent (float32, Zen 4, (64-512, 1024) and (256-512,
+    2048), two runs: inference 0.86-1.34x, forward 0.89-1.27x, with ReLU 0.81-1.22x), so arrays
+    within the strip budget keep one row; rows of 2 KiB four at a time ran 2x slower from L3
+    ((6272, 512): 766 / 1584 us). In place (``out=x``) one row at a time: a second four-row
+    body cost compilation."""
     xb, yb = x2[r0:r1], y2[r0:r1]
     lo, w = np.uint64(l0), np.uint64(l1 - l0)
     if same(x2, y2):  # in place (inference with out=x): read y itself, see ``common.same``
@@ -453,12 +457,14 @@ def gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
 
 @helper
 def gradient_pairs(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
-    """``gradient_rows`` two rows per pass where the row segments are a page or more (else,
-    in place, and for an odd last row: ``gradient_rows`` itself), for arrays beyond the strip
-    budget (``streamed``): the five per-lane float64 vectors are loaded once per two rows,
-    each element computed as ``gradient_rows`` computes it (same bits). Float32, Zen 4,
-    in-process interleaved medians against one row at a time, 1 / 2 threads: see the
-    README's notes; four rows per pass lost at (1024, 4096) (0.79-0.85x: twelve streams)."""
+    """``gradient_rows`` two rows per pass where the row segments are ``NEAR_PAGE`` or more
+    (else, in place, and for an odd last row: ``gradient_rows`` itself), for arrays beyond the
+    strip budget (``streamed``): the five per-lane float64 vectors are loaded once per two
+    rows, each element computed as ``gradient_rows`` computes it (same bits). Float32, Zen 4,
+    in-process interleaved medians against one row at a time, 1 / 2 threads (ms): (1024,
+    2048) 2.72 -> 2.32 / 1.09 -> 0.93, (1024, 4096) 7.19 -> 6.32 / 3.70 -> 3.28, (2048, 1024)
+    2.74 -> 2.53 / 1.23 -> 1.15. Four rows per pass lost at (1024, 4096) (0.79-0.85x: twelve
+    streams of x, dy and dx)."""
     n = r1 - r0
     if same(g2, d2) or (l1 - l0) * x2.itemsize < NEAR_PAGE or n < 2:
         gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1)

@@ -116,13 +116,13 @@ from .common import (
     settle_channels,
 )
 
-# Row segments at least this long (7/8 of a page) take several rows per pass in the write and
-# dx passes of arrays beyond the strip budget (``affine_rows``, ``gradient_pairs``): 1024-lane
-# tiles cut to whole channels fall just short of a page (NCHW 7x7: 980 lanes, 3920 bytes;
-# four rows per pass there 1.15-1.37x faster), and shorter segments lost (float32, Zen 4,
-# inference four rows per pass against one, 1 / 2 threads: rows of 3584 bytes 1.02 / 1.07x,
-# 3072 bytes 0.90 / 0.87x, 2560 bytes 0.96 / 0.73x, 2048 bytes 0.70 / 0.73x, 512 bytes
-# 0.51 / 0.61x).
+# Row segments at least this long (7/8 of a page) take several rows per pass in the write
+# passes of arrays beyond the strip budget and in the dx passes (``affine_rows``,
+# ``gradient_pairs``): 1024-lane tiles cut to whole channels fall just short of a page (NCHW
+# 7x7: 980 lanes, 3920 bytes; four rows per pass there 1.15-1.37x faster), and shorter
+# segments lost (float32, Zen 4, inference four rows per pass against one, 1 / 2 threads:
+# rows of 3584 bytes 1.02 / 1.07x, 3072 bytes 0.90 / 0.87x, 2560 bytes 0.96 / 0.73x, 2048
+# bytes 0.70 / 0.73x, 512 bytes 0.51 / 0.61x).
 NEAR_PAGE = PAGE_BYTES - PAGE_BYTES // 8
 
 
@@ -458,13 +458,16 @@ def gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
 @helper
 def gradient_pairs(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
     """``gradient_rows`` two rows per pass where the row segments are ``NEAR_PAGE`` or more
-    (else, in place, and for an odd last row: ``gradient_rows`` itself), for arrays beyond the
-    strip budget (``streamed``): the five per-lane float64 vectors are loaded once per two
-    rows, each element computed as ``gradient_rows`` computes it (same bits). Float32, Zen 4,
-    in-process interleaved medians against one row at a time, 1 / 2 threads (ms): (1024,
-    2048) 2.72 -> 2.32 / 1.09 -> 0.93, (1024, 4096) 7.19 -> 6.32 / 3.70 -> 3.28, (2048, 1024)
-    2.74 -> 2.53 / 1.23 -> 1.15. Four rows per pass lost at (1024, 4096) (0.79-0.85x: twelve
-    streams of x, dy and dx)."""
+    (else, in place, and for an odd last row: ``gradient_rows`` itself): the five per-lane
+    float64 vectors are loaded once per two rows, each element computed as ``gradient_rows``
+    computes it (same bits). Float32, Zen 4, in-process interleaved medians against one row at
+    a time, 1 / 2 threads (ms): beyond the strip budget (1024, 2048) 2.72 -> 2.32 / 1.09 ->
+    0.93, (1024, 4096) 7.19 -> 6.32 / 3.70 -> 3.28, (2048, 1024) 2.74 -> 2.53 / 1.23 -> 1.15;
+    in cache, one thread (two threads split these tiles to 2 KiB segments: unchanged), (256,
+    1024) 0.190 -> 0.155, (512, 1024) 0.340 -> 0.304, (128, 1024) 0.094 -> 0.081, (256, 2048)
+    0.379 -> 0.346 (two runs: 1.04-1.23x). Four rows per pass lost at (1024, 4096)
+    (0.79-0.85x: twelve streams of x, dy and dx), two rows over 2 KiB segments lost at (2048,
+    512) and (512, 512), one thread (0.85-0.94x) and gained nothing on two."""
     n = r1 - r0
     if same(g2, d2) or (l1 - l0) * x2.itemsize < NEAR_PAGE or n < 2:
         gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1)
@@ -695,32 +698,27 @@ def gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b, ca
 
 
 @step
-def gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1, streamed):
+def gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1):
     """dx on a task's rows and lanes from the whole array's per-channel ``coef`` rows c1, c0
-    (``coef[0]`` is SCALE, the lanes' s: see ``gradient_rows``); two rows per pass where the
-    array is ``streamed`` (``gradient_pairs``)."""
+    (``coef[0]`` is SCALE, the lanes' s: see ``gradient_rows``), two rows per pass where the
+    rows allow (``gradient_pairs``)."""
     c0, w = l0 // inner, l1 - l0
     m, s, b = coefficients(stats, inner, c0, w)
     p, q = expand(coef[1], inner, c0, w), expand(coef[2], inner, c0, w)
-    if streamed:
-        gradient_pairs(x2, g2, d2, m, s, b, relu, thr, p, q, r0, r1, l0, l1)
-    else:
-        gradient_rows(x2, g2, d2, m, s, b, relu, thr, p, q, r0, r1, l0, l1)
+    gradient_pairs(x2, g2, d2, m, s, b, relu, thr, p, q, r0, r1, l0, l1)
 
 
 @step
-def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef, streamed, routes):
+def tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef, routes):
     """dx over every row of a tile from per-lane m, s, b and the tile's own ``coef``; two rows
-    per pass where the array is ``streamed`` (``gradient_pairs``). ``routes``: the calling
-    kernel's ``ALL_ROUTES``, passed as the constant it is (as in ``forward_tile``), so numba
-    prunes ``gradient_pairs`` from the ``.small`` twin (a cold first step compiles less)."""
+    per pass where the rows allow (``gradient_pairs``), except in the ``.small`` twin:
+    ``routes`` is the calling kernel's ``ALL_ROUTES``, passed as the constant it is (as in
+    ``forward_tile``), so numba prunes ``gradient_pairs`` from the twin (a cold first step
+    compiles less; the twin's arrays are mostly narrower than a page per row anyway)."""
     w, zero, rows = l1 - l0, np.int64(0), x2.shape[0]
     p, q = expand(coef[1], inner, zero, w), expand(coef[2], inner, zero, w)
     if routes:
-        if streamed:
-            gradient_pairs(x2, g2, d2, m, s, b, relu, thr, p, q, zero, rows, l0, l1)
-        else:
-            gradient_rows(x2, g2, d2, m, s, b, relu, thr, p, q, zero, rows, l0, l1)
+        gradient_pairs(x2, g2, d2, m, s, b, relu, thr, p, q, zero, rows, l0, l1)
     else:
         gradient_rows(x2, g2, d2, m, s, b, relu, thr, p, q, zero, rows, l0, l1)
 
@@ -759,7 +757,6 @@ def backward_tile(
     dbeta,
     own,
     dx_too,
-    streamed,
     routes,
 ):
     """The fused training backward of one tile from its work block (in ``buf``, rows
@@ -787,7 +784,7 @@ def backward_tile(
     gradient_channels(t, zero, n, stats, zero, c1 - c0, coef, dgamma[c0:c1], dbeta[c0:c1])
     keep_sums(t, c0, sums)
     if dx_too:
-        tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef, streamed, routes)
+        tile_gradient(x2, g2, d2, inner, l0, l1, m, s, b, relu, thr, coef, routes)
     return keep(own)
 
 
@@ -827,7 +824,7 @@ def frozen_task(x2, g2, d2, inner, stats, relu, thr, r0, r1, l0, l1, a1, a2):
 
 
 @step
-def input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta, streamed):
+def input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta):
     """The fused cache-free backward of one tile: one read of x and dy for the statistics and
     both gradient sums, its channels' coefficients, then dx while the tile is in cache. Its
     own buffers, O(T): shifts, the four sums, a statistics block and the coefficients of its
@@ -852,7 +849,7 @@ def input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta, s
     gradient_channels(s[2:], zero, n, stats, zero, wc, coef, dgamma[c0:c1], dbeta[c0:c1])
     m, sc, b = coefficients(stats, inner, zero, w)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]  # off: variables, not literals
-    tile_gradient(x2, g2, d2, inner, l0, l1, m, sc, b, relu, thr, coef, streamed, ALL_ROUTES)
+    tile_gradient(x2, g2, d2, inner, l0, l1, m, sc, b, relu, thr, coef, ALL_ROUTES)
 
 
 # --- Kernels: one per operation, its mode a parameter (``_jit.P_MODE``). Each has at most two
@@ -1061,7 +1058,6 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
                     dbeta,
                     own,
                     dx_too,
-                    not cached,
                     ALL_ROUTES,
                 )
             elif ALL_ROUTES:
@@ -1099,9 +1095,7 @@ def backward(x, dy, gamma, beta, stats, params, sums, dgamma, dbeta, dx, tune):
                 gradient_channels(s, zero, n, work, zero, channels, coef, dgamma, dbeta)
                 for task in prange(nt * nrb):
                     r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-                    gradient_task(
-                        x2, g2, d2, inner, work, relu, thr, coef, r0, r1, l0, l1, not cached
-                    )
+                    gradient_task(x2, g2, d2, inner, work, relu, thr, coef, r0, r1, l0, l1)
     return 0
 
 
@@ -1131,9 +1125,7 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
             b = task // nt
             if fused:
-                input_tile(
-                    x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta, not cached
-                )
+                input_tile(x, dy, x2, g2, d2, inner, l0, l1, gamma, params, dgamma, dbeta)
             else:
                 input_sums(
                     x2,
@@ -1161,4 +1153,4 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
         gradient_channels(s[2:], zero, n, stats, zero, channels, coef, dgamma, dbeta)
         for task in prange(nt * nrb):
             r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
-            gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1, not cached)
+            gradient_task(x2, g2, d2, inner, stats, relu, thr, coef, r0, r1, l0, l1)

@@ -67,6 +67,13 @@ CASES = [
         # The strip budget would cut 2 KiB rows into 1 KiB segments over a strip beyond L2:
         # two-pass (lanes.geometry's page rule).
         ("lanes strips shorter than a page", (_two_pass_rows(512), 512), 1),
+        # Rows of a page take several rows per pass in the write pass (beyond the strip
+        # budget) and the dx pass (lanes.affine_rows, gradient_pairs): an odd row count leaves
+        # a last row (and row blocks) to the one-row loop; NCHW 7x7 tiles of 980 lanes
+        # (lanes.NEAR_PAGE) and a 196-lane last tile that keeps one row.
+        ("lanes page rows in cache, odd count", (257, 1024), 1),
+        ("lanes page rows, two-pass, odd count", (_two_pass_rows(1024) + 1, 1024), 1),
+        ("lanes tiles of 980 lanes (7x7)", (_two_pass_rows(3136) + 1, 64, 7, 7), 1),
     ]
 ]
 

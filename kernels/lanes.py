@@ -415,7 +415,8 @@ def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed):
                 yb[i, lo + j] = activate((yb[i, lo + j] - m[j]) * s[j] + b[j], relu, thr)
         return
     i, n = 0, xb.shape[0]
-    while streamed and (l1 - l0) * x2.itemsize >= NEAR_PAGE and i + 4 <= n:
+    four = streamed and (l1 - l0) * x2.itemsize >= NEAR_PAGE
+    while four and i + 4 <= n:
         for j in range(w):
             mj, sj, bj = m[j], s[j], b[j]
             yb[i, lo + j] = activate((xb[i, lo + j] - mj) * sj + bj, relu, thr)
@@ -469,7 +470,7 @@ def gradient_pairs(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
     (0.79-0.85x: twelve streams of x, dy and dx), two rows over 2 KiB segments lost at (2048,
     512) and (512, 512), one thread (0.85-0.94x) and gained nothing on two."""
     n = r1 - r0
-    if same(g2, d2) or (l1 - l0) * x2.itemsize < NEAR_PAGE or n < 2:
+    if same(g2, d2) or (l1 - l0) * x2.itemsize < NEAR_PAGE:
         gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1)
         return
     xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # 2-D, lanes at an unsigned offset:

@@ -89,43 +89,51 @@ def _set_threads(n: int, impls: dict) -> None:
 def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
     """Time every (op, case, thread count, implementation); check outputs against NumPy.
 
-    bnfast and PyTorch are timed in interleaved rounds (``_compare.interleaved_ms``); the
+    bnfast and PyTorch at every thread count of a case are timed in the same interleaved
+    rounds (``_compare.interleaved_ms``, the thread count set before each sample and settled
+    by its untimed calls), so that the 1- and 2-thread times of a cell are measured side by
+    side as bnfast's and PyTorch's are: in separate passes minutes apart, a slow spell of a
+    shared machine flipped "2 threads slower than 1" on dozens of cells (Zen 4 VM, 24-43 of
+    132, where the same cells measured side by side ran 1.3-1.9x faster on two threads). The
     single-threaded NumPy reference once per (op, case), on its own.
     """
     records, failures = [], []
-    numpy_ms = {}
-    total = len(ops) * len(cases) * len(threads)
+    total = len(ops) * len(cases)
     done = 0
+    bws = {}
     for n in threads:
         _set_threads(n, impls)
-        bws = levels(n)
-        for op in ops:
-            for case in cases:
-                done += 1
-                progress(f"[{done}/{total}] {op} {case.label} at {n} thread(s)")
-                inp = cmp.make_inputs(case)
-                want = cmp.IMPLEMENTATIONS["numpy"].prepare(op, inp)()
-                errors, fns = {}, {}
+        bws[n] = levels(n)
+    for op in ops:
+        for case in cases:
+            done += 1
+            progress(f"[{done}/{total}] {op} {case.label}")
+            inp = cmp.make_inputs(case)
+            want = cmp.IMPLEMENTATIONS["numpy"].prepare(op, inp)()
+            errors, fns, setup = {}, {}, {}
+            for n in threads:
+                _set_threads(n, impls)
                 for name, impl in impls.items():
+                    if name == "numpy" and n != threads[0]:
+                        continue
                     fn = impl.prepare(op, inp)
-                    errors[name] = cmp.max_error(fn(), want)
-                    if not errors[name] <= TOLERANCE[name]:
-                        failures.append(f"{op} {case.label} {name}: error {errors[name]:.2e}")
+                    errors[name, n] = cmp.max_error(fn(), want)
+                    err = errors[name, n]
+                    if not err <= TOLERANCE[name]:
+                        failures.append(f"{op} {case.label} {name} ({n} threads): error {err:.2e}")
                     if name != "numpy":
-                        fns[name] = fn
-                times = cmp.interleaved_ms(fns, budget_s=budget)
-                if (op, case.label) not in numpy_ms:
-                    numpy_ms[(op, case.label)] = cmp.median_ms(
-                        impls["numpy"].prepare(op, inp),
-                        min_repeats=1,
-                        max_repeats=3,
-                        budget_s=budget,
-                    )
-                times["numpy"] = numpy_ms[(op, case.label)]
-                level = level_of(op, case.nbytes, bws)
-                bw = bws[level]
+                        fns[name, n] = fn
+                        setup[name, n] = lambda n=n: _set_threads(n, impls)
+            times = cmp.interleaved_ms(fns, budget_s=budget * len(threads), setup=setup)
+            _set_threads(1, impls)
+            numpy_ms = cmp.median_ms(
+                impls["numpy"].prepare(op, inp), min_repeats=1, max_repeats=3, budget_s=budget
+            )
+            for n in threads:
+                level = level_of(op, case.nbytes, bws[n])
+                bw = bws[n][level]
                 for name in impls:
-                    ms = times[name]
+                    ms = numpy_ms if name == "numpy" else times[name, n]
                     gbs = cmp.TRAFFIC[op] * case.nbytes / ms / 1e6
                     records.append(
                         dict(
@@ -138,13 +146,13 @@ def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
                             gbs=gbs,
                             fraction=gbs / bw["read"],
                             copy_fraction=gbs / bw["copy"],
-                            err=errors[name],
+                            err=errors[name, threads[0] if name == "numpy" else n],
                             nbytes=case.nbytes,
                             level=level,
                             read_gbs=bw["read"],
                             copy_gbs=bw["copy"],
-                            memory_read_gbs=bws["memory"]["read"],
-                            memory_copy_gbs=bws["memory"]["copy"],
+                            memory_read_gbs=bws[n]["memory"]["read"],
+                            memory_copy_gbs=bws[n]["memory"]["copy"],
                         )
                     )
     return records, failures
@@ -207,7 +215,30 @@ def target_summary(records: list) -> str:
                 f">= {goal}x"
                 + ("; short: " + ", ".join(f"{c} {v:.2f}x" for v, c in short) if short else "")
             )
+    lines.append(thread_summary(records))
     return "\n".join(lines)
+
+
+def thread_summary(records: list) -> str:
+    """Issue 16's "2 threads never slower than 1": bnfast's cells slower on 2 threads than on
+    1 (measured side by side, see ``measure``), those whose arrays are below
+    ``_machine.SERIAL_BELOW`` named apart: they run the same serial code at both counts."""
+    by = {(r["op"], r["case"], r["threads"]): r for r in records if r["impl"] == "bnfast"}
+    pairs = [(o, c) for (o, c, t) in by if t == 1 and (o, c, 2) in by]
+    if not pairs:
+        return ""
+    slower = [(o, c) for o, c in pairs if by[o, c, 2]["ms"] > by[o, c, 1]["ms"]]
+    serial = [(o, c) for o, c in slower if by[o, c, 1]["nbytes"] < _machine.SERIAL_BELOW]
+    parallel = ", ".join(
+        f"{o} {c} {by[o, c, 1]['ms'] / by[o, c, 2]['ms']:.2f}x"
+        for o, c in slower
+        if (o, c) not in serial
+    )
+    return (
+        f"2 threads slower than 1 on {len(slower)}/{len(pairs)} cells: {len(serial)} below "
+        f"{_machine.SERIAL_BELOW // 1024} KiB (the same serial code at both counts)"
+        + (f"; parallel: {parallel}" if parallel else "")
+    )
 
 
 def plot(records: list, path: str) -> None:

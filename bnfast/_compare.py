@@ -333,9 +333,12 @@ def interleaved_ms(
     max_rounds: int = 100,
     sample_s: float = 0.02,
     settle_s: float = 0.015,
+    setup: dict | None = None,
 ) -> dict:
     """Median ms per call of each callable, measured in interleaved rounds (one sample of each
     per round), so that a slow spell of a shared machine hits every implementation alike.
+    ``setup``: for some names, a callable run (untimed) before each of their samples, e.g. to
+    set the thread count the sample runs at.
 
     A sample is untimed calls for ``settle_s``, then enough timed calls to last about
     ``sample_s``. The untimed calls absorb the switch from another implementation: PyTorch's
@@ -346,8 +349,11 @@ def interleaved_ms(
     against 52 us alone, while PyTorch's own time did not move (bnfast's TBB workers stop
     spinning within microseconds). Each implementation gets the same settling time.
     """
+    setup = setup or {}
     repeats = {}
     for name, fn in fns.items():
+        if name in setup:
+            setup[name]()
         fn()
         t = time.perf_counter()
         fn()
@@ -358,6 +364,8 @@ def interleaved_ms(
     while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
         for name, fn in fns.items():
             k = repeats[name]
+            if name in setup:
+                setup[name]()
             t = time.perf_counter()
             fn()
             while time.perf_counter() - t < settle_s:

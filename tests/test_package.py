@@ -217,6 +217,67 @@ def test_main_job_measures_checks_and_reports(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_main_job_times_thread_counts_side_by_side(monkeypatch):
+    """Every thread count of a case is timed in the same interleaved rounds: each sample runs
+    at the thread count its setup set (recorded here through ``numba.get_num_threads``), and
+    each (impl, thread count) gets its record, checked against the reference."""
+    import numba
+
+    from bnfast import __main__ as main_job
+
+    seen: dict = {}
+    real = cmp.interleaved_ms
+
+    def spy(fns, **kw):
+        wrapped = {}
+        for key, fn in fns.items():
+
+            def run(fn=fn, key=key):
+                seen.setdefault(key, set()).add(numba.get_num_threads())
+                return fn()
+
+            wrapped[key] = run
+        return real(wrapped, **kw)
+
+    monkeypatch.setattr(cmp, "interleaved_ms", spy)
+    most = numba.config.NUMBA_NUM_THREADS
+    threads = sorted({1, min(2, most)})
+    case = cmp.Case("2-D 64x8", (64, 8))
+    impls = cmp.available()
+    records, failures = main_job.measure(("inference",), (case,), threads, impls, 0.01, print)
+    assert not failures
+    timed = [name for name in impls if name != "numpy"]
+    assert seen == {(name, n): {n} for name in timed for n in threads}
+    assert sorted((r["impl"], r["threads"]) for r in records) == sorted(
+        (name, n) for name in impls for n in threads
+    )
+
+
+def test_thread_summary_counts_cells_slower_on_two_threads():
+    """The grid's "2 threads never slower than 1" line: slower cells counted, those below
+    ``SERIAL_BELOW`` (the same serial code at both counts) named apart."""
+    from bnfast import __main__ as main_job
+    from bnfast import _machine
+
+    small, big = _machine.SERIAL_BELOW // 2, _machine.SERIAL_BELOW * 4
+
+    def rec(case, n, ms, nbytes):
+        return dict(op="forward", case=case, threads=n, impl="bnfast", ms=ms, nbytes=nbytes)
+
+    records = [
+        rec("a", 1, 1.0, small),
+        rec("a", 2, 1.1, small),  # slower, serial
+        rec("b", 1, 2.0, big),
+        rec("b", 2, 2.5, big),  # slower, parallel: named
+        rec("c", 1, 2.0, big),
+        rec("c", 2, 1.0, big),  # faster
+    ]
+    line = main_job.thread_summary(records)
+    assert line.startswith("2 threads slower than 1 on 2/3 cells: 1 below")
+    assert "parallel: forward b 0.80x" in line and "forward a" not in line
+    assert main_job.thread_summary(records[4:]).startswith("2 threads slower than 1 on 0/1")
+
+
 def test_every_prange_loop_runs_in_parallel(tmp_path):
     """Each ``prange`` loop of every parallel kernel becomes a parallel region: numba silently
     runs one serially when it does not recognize it (``prange(a if b else c)`` did that). In a

@@ -1,0 +1,383 @@
+"""What the arithmetic alone costs: bare loops of bnfast's float64 passes, and of a float32
+design, beside bnfast and PyTorch, per grid case, one thread, interleaved rounds.
+
+    python bench/floors.py [--match TEXT] [--ops forward,backward,inference] [--budget 0.5]
+
+Issue 16 asks for each grid cell still short of its target "with its measured reason", and
+what the 1-ulp outputs really cost. For each case this times, in the same interleaved rounds:
+
+- bnfast and PyTorch (as ``python -m bnfast --grid`` does);
+- ``f64``: the bare float64 loops of the operation's passes, without partition, per-channel
+  work or call overhead (forward: shifted moment sums eight rows at a time, then the write
+  ``y = float32((float64(x) - m) * s + b)``; inference: that write;
+  backward: the two gradient sums four rows at a time, then ``dx = s*dy - c1*(x - m) + c0``;
+  the write and dx passes several rows at a time over rows of 7/8 of a page or more, as the
+  kernels take them).
+  The same arithmetic as the kernels (``kernels/lanes.py``, ``kernels/rows.py``), so no
+  kernel of this design runs below it on one thread;
+- ``f32``: the same passes in float32 arithmetic (plain float32 sums, ``y = x * s + t``),
+  what a PyTorch-like design would cost; its outputs are not within 1 ulp (see the README).
+
+Then ``need`` = PyTorch time / target: a cell whose ``f64`` floor is above ``need`` cannot
+reach its target with float64 arithmetic on this CPU at one thread. Layouts: 2-D and NHWC as
+(rows, C) lanes, NCHW as (N, C, H*W) rows. Run it alone on the machine; name the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numba
+import numpy as np
+from numba import njit
+
+from bnfast import _compare as cmp
+from bnfast import _machine
+from bnfast.kernels.lanes import NEAR_PAGE
+
+TARGETS = {"forward": 1.5, "backward": 1.2, "inference": 1.1}
+OPTS = dict(cache=True, error_model="numpy", fastmath={"contract"})
+ROW_OPTS = dict(cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
+
+
+@njit(**OPTS)
+def lane_moments(x, k, a1, a2):
+    """Per-lane float64 sums of (x - k) and (x - k)**2, eight rows at a time (fixed tree)."""
+    n, w = x.shape
+    a1[:] = 0.0
+    a2[:] = 0.0
+    r = 0
+    while r + 8 <= n:
+        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+        x4, x5, x6, x7 = x[r + 4], x[r + 5], x[r + 6], x[r + 7]
+        for j in range(w):
+            kj = k[j]
+            d0, d1, d2, d3 = x0[j] - kj, x1[j] - kj, x2[j] - kj, x3[j] - kj
+            d4, d5, d6, d7 = x4[j] - kj, x5[j] - kj, x6[j] - kj, x7[j] - kj
+            a1[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            a2[j] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + (
+                (d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)
+            )
+        r += 8
+    for i in range(r, n):
+        for j in range(w):
+            d = x[i, j] - k[j]
+            a1[j] += d
+            a2[j] += d * d
+
+
+@njit(**OPTS)
+def lane_write(x, y, m, s, b):
+    """Four rows per pass for rows of ``NEAR_PAGE`` bytes or more (``lanes.affine_rows``)."""
+    n, w = x.shape
+    uw = np.uint64(w)
+    i = 0
+    while w * x.itemsize >= NEAR_PAGE and i + 4 <= n:
+        for j in range(uw):
+            mj, sj, bj = m[j], s[j], b[j]
+            y[i, j] = (x[i, j] - mj) * sj + bj
+            y[i + 1, j] = (x[i + 1, j] - mj) * sj + bj
+            y[i + 2, j] = (x[i + 2, j] - mj) * sj + bj
+            y[i + 3, j] = (x[i + 3, j] - mj) * sj + bj
+        i += 4
+    for r in range(i, n):
+        for j in range(uw):
+            y[r, j] = (x[r, j] - m[j]) * s[j] + b[j]
+
+
+@njit(**OPTS)
+def lane_gradient_sums(x, g, m, a1, a2):
+    """Per-lane float64 sums of dy and dy * (x - m), four rows at a time."""
+    n, w = x.shape
+    a1[:] = 0.0
+    a2[:] = 0.0
+    r = 0
+    while r + 4 <= n:
+        for j in range(w):
+            mj = m[j]
+            e0, e1 = np.float64(g[r, j]), np.float64(g[r + 1, j])
+            e2, e3 = np.float64(g[r + 2, j]), np.float64(g[r + 3, j])
+            a1[j] += (e0 + e1) + (e2 + e3)
+            a2[j] += (e0 * (x[r, j] - mj) + e1 * (x[r + 1, j] - mj)) + (
+                e2 * (x[r + 2, j] - mj) + e3 * (x[r + 3, j] - mj)
+            )
+        r += 4
+    for i in range(r, n):
+        for j in range(w):
+            e = np.float64(g[i, j])
+            a1[j] += e
+            a2[j] += e * (x[i, j] - m[j])
+
+
+@njit(**OPTS)
+def lane_dx(x, g, d, m, s, c1, c0):
+    """Two rows per pass for rows of ``NEAR_PAGE`` bytes or more (``lanes.gradient_pairs``)."""
+    n, w = x.shape
+    uw = np.uint64(w)
+    i = 0
+    while w * x.itemsize >= NEAR_PAGE and i + 2 <= n:
+        for j in range(uw):
+            mj, sj, pj, qj = m[j], s[j], c1[j], c0[j]
+            d[i, j] = sj * np.float64(g[i, j]) - pj * (x[i, j] - mj) + qj
+            d[i + 1, j] = sj * np.float64(g[i + 1, j]) - pj * (x[i + 1, j] - mj) + qj
+        i += 2
+    for r in range(i, n):
+        for j in range(uw):
+            d[r, j] = s[j] * np.float64(g[r, j]) - c1[j] * (x[r, j] - m[j]) + c0[j]
+
+
+@njit(**OPTS)
+def lane_sums32(x, a1, a2):
+    """Per-lane float32 sums of x and x**2 (a float32 design's statistics)."""
+    n, w = x.shape
+    a1[:] = 0.0
+    a2[:] = 0.0
+    for i in range(n):
+        for j in range(w):
+            v = x[i, j]
+            a1[j] += v
+            a2[j] += v * v
+
+
+@njit(**OPTS)
+def lane_write32(x, y, s, t):
+    n, w = x.shape
+    uw = np.uint64(w)
+    for i in range(n):
+        for j in range(uw):
+            y[i, j] = x[i, j] * s[j] + t[j]
+
+
+@njit(**OPTS)
+def lane_gradient_sums32(x, g, a1, a2):
+    n, w = x.shape
+    a1[:] = 0.0
+    a2[:] = 0.0
+    for i in range(n):
+        for j in range(w):
+            e = g[i, j]
+            a1[j] += e
+            a2[j] += e * x[i, j]
+
+
+@njit(**OPTS)
+def lane_dx32(x, g, d, s, c1, c0):
+    n, w = x.shape
+    uw = np.uint64(w)
+    for i in range(n):
+        for j in range(uw):
+            d[i, j] = s[j] * g[i, j] - c1[j] * x[i, j] + c0[j]
+
+
+@njit(**ROW_OPTS)
+def row_moments(x, k, a1, a2):
+    """Per-channel float64 shifted sums over contiguous rows (N, C, L)."""
+    n, c, L = x.shape
+    a1[:] = 0.0
+    a2[:] = 0.0
+    for i in range(n):
+        for ch in range(c):
+            kc, s1, s2 = k[ch], 0.0, 0.0
+            row = x[i, ch]
+            for t in range(L):
+                dd = row[t] - kc
+                s1 += dd
+                s2 += dd * dd
+            a1[ch] += s1
+            a2[ch] += s2
+
+
+@njit(**OPTS)
+def row_write(x, y, m, s, b):
+    n, c, L = x.shape
+    for i in range(n):
+        for ch in range(c):
+            mc, sc, bc = m[ch], s[ch], b[ch]
+            xr, yr = x[i, ch], y[i, ch]
+            for t in range(L):
+                yr[t] = (xr[t] - mc) * sc + bc
+
+
+@njit(**ROW_OPTS)
+def row_gradient_sums(x, g, m, a1, a2):
+    n, c, L = x.shape
+    a1[:] = 0.0
+    a2[:] = 0.0
+    for i in range(n):
+        for ch in range(c):
+            mc, s1, s2 = m[ch], 0.0, 0.0
+            xr, gr = x[i, ch], g[i, ch]
+            for t in range(L):
+                e = np.float64(gr[t])
+                s1 += e
+                s2 += e * (xr[t] - mc)
+            a1[ch] += s1
+            a2[ch] += s2
+
+
+@njit(**OPTS)
+def row_dx(x, g, d, m, s, c1, c0):
+    n, c, L = x.shape
+    for i in range(n):
+        for ch in range(c):
+            mc, sc, p, q = m[ch], s[ch], c1[ch], c0[ch]
+            xr, gr, dr = x[i, ch], g[i, ch], d[i, ch]
+            for t in range(L):
+                dr[t] = sc * np.float64(gr[t]) - p * (xr[t] - mc) + q
+
+
+@njit(**ROW_OPTS)
+def row_sums32(x, a1, a2):
+    n, c, L = x.shape
+    a1[:] = 0.0
+    a2[:] = 0.0
+    for i in range(n):
+        for ch in range(c):
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            row = x[i, ch]
+            for t in range(L):
+                s1 += row[t]
+                s2 += row[t] * row[t]
+            a1[ch] += s1
+            a2[ch] += s2
+
+
+@njit(**OPTS)
+def row_write32(x, y, s, t):
+    n, c, L = x.shape
+    for i in range(n):
+        for ch in range(c):
+            sc, tc = s[ch], t[ch]
+            xr, yr = x[i, ch], y[i, ch]
+            for u in range(L):
+                yr[u] = xr[u] * sc + tc
+
+
+@njit(**ROW_OPTS)
+def row_gradient_sums32(x, g, a1, a2):
+    n, c, L = x.shape
+    a1[:] = 0.0
+    a2[:] = 0.0
+    for i in range(n):
+        for ch in range(c):
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            xr, gr = x[i, ch], g[i, ch]
+            for t in range(L):
+                s1 += gr[t]
+                s2 += gr[t] * xr[t]
+            a1[ch] += s1
+            a2[ch] += s2
+
+
+@njit(**OPTS)
+def row_dx32(x, g, d, s, c1, c0):
+    n, c, L = x.shape
+    for i in range(n):
+        for ch in range(c):
+            sc, p, q = s[ch], c1[ch], c0[ch]
+            xr, gr, dr = x[i, ch], g[i, ch], d[i, ch]
+            for t in range(L):
+                dr[t] = sc * gr[t] - p * xr[t] + q
+
+
+def floors(case: cmp.Case, inp: dict) -> dict:
+    """``{op: (f64 loops, f32 loops)}`` callables for a case (C-contiguous float32 x)."""
+    x, dy = inp["x"], inp["dy"]
+    c = case.channels
+    rng = np.random.default_rng(1)
+    per = {name: rng.uniform(0.5, 1.5, c) for name in ("m", "s", "b", "c1", "c0")}
+    if case.axis == 1 and x.ndim == 4:  # NCHW: rows of H*W values per (n, c)
+        x3, g3 = (a.reshape(x.shape[0], c, -1) for a in (x, dy))
+
+        def y3():  # a new output per call, as the grid's calls (and PyTorch's) allocate
+            return np.empty_like(x3)
+
+        m, s, b, c1, c0 = per.values()
+        k = x3[0, :, 0].astype(np.float64)
+        s32, t32, p32, q32 = (v.astype(np.float32) for v in (s, b, c1, c0))
+        a1, a2 = np.empty(c), np.empty(c)
+        return {
+            "forward": (
+                lambda: (row_moments(x3, k, a1, a2), row_write(x3, y3(), m, s, b)),
+                lambda: (row_sums32(x3, a1, a2), row_write32(x3, y3(), s32, t32)),
+            ),
+            "inference": (
+                lambda: row_write(x3, y3(), m, s, b),
+                lambda: row_write32(x3, y3(), s32, t32),
+            ),
+            "backward": (
+                lambda: (
+                    row_gradient_sums(x3, g3, m, a1, a2),
+                    row_dx(x3, g3, y3(), m, s, c1, c0),
+                ),
+                lambda: (
+                    row_gradient_sums32(x3, g3, a1, a2),
+                    row_dx32(x3, g3, y3(), s32, p32, q32),
+                ),
+            ),
+        }
+    # 2-D and NHWC: rows of C lanes (channels last), per-lane vectors
+    x2, g2 = (a.reshape(-1, c) for a in (x, dy))
+
+    def y2():
+        return np.empty_like(x2)
+
+    m, s, b, c1, c0 = per.values()
+    k = x2[0].astype(np.float64)
+    s32, t32, p32, q32 = (v.astype(np.float32) for v in (s, b, c1, c0))
+    a1, a2 = np.empty(c), np.empty(c)
+    f1, f2 = np.empty(c, np.float32), np.empty(c, np.float32)
+    return {
+        "forward": (
+            lambda: (lane_moments(x2, k, a1, a2), lane_write(x2, y2(), m, s, b)),
+            lambda: (lane_sums32(x2, f1, f2), lane_write32(x2, y2(), s32, t32)),
+        ),
+        "inference": (
+            lambda: lane_write(x2, y2(), m, s, b),
+            lambda: lane_write32(x2, y2(), s32, t32),
+        ),
+        "backward": (
+            lambda: (lane_gradient_sums(x2, g2, m, a1, a2), lane_dx(x2, g2, y2(), m, s, c1, c0)),
+            lambda: (lane_gradient_sums32(x2, g2, f1, f2), lane_dx32(x2, g2, y2(), s32, p32, q32)),
+        ),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--match", default="", help="cases whose label contains this")
+    p.add_argument("--ops", default="forward,backward,inference")
+    p.add_argument("--budget", type=float, default=0.5, help="seconds per case and op")
+    args = p.parse_args()
+    numba.set_num_threads(1)
+    impls = cmp.available()
+    torch = "pytorch" in impls
+    if torch:
+        import torch as _torch
+
+        _torch.set_num_threads(1)
+    ops = args.ops.split(",")
+    print(f"bnfast floors on {_machine.describe()}; one thread, float32 arrays, ms")
+    head = f"{'case':<24}{'bnfast':>9}{'f64':>9}{'f32':>9}"
+    head += f"{'PyTorch':>9}{'need':>9}{'bnfast/f64':>11}{'reachable':>10}" if torch else ""
+    for op in ops:
+        print(f"== {op} (target {TARGETS[op]}x PyTorch)\n{head}")
+        for case in (c for c in cmp.GRID if args.match in c.label):
+            inp = cmp.make_inputs(case)
+            f64, f32 = floors(case, inp)[op]
+            fns = {"bnfast": impls["bnfast"].prepare(op, inp), "f64": f64, "f32": f32}
+            if torch:
+                fns["pytorch"] = impls["pytorch"].prepare(op, inp)
+            t = cmp.interleaved_ms(fns, budget_s=args.budget)
+            line = f"{case.label:<24}{t['bnfast']:>9.3f}{t['f64']:>9.3f}{t['f32']:>9.3f}"
+            if torch:
+                need = t["pytorch"] / TARGETS[op]
+                line += f"{t['pytorch']:>9.3f}{need:>9.3f}{t['bnfast'] / t['f64']:>10.2f}x"
+                line += f"{'yes' if t['f64'] <= need else 'no':>10}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

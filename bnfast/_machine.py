@@ -13,8 +13,6 @@ else ``os.sysconf``, else the defaults named below):
   and a whole 2048-lane row (48 KiB of per-lane values) was 35% slower than 1024.
 - ``TUNE_BLOCK``, bytes of x per task of a two-pass partition: a quarter of L2 (1 MiB:
   256 KiB), so a task's input and output stay in its core's L2 while the task runs.
-- ``TUNE_FUSE``: the rows family reduces a channel and writes it from cache when the channel's
-  slice is at most half of L2 (512 KiB).
 - ``TUNE_STRIP``: the lanes family reduces a strip of lanes over every row and writes it from
   cache when the strip (at least 256 lanes) is at most four times L2 (4 MiB: float32 batches up
   to 4096 rows at 256 lanes). Measured, float32, interleaved, 1 and 2 threads: 4 MiB strips
@@ -28,7 +26,8 @@ else ``os.sysconf``, else the defaults named below):
   threads (``_threading.kernels_for``), so ``lanes.geometry`` can give each thread a fused tile
   (calling ``numba.get_num_threads()`` inside a kernel would stop numba caching it).
 - ``TUNE_L2``: one core's L2 in bytes (``lanes.geometry`` splits a fused strip for threads
-  only into tiles that fit it).
+  only into tiles that fit it; the rows family takes its fused route only for arrays that fit
+  it, ``rows.fused``).
 """
 
 from __future__ import annotations
@@ -125,7 +124,6 @@ def tuning(caches: dict) -> np.ndarray:
     tune = np.zeros(_jit.TUNE_SIZE, np.int64)
     tune[_jit.TUNE_TILE] = max(16, _power_of_two_floor(caches["L1d"] // 32))
     tune[_jit.TUNE_BLOCK] = max(64 * 1024, caches["L2"] // 4)
-    tune[_jit.TUNE_FUSE] = max(64 * 1024, caches["L2"] // 2)
     tune[_jit.TUNE_STRIP] = max(256 * 1024, 4 * caches["L2"])
     tune[_jit.TUNE_THREADS] = 1
     tune[_jit.TUNE_L2] = caches["L2"]

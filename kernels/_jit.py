@@ -155,11 +155,10 @@ MIN_TASKS = 16  # rows family: split channels into groups when fewer outer block
 # The tuning vector's entries (values: ``bnfast._machine``, derived from this CPU's caches).
 TUNE_TILE = 0  # lanes family: lanes per tile (its float64 per-lane buffers stay in L1d)
 TUNE_BLOCK = 1  # bytes of x per task of a parallel partition
-TUNE_FUSE = 2  # rows family: a channel's slice this small is reduced, then written from L2
-TUNE_STRIP = 3  # lanes family: a strip of rows this small is reduced, then written from cache
-TUNE_THREADS = 4  # threads the call runs on (1 for a serial twin; set per call by _threading.tune)
-TUNE_L2 = 5  # bytes of one core's L2
-TUNE_SIZE = 6
+TUNE_STRIP = 2  # lanes family: a strip of rows this small is reduced, then written from cache
+TUNE_THREADS = 3  # threads the call runs on (1 for a serial twin; set per call by _threading.tune)
+TUNE_L2 = 4  # bytes of one core's L2 (the rows family's fused route: arrays up to this size)
+TUNE_SIZE = 5
 
 # The parameter block: every scalar option of a call as one float64 vector with named indices
 # (``bnfast._plan`` builds it), read once per call into locals. A new scalar option is one

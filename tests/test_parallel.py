@@ -18,7 +18,7 @@ import bnfast
 from bnfast import _core, _threading
 from bnfast import reference as ref
 from bnfast._machine import TUNE
-from bnfast.kernels._jit import TUNE_STRIP
+from bnfast.kernels._jit import TUNE_L2, TUNE_STRIP
 from conftest import assert_channels_close, backward_tolerance, describe, forward_tolerance
 
 
@@ -35,6 +35,12 @@ def _two_pass_rows(lanes):
     (``TUNE_STRIP``, from this machine's L2), a multiple of 60, so the two-pass route runs."""
     rows = 2 * int(TUNE[TUNE_STRIP]) // (4 * lanes)
     return rows // 60 * 60 + 60
+
+
+def _beyond_l2(per_outer):
+    """Outer indices making float32 x (``per_outer`` values each) about twice one core's L2:
+    the rows family then takes the memory-order route (``rows.fused``), an odd count."""
+    return 2 * int(TUNE[TUNE_L2]) // (4 * per_outer) // 2 * 2 + 1
 
 
 def _cached_rows(lanes):
@@ -57,6 +63,7 @@ CASES = [
         ("lanes narrow rows, inner > 1", (_two_pass_rows(15), 3, 5), 1),
         ("lanes narrow rows, prime count", (104729, 5), 1),
         ("rows NCHW", (8, 8, 48, 50), 1),
+        ("rows NCHW beyond L2, memory order", (_beyond_l2(8 * 48 * 50), 8, 48, 50), 1),
         ("rows 3-D", (3, 5, 12000), 1),
         ("rows, unfused (C < 4)", (2, 3, 40000), 1),
         ("lanes 2-D", (4096, 40), 1),

@@ -119,7 +119,8 @@ from .common import (
 # Row segments at least this long (7/8 of a page) take several rows per pass in the write
 # passes of arrays beyond the strip budget and in the dx passes (``affine_rows``,
 # ``gradient_pairs``): 1024-lane tiles cut to whole channels fall just short of a page (NCHW
-# 7x7: 980 lanes, 3920 bytes; four rows per pass there 1.15-1.37x faster), and shorter
+# 6x6: 1008 lanes; 7x7, 980 lanes, 3920 bytes, before those maps moved to the rows family
+# (``_jit.ROWS_MIN``): four rows per pass there 1.15-1.37x faster), and shorter
 # segments lost (float32, Zen 4, inference four rows per pass against one, 1 / 2 threads:
 # rows of 3584 bytes 1.02 / 1.07x, 3072 bytes 0.90 / 0.87x, 2560 bytes 0.96 / 0.73x, 2048
 # bytes 0.70 / 0.73x, 512 bytes 0.51 / 0.61x).

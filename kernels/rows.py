@@ -16,7 +16,7 @@ vector only, so results do not depend on the thread count:
   :func:`fused` for why only there).
 
 Memory beyond the outputs: two float64 per (block, channel), four for the cache-free backward
-(at most x/8 of float32 x, since a block holds at least one outer index of inner >= 64 values
+(at most x/6 of float32 x, since a block holds at least one outer index of inner >= 48 values
 per channel), and at most sixteen per channel.
 """
 
@@ -297,7 +297,7 @@ def moments(x, mean, var, tune):
 @parallel_kernel(*FORWARD, returns=True, small=True)
 def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     """The forward of every mode (see ``lanes.forward``), with a work block of the whole array
-    (x holds at least ``ROWS_MIN`` values per channel: 56 bytes per channel is below x/4);
+    (x holds at least ``ROWS_MIN`` values per channel: 56 bytes per channel is below x/3);
     with :func:`fused` shapes and batch statistics each channel is one task (its rows summed in
     order, then normalized from cache)."""
     x, gamma, beta, running_mean, running_var, params, stats, y, tune = borrowed(

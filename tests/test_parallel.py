@@ -76,11 +76,11 @@ CASES = [
         ("lanes strips shorter than a page", (_two_pass_rows(512), 512), 1),
         # Rows of a page take several rows per pass in the write pass (beyond the strip
         # budget) and the dx pass (lanes.affine_rows, gradient_pairs): an odd row count leaves
-        # a last row (and row blocks) to the one-row loop; NCHW 7x7 tiles of 980 lanes
-        # (lanes.NEAR_PAGE) and a 196-lane last tile that keeps one row.
+        # a last row (and row blocks) to the one-row loop; NCHW 6x6 tiles of 1008 lanes
+        # (lanes.NEAR_PAGE) and a 288-lane last tile that keeps one row.
         ("lanes page rows in cache, odd count", (257, 1024), 1),
         ("lanes page rows, two-pass, odd count", (_two_pass_rows(1024) + 1, 1024), 1),
-        ("lanes tiles of 980 lanes (7x7)", (_two_pass_rows(3136) + 1, 64, 7, 7), 1),
+        ("lanes tiles of 1008 lanes (6x6)", (_two_pass_rows(2304) + 1, 64, 6, 6), 1),
     ]
 ]
 

@@ -561,6 +561,7 @@ def test_eps_zero_in_eval_mode():
         ((2, 3, 700_000), 1),
         ((64, 28, 28, 96), -1),
         ((8, 16, 40, 40), 1),
+        ((2, 8192, 7, 7), 1),  # the rows family's shortest rows (ROWS_MIN), many channels
     ],
 )
 def test_extra_memory_of_every_operation_is_bounded(shape, axis):

@@ -149,8 +149,11 @@ JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=KERNEL_
 # shift per row where the lanes family loads a float64 vector of each per element. Float32,
 # Zen 4, lanes -> rows, 1 / 2 threads: (128, 256, 7, 7) inference 1.74x / 1.58x, backward
 # 1.41x / 1.40x, forward 1.06x / 1.04x; (16, 2048, 7, 7) 1.95x / 1.61x, 1.47x / 1.36x, 1.37x /
-# 1.32x; (64, 1024, 7, 7) 1.76x / 1.31x, 1.43x / 1.09x, 1.19x / 0.97x. 6x6 maps (inner 36)
-# gained in inference but lost in the forward ((64, 256, 6, 6) 0.83x / 0.72x), so stay lanes.
+# 1.32x; (64, 1024, 7, 7) 1.76x / 1.31x, 1.43x / 1.09x, 1.19x / 0.97x. A training forward
+# alone can lose where the lanes family's fused route read x once ((128, 256, 7, 7) with
+# running statistics, back to back: 0.85-0.94x / 0.73-0.75x), a training step (forward and
+# backward) gains: 1.28-1.51x / 1.00-1.36x at four 7x7 shapes. 6x6 maps (inner 36) gained in
+# inference but lost in the forward ((64, 256, 6, 6) 0.83x / 0.72x), so stay lanes.
 ROWS_MIN = 48
 BLOCK_ROWS_MIN = 64  # lanes family: a row block has >= 64 rows, so its partials are <= x/16
 FUSE_LANES_MIN = 256  # lanes family: a fused strip is at least 256 lanes wide (see lanes.py)

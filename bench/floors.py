@@ -282,65 +282,44 @@ def row_dx32(x, g, d, s, c1, c0):
                 dr[t] = sc * gr[t] - p * xr[t] + q
 
 
+# The loops of each layout, in the order floors() calls them: float64 moments, write, gradient
+# sums, dx; float32 sums, write, gradient sums, dx.
+LOOPS = {
+    "rows": (row_moments, row_write, row_gradient_sums, row_dx)
+    + (row_sums32, row_write32, row_gradient_sums32, row_dx32),
+    "lanes": (lane_moments, lane_write, lane_gradient_sums, lane_dx)
+    + (lane_sums32, lane_write32, lane_gradient_sums32, lane_dx32),
+}
+
+
 def floors(case: cmp.Case, inp: dict) -> dict:
-    """``{op: (f64 loops, f32 loops)}`` callables for a case (C-contiguous float32 x)."""
+    """``{op: (f64 loops, f32 loops)}`` callables for a case (C-contiguous float32 x): NCHW as
+    rows of H*W values per (n, c), 2-D and NHWC as rows of C lanes (per-lane vectors)."""
     x, dy = inp["x"], inp["dy"]
     c = case.channels
+    rows = case.axis == 1 and x.ndim == 4
+    shape = (x.shape[0], c, -1) if rows else (-1, c)
+    xv, gv = x.reshape(shape), dy.reshape(shape)
+    mom, wr, gs, dx, sums32, wr32, gs32, dx32 = LOOPS["rows" if rows else "lanes"]
     rng = np.random.default_rng(1)
-    per = {name: rng.uniform(0.5, 1.5, c) for name in ("m", "s", "b", "c1", "c0")}
-    if case.axis == 1 and x.ndim == 4:  # NCHW: rows of H*W values per (n, c)
-        x3, g3 = (a.reshape(x.shape[0], c, -1) for a in (x, dy))
-
-        def y3():  # a new output per call, as the grid's calls (and PyTorch's) allocate
-            return np.empty_like(x3)
-
-        m, s, b, c1, c0 = per.values()
-        k = x3[0, :, 0].astype(np.float64)
-        s32, t32, p32, q32 = (v.astype(np.float32) for v in (s, b, c1, c0))
-        a1, a2 = np.empty(c), np.empty(c)
-        return {
-            "forward": (
-                lambda: (row_moments(x3, k, a1, a2), row_write(x3, y3(), m, s, b)),
-                lambda: (row_sums32(x3, a1, a2), row_write32(x3, y3(), s32, t32)),
-            ),
-            "inference": (
-                lambda: row_write(x3, y3(), m, s, b),
-                lambda: row_write32(x3, y3(), s32, t32),
-            ),
-            "backward": (
-                lambda: (
-                    row_gradient_sums(x3, g3, m, a1, a2),
-                    row_dx(x3, g3, y3(), m, s, c1, c0),
-                ),
-                lambda: (
-                    row_gradient_sums32(x3, g3, a1, a2),
-                    row_dx32(x3, g3, y3(), s32, p32, q32),
-                ),
-            ),
-        }
-    # 2-D and NHWC: rows of C lanes (channels last), per-lane vectors
-    x2, g2 = (a.reshape(-1, c) for a in (x, dy))
-
-    def y2():
-        return np.empty_like(x2)
-
-    m, s, b, c1, c0 = per.values()
-    k = x2[0].astype(np.float64)
+    m, s, b, c1, c0 = (rng.uniform(0.5, 1.5, c) for _ in range(5))
     s32, t32, p32, q32 = (v.astype(np.float32) for v in (s, b, c1, c0))
+    k = (xv[0, :, 0] if rows else xv[0]).astype(np.float64)
     a1, a2 = np.empty(c), np.empty(c)
     f1, f2 = np.empty(c, np.float32), np.empty(c, np.float32)
+
+    def out():  # a new output per call, as the grid's calls (and PyTorch's) allocate
+        return np.empty_like(xv)
+
     return {
         "forward": (
-            lambda: (lane_moments(x2, k, a1, a2), lane_write(x2, y2(), m, s, b)),
-            lambda: (lane_sums32(x2, f1, f2), lane_write32(x2, y2(), s32, t32)),
+            lambda: (mom(xv, k, a1, a2), wr(xv, out(), m, s, b)),
+            lambda: (sums32(xv, f1, f2), wr32(xv, out(), s32, t32)),
         ),
-        "inference": (
-            lambda: lane_write(x2, y2(), m, s, b),
-            lambda: lane_write32(x2, y2(), s32, t32),
-        ),
+        "inference": (lambda: wr(xv, out(), m, s, b), lambda: wr32(xv, out(), s32, t32)),
         "backward": (
-            lambda: (lane_gradient_sums(x2, g2, m, a1, a2), lane_dx(x2, g2, y2(), m, s, c1, c0)),
-            lambda: (lane_gradient_sums32(x2, g2, f1, f2), lane_dx32(x2, g2, y2(), s32, p32, q32)),
+            lambda: (gs(xv, gv, m, a1, a2), dx(xv, gv, out(), m, s, c1, c0)),
+            lambda: (gs32(xv, gv, f1, f2), dx32(xv, gv, out(), s32, p32, q32)),
         ),
     }
 

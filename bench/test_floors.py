@@ -73,6 +73,16 @@ def test_row_loops_match_numpy():
     floors.row_dx(x, g, y, m, s, c1, c0)
     want = (s[:, None] * g64 - c1[:, None] * (x64 - m[:, None]) + c0[:, None]).astype(np.float32)
     np.testing.assert_allclose(y, want, rtol=2e-7, atol=1e-6)
+    f1, f2 = np.empty(4, np.float32), np.empty(4, np.float32)
+    floors.row_sums32(x, f1, f2)
+    np.testing.assert_allclose(f1, x64.sum((0, 2)), rtol=1e-4)
+    np.testing.assert_allclose(f2, (x64 * x64).sum((0, 2)), rtol=1e-4)
+    floors.row_gradient_sums32(x, g, f1, f2)
+    np.testing.assert_allclose(f1, g64.sum((0, 2)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(f2, (g64 * x64).sum((0, 2)), rtol=1e-4, atol=1e-3)
+    s32, t32 = s.astype(np.float32), b.astype(np.float32)
+    floors.row_write32(x, y, s32, t32)
+    np.testing.assert_allclose(y, x64 * s32[:, None] + t32[:, None], rtol=1e-5, atol=1e-5)
 
 
 def test_floors_script_runs(capsys, monkeypatch):

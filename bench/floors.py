@@ -11,10 +11,11 @@ what the 1-ulp outputs really cost. For each case this times, in the same interl
   work or call overhead (forward: shifted moment sums eight rows at a time, then the write
   ``y = float32((float64(x) - m) * s + b)``; inference: that write;
   backward: the two gradient sums four rows at a time, then ``dx = s*dy - c1*(x - m) + c0``;
-  the write and dx passes several rows at a time over rows of 7/8 of a page or more, as the
-  kernels take them).
-  The same arithmetic as the kernels (``kernels/lanes.py``, ``kernels/rows.py``), so no
-  kernel of this design runs below it on one thread;
+  the write four rows and dx two rows per pass over rows of 7/8 of a page or more, which the
+  kernels do for the write only beyond the strip budget). The same arithmetic as the kernels
+  (``kernels/lanes.py``, ``kernels/rows.py``), over the array's own rows: where the kernels
+  view narrow rows several at a time (``lanes.replicas``, NHWC with C < 64) or take the other
+  family (NCHW maps below 7x7 run in the lanes family), bnfast can run below its floor;
 - ``f32``: the same passes in float32 arithmetic (plain float32 sums, ``y = x * s + t``),
   what a PyTorch-like design would cost; its outputs are not within 1 ulp (see the README).
 
@@ -33,9 +34,9 @@ from numba import njit
 
 from bnfast import _compare as cmp
 from bnfast import _machine
+from bnfast.__main__ import TARGETS
 from bnfast.kernels.lanes import NEAR_PAGE
 
-TARGETS = {"forward": 1.5, "backward": 1.2, "inference": 1.1}
 OPTS = dict(cache=True, error_model="numpy", fastmath={"contract"})
 ROW_OPTS = dict(cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
 
@@ -327,7 +328,7 @@ def floors(case: cmp.Case, inp: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--match", default="", help="cases whose label contains this")
-    p.add_argument("--ops", default="forward,backward,inference")
+    p.add_argument("--ops", default="forward,backward,inference", help="of those three")
     p.add_argument("--budget", type=float, default=0.5, help="seconds per case and op")
     args = p.parse_args()
     numba.set_num_threads(1)

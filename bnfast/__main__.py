@@ -11,6 +11,7 @@ and thread count, the ratio PyTorch time / bnfast time with the issue-7 targets 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -86,6 +87,21 @@ def _set_threads(n: int, impls: dict) -> None:
         torch.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def _threads_kept(impls: dict):
+    """Restore numba's (and PyTorch's) thread counts on exit: a measurement sets them per
+    sample, and a caller (a test, a notebook) keeps running after it."""
+    numba_threads = numba.get_num_threads()
+    torch = sys.modules.get("torch") if "pytorch" in impls else None
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        numba.set_num_threads(numba_threads)
+        if torch is not None:
+            torch.set_num_threads(torch_threads)
+
+
 def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
     """Time every (op, case, thread count, implementation); check outputs against NumPy.
 
@@ -97,6 +113,11 @@ def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
     132, where the same cells measured side by side ran 1.3-1.9x faster on two threads). The
     single-threaded NumPy reference once per (op, case), on its own.
     """
+    with _threads_kept(impls):
+        return _measure(ops, cases, threads, impls, budget, progress)
+
+
+def _measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
     records, failures = [], []
     total = len(ops) * len(cases)
     done = 0
@@ -125,7 +146,6 @@ def measure(ops, cases, threads, impls, budget, progress) -> tuple[list, list]:
                         fns[name, n] = fn
                         setup[name, n] = lambda n=n: _set_threads(n, impls)
             times = cmp.interleaved_ms(fns, budget_s=budget * len(threads), setup=setup)
-            _set_threads(1, impls)
             numpy_ms = cmp.median_ms(
                 impls["numpy"].prepare(op, inp), min_repeats=1, max_repeats=3, budget_s=budget
             )

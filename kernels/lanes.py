@@ -470,10 +470,10 @@ def gradient_pairs(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
     0.379 -> 0.346 (two runs: 1.04-1.23x). Four rows per pass lost at (1024, 4096)
     (0.79-0.85x: twelve streams of x, dy and dx), two rows over 2 KiB segments lost at (2048,
     512) and (512, 512), one thread (0.85-0.94x) and gained nothing on two."""
-    n = r1 - r0
     if same(g2, d2) or (l1 - l0) * x2.itemsize < NEAR_PAGE:
         gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1)
         return
+    n = r1 - r0
     xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # 2-D, lanes at an unsigned offset:
     lo, w = np.uint64(l0), np.uint64(l1 - l0)  # see ``affine_rows``
     for i in range(0, n - 1, 2):

@@ -112,8 +112,7 @@ def fused(x, tune):
     1.94, 5.40 / 3.29 against 3.62 / 2.94, 12.5 / 7.9 against 8.2 / 7.5. Within L2 the two
     tie (0.95-1.1x either way: (4, 32, 32, 32), (16, 64, 14, 14), (2, 16, 32, 32)), and the
     ``.small`` twins (arrays below ``SERIAL_BELOW``, half of L2) keep the fused route alone."""
-    outer, channels, inner = x.shape
-    return outer * channels * inner * x.itemsize <= tune[TUNE_L2] and channels >= 4
+    return x.nbytes <= tune[TUNE_L2] and x.shape[1] >= 4
 
 
 @helper

@@ -242,6 +242,8 @@ def test_main_job_times_thread_counts_side_by_side(monkeypatch):
     monkeypatch.setattr(cmp, "interleaved_ms", spy)
     most = numba.config.NUMBA_NUM_THREADS
     threads = sorted({1, min(2, most)})
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)  # the caller's count, which the last (2-thread) sample changes
     case = cmp.Case("2-D 64x8", (64, 8))
     impls = cmp.available()
     records, failures = main_job.measure(("inference",), (case,), threads, impls, 0.01, print)
@@ -251,6 +253,9 @@ def test_main_job_times_thread_counts_side_by_side(monkeypatch):
     assert sorted((r["impl"], r["threads"]) for r in records) == sorted(
         (name, n) for name in impls for n in threads
     )
+    restored = numba.get_num_threads()
+    numba.set_num_threads(before)
+    assert restored == 1  # the caller's count, restored
 
 
 def test_thread_summary_counts_cells_slower_on_two_threads():

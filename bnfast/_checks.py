@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._machine import TUNE
+from .kernels._jit import PAGE_BYTES, ROWS_MIN, TUNE_STRIP
+from .kernels.lanes import NEAR_PAGE
+
 DATA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 VECTOR_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -376,6 +380,35 @@ def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
             )
 
 
+# A fresh forward output of the lanes family beyond the strip budget starts ``PLACE_AT`` bytes
+# after x within a page. Its write pass takes four rows per pass (``lanes.affine_rows``): four
+# rows of x read and the same columns of four rows of y written. A fresh array above glibc's
+# mmap threshold starts 16 bytes into a page, as x then does too; with rows a multiple of 4 KiB
+# apart, the eight lines of a step share one set of the L1 (index bits 6-11) and evict each
+# other. Bare four-row loop, float32, one thread, Zen 4, y starting d bytes after x within a
+# page (us): (512, 1024) d = 0 / 64 / 128: 129 / 149 / 145, d = 256 / 448 / 1024 / 2048 / -64 /
+# -256: 97-116 (one row per pass: 156); (128, 4096) 137-143 against 94-108; (512, 2048) 258-333
+# against 222-248. Through the API, float32, 10th percentiles of interleaved samples, three
+# runs, x at 16 bytes into a page, fresh y at 16 -> placed, 1 / 2 threads: (2048, 1024)
+# inference 1.31x / 1.41x, forward 1.25x / 1.26x, with ReLU 1.26x / 1.26x; (512, 4096) 1.35x /
+# 1.32x, 1.28x / 1.20x, 1.29x / 1.26x; (1024, 2048) 1.13x / 1.10x, 1.06x / 1.03x; (4096, 1024)
+# 1.07x / 1.10x; (8192, 1024) (from memory) 1.02x / 1.00x. Arrays within the strip budget (one
+# row per pass) gained nothing from four rows and a placed y (forward 0.91-1.00x at (512,
+# 1024) and (1024, 1024)), so they are left as allocated. The dx passes (two rows per pass)
+# measured the same either way. Placing costs ~3 us (two addresses through ``ctypes``), under
+# 1% of a call beyond the strip budget.
+PLACE_AT = 512  # 8 lines from x, and from every row of x and y when rows are whole KiB apart
+
+
+def placed(shape: tuple, dtype: np.dtype, near: np.ndarray) -> np.ndarray:
+    """A new C-contiguous array of ``shape`` starting ``PLACE_AT`` bytes (less up to 63)
+    after ``near`` within a page: a view of a slightly larger allocation."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = np.empty(nbytes + PAGE_BYTES, np.uint8)
+    at = (near.ctypes.data + PLACE_AT - buf.ctypes.data) % PAGE_BYTES
+    return np.ndarray(shape, dtype, buf, at - at % 64)
+
+
 @dataclass(frozen=True, eq=False)
 class Layout:
     """How an array with channel axis ``axis`` maps to the canonical ``(outer, C, inner)``.
@@ -476,20 +509,34 @@ class Layout:
             _VIEWS[key] = view
         return view
 
-    def output(self, out: np.ndarray | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    def output(
+        self, out: np.ndarray | None, dtype: np.dtype, near: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(array, its 3-D view)`` for a kernel to write; pass both to :meth:`finish_output`.
 
-        Without ``out``, a new array laid out canonically (its 3-D view is always a view). With
-        an ``out`` that has no C-contiguous 3-D view, the kernel writes a temporary copied into
-        ``out``.
+        Without ``out``, a new array laid out canonically (its 3-D view is always a view),
+        placed apart from ``near`` (the canonical x the kernel reads) where :meth:`placed_apart`
+        says so. With an ``out`` that has no C-contiguous 3-D view, the kernel writes a
+        temporary copied into ``out``.
         """
         if out is not None:
             if self.is_view(out):
                 v = out.transpose(self.order) if self.transposed else out
                 return out, v.reshape(self.canon)
             return out, np.empty(self.canon, dtype)
-        t = np.empty(self.ordered_shape, dtype)
+        if near is not None and self.placed_apart(dtype):
+            t = placed(self.ordered_shape, dtype, near)
+        else:
+            t = np.empty(self.ordered_shape, dtype)
         return (t.transpose(self.inverse) if self.transposed else t), t.reshape(self.canon)
+
+    def placed_apart(self, dtype: np.dtype) -> bool:
+        """Does a fresh output of this layout go :func:`placed` apart from x? Where the lanes
+        family's write takes four rows per pass (rows of ``NEAR_PAGE`` bytes or more, arrays
+        beyond the strip budget: ``lanes.affine_rows``)."""
+        outer, channels, inner = self.canon
+        row = channels * inner * dtype.itemsize
+        return inner < ROWS_MIN and row >= NEAR_PAGE and outer * row > TUNE[TUNE_STRIP]
 
     def finish_output(self, a: np.ndarray, a3: np.ndarray) -> None:
         """Copy the kernel's result into ``a`` when ``a3`` was a temporary, not a view of it."""

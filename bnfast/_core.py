@@ -550,8 +550,8 @@ def forward(
             in_place=(("out", "x"),),
         )
 
-    y, y3 = layout.output(out, dtype)
     if comm is not None:
+        y, y3 = layout.output(out, dtype)
         stats, total = _forward_synced(
             comm,
             x,
@@ -582,6 +582,7 @@ def forward(
             eps=plan.eps,
         )
     elif plan.groups > 1 and layout.count > 0 and channels > 0:  # else: nothing to normalize
+        y = layout.output(out, dtype)[0]
         cache = _ghost_forward(
             x,
             y,
@@ -596,6 +597,7 @@ def forward(
         )
     else:
         x3 = x.reshape(layout.canon) if plan.reshapes else layout.view3(x)
+        y, y3 = layout.output(out, dtype, x3)
         launch = plan.launch
         if (
             tracking

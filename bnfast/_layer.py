@@ -303,14 +303,17 @@ class BatchNorm:
             or chk.Layout.of(buf, layout.axis).order != layout.order
             or any(np.may_share_memory(buf, a) for a in avoid)
         ):
-            buf = self._buffers[kind] = layout.output(None, like.dtype)[0]
+            # a kept y goes apart from this x (``Layout.output``); a trainer's next activations
+            # usually sit where this one does within a page
+            near = layout.view3(like) if kind == "y" and layout.is_view(like) else None
+            buf = self._buffers[kind] = layout.output(None, like.dtype, near)[0]
         return buf
 
-    def _planned_output(self, kind: str, p: _Plan, *avoid: np.ndarray):
+    def _planned_output(self, kind: str, p: _Plan, *avoid: np.ndarray, near=None):
         """``(array, its canonical view)`` for a planned call to write: with ``reuse_buffers``
         the kept buffer of this kind while it has the plan's layout and overlaps none of
         ``avoid`` (the first of which is x; else :meth:`_buffer` picks or makes one), otherwise a
-        fresh array laid out canonically."""
+        fresh array laid out canonically (placed apart from ``near``, see ``Layout.output``)."""
         layout = p.layout
         if self.reuse_buffers:
             kept = self._kept.get(kind)
@@ -324,8 +327,8 @@ class BatchNorm:
                 assert buf is not None  # reuse_buffers, and x passed the plan's checks
                 kept = self._kept[kind] = (layout, buf, layout.view3(buf))
             return kept[1], kept[2]
-        if layout.transposed:
-            return layout.output(None, p.dtype)
+        if layout.transposed or near is not None:
+            return layout.output(None, p.dtype, near)
         out = np.empty(p.shape, p.dtype)  # no transposes: a fresh array is canonical
         return out, out.reshape(layout.canon)
 
@@ -449,7 +452,7 @@ class BatchNorm:
         the same run path (``_core.run_forward``) with the plan's parameter block."""
         layout = p.layout
         x3 = x.reshape(layout.canon) if p.reshapes else layout.view3(x)
-        y, y3 = self._planned_output("y", p, x)
+        y, y3 = self._planned_output("y", p, x, near=x3)
         rows = self._rows
         block = p.block
         total = 0

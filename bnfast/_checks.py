@@ -397,6 +397,7 @@ def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
 # 1024) and (1024, 1024)), so they are left as allocated. The dx passes (two rows per pass)
 # measured the same either way. Placing costs ~3 us (two addresses through ``ctypes``), under
 # 1% of a call beyond the strip budget.
+_STRIP = int(TUNE[TUNE_STRIP])
 PLACE_AT = 512  # 8 lines from x, and from every row of x and y when rows are whole KiB apart
 
 
@@ -536,7 +537,7 @@ class Layout:
         beyond the strip budget: ``lanes.affine_rows``)."""
         outer, channels, inner = self.canon
         row = channels * inner * dtype.itemsize
-        return inner < ROWS_MIN and row >= NEAR_PAGE and outer * row > TUNE[TUNE_STRIP]
+        return inner < ROWS_MIN and row >= NEAR_PAGE and outer * row > _STRIP
 
     def finish_output(self, a: np.ndarray, a3: np.ndarray) -> None:
         """Copy the kernel's result into ``a`` when ``a3`` was a temporary, not a view of it."""

@@ -452,7 +452,7 @@ class BatchNorm:
         the same run path (``_core.run_forward``) with the plan's parameter block."""
         layout = p.layout
         x3 = x.reshape(layout.canon) if p.reshapes else layout.view3(x)
-        y, y3 = self._planned_output("y", p, x, near=x3)
+        y, y3 = self._planned_output("y", p, x, near=x3 if p.placed else None)
         rows = self._rows
         block = p.block
         total = 0
@@ -682,6 +682,7 @@ class _Plan:
         "launch",
         "synced",
         "kept",
+        "placed",
     )
     shape: tuple
     strides: tuple
@@ -699,6 +700,7 @@ class _Plan:
     launch: tuple | None  # (kernel, tune) of a call below the serial threshold, else None
     synced: tuple | None  # with comm: the moments and given-statistics forward launches
     kept: tuple  # the shape of the block a forward keeps (``_core.kept_block``)
+    placed: bool  # a fresh y goes apart from x (``chk.Layout.placed_apart``)
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
@@ -719,6 +721,7 @@ class _Plan:
         p.layout = cache.layout
         p.view = cache.view is not None
         p.reshapes = p.view and not p.layout.transposed
+        p.placed = p.layout.placed_apart(x.dtype)
         c = bn.num_features
         p.gamma = bn._rows[0] if bn.scale else chk.constant(1.0, c, bn.dtype)
         p.beta = bn._rows[1] if bn.center else chk.constant(0.0, c, bn.dtype)

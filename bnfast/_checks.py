@@ -380,25 +380,31 @@ def disjoint(written: dict, read: dict, *, in_place: tuple = ()) -> None:
             )
 
 
-# A fresh forward output of the lanes family beyond the strip budget starts ``PLACE_AT`` bytes
-# after x within a page. Its write pass takes four rows per pass (``lanes.affine_rows``): four
-# rows of x read and the same columns of four rows of y written. A fresh array above glibc's
-# mmap threshold starts 16 bytes into a page, as x then does too; with rows a multiple of 4 KiB
-# apart, the eight lines of a step share one set of the L1 (index bits 6-11) and evict each
-# other. Bare four-row loop, float32, one thread, Zen 4, y starting d bytes after x within a
-# page (us): (512, 1024) d = 0 / 64 / 128: 129 / 149 / 145, d = 256 / 448 / 1024 / 2048 / -64 /
-# -256: 97-116 (one row per pass: 156); (128, 4096) 137-143 against 94-108; (512, 2048) 258-333
-# against 222-248. Through the API, float32, 10th percentiles of interleaved samples, three
-# runs, x at 16 bytes into a page, fresh y at 16 -> placed, 1 / 2 threads: (2048, 1024)
-# inference 1.31x / 1.41x, forward 1.25x / 1.26x, with ReLU 1.26x / 1.26x; (512, 4096) 1.35x /
-# 1.32x, 1.28x / 1.20x, 1.29x / 1.26x; (1024, 2048) 1.13x / 1.10x, 1.06x / 1.03x; (4096, 1024)
-# 1.07x / 1.10x; (8192, 1024) (from memory) 1.02x / 1.00x. Arrays within the strip budget (one
-# row per pass) gained nothing from four rows and a placed y (forward 0.91-1.00x at (512,
-# 1024) and (1024, 1024)), so they are left as allocated. The dx passes (two rows per pass)
-# measured the same either way. Placing costs ~3 us (two addresses through ``ctypes``), under
-# 1% of a call beyond the strip budget.
+# Where a fresh forward output starts within a page, relative to x, matters to the lanes
+# family's four-row write (rows of 7/8 of a page or more, arrays beyond the strip budget:
+# ``lanes.affine_rows``): it reads four rows of x and writes the same columns of four rows of
+# y, rows a multiple of 4 KiB apart, so x's lines of a step share one L1 set (address bits
+# 6-11) and y's another; when y starts shortly after x, x's lines reach the set of y's lines
+# just written (dirty) and they evict each other. Inference kernel, float32, one / two
+# threads, y a caller's buffer starting d bytes after x within a page, 10th percentiles of
+# interleaved samples (us), Zen 4: (2048, 1024) d = 0: 575 / 273, d = 512: 491 / 238, d =
+# 1024-3840: 460-483 / 228-233; (512, 4096) 617 / 326, 570 / 293, 505-554 / 281-311; (1024,
+# 2048) 621 / 318, 581 / 275, 494-553 / 245-258. A fresh array above glibc's mmap threshold
+# starts 16 bytes into a page, as x then does (d = 0: every array of 32 MiB or more, and the
+# first calls of a process); below it glibc's heap puts it anywhere (d < 1024 for a quarter
+# of the offsets). So a fresh output that starts fewer than ``PLACE_NEAR`` bytes after x is
+# made again ``PLACE_AT`` bytes after it (512 before it: the best or near it on all three
+# shapes), as a view of an allocation 4 KiB larger. Placing every such output instead measured
+# 0.94-1.00x against an output where glibc put it (three runs, 10th percentiles); the test
+# costs two addresses through ``ctypes`` (~3 us, under 1% of a call beyond the strip budget).
+PLACE_NEAR = 1024
+PLACE_AT = 4096 - 512
 _STRIP = int(TUNE[TUNE_STRIP])
-PLACE_AT = 512  # 8 lines from x, and from every row of x and y when rows are whole KiB apart
+
+
+def page_gap(a: np.ndarray, b: np.ndarray) -> int:
+    """Where b starts within a page, counted in bytes from a's start."""
+    return (b.ctypes.data - a.ctypes.data) % PAGE_BYTES
 
 
 def placed(shape: tuple, dtype: np.dtype, near: np.ndarray) -> np.ndarray:
@@ -406,7 +412,7 @@ def placed(shape: tuple, dtype: np.dtype, near: np.ndarray) -> np.ndarray:
     after ``near`` within a page: a view of a slightly larger allocation."""
     nbytes = math.prod(shape) * dtype.itemsize
     buf = np.empty(nbytes + PAGE_BYTES, np.uint8)
-    at = (near.ctypes.data + PLACE_AT - buf.ctypes.data) % PAGE_BYTES
+    at = (PLACE_AT - page_gap(near, buf)) % PAGE_BYTES
     return np.ndarray(shape, dtype, buf, at - at % 64)
 
 
@@ -516,7 +522,8 @@ class Layout:
         """``(array, its 3-D view)`` for a kernel to write; pass both to :meth:`finish_output`.
 
         Without ``out``, a new array laid out canonically (its 3-D view is always a view),
-        placed apart from ``near`` (the canonical x the kernel reads) where :meth:`placed_apart`
+        made again :func:`placed` where it starts fewer than ``PLACE_NEAR`` bytes after
+        ``near`` (the canonical x the kernel reads) within a page and :meth:`placed_apart`
         says so. With an ``out`` that has no C-contiguous 3-D view, the kernel writes a
         temporary copied into ``out``.
         """
@@ -525,16 +532,15 @@ class Layout:
                 v = out.transpose(self.order) if self.transposed else out
                 return out, v.reshape(self.canon)
             return out, np.empty(self.canon, dtype)
-        if near is not None and self.placed_apart(dtype):
+        t = np.empty(self.ordered_shape, dtype)
+        if near is not None and self.placed_apart(dtype) and page_gap(near, t) < PLACE_NEAR:
             t = placed(self.ordered_shape, dtype, near)
-        else:
-            t = np.empty(self.ordered_shape, dtype)
         return (t.transpose(self.inverse) if self.transposed else t), t.reshape(self.canon)
 
     def placed_apart(self, dtype: np.dtype) -> bool:
-        """Does a fresh output of this layout go :func:`placed` apart from x? Where the lanes
-        family's write takes four rows per pass (rows of ``NEAR_PAGE`` bytes or more, arrays
-        beyond the strip budget: ``lanes.affine_rows``)."""
+        """Does it matter where a fresh output of this layout starts relative to x (see
+        ``PLACE_NEAR``)? Where the lanes family's write takes four rows per pass (rows of
+        ``NEAR_PAGE`` bytes or more, arrays beyond the strip budget: ``lanes.affine_rows``)."""
         outer, channels, inner = self.canon
         row = channels * inner * dtype.itemsize
         return inner < ROWS_MIN and row >= NEAR_PAGE and outer * row > _STRIP

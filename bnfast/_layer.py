@@ -303,8 +303,8 @@ class BatchNorm:
             or chk.Layout.of(buf, layout.axis).order != layout.order
             or any(np.may_share_memory(buf, a) for a in avoid)
         ):
-            # a kept y goes apart from this x (``Layout.output``); a trainer's next activations
-            # usually sit where this one does within a page
+            # a kept y does not start just after this x within a page (``Layout.output``); a
+            # trainer's next activations usually sit where this one does
             near = layout.view3(like) if kind == "y" and layout.is_view(like) else None
             buf = self._buffers[kind] = layout.output(None, like.dtype, near)[0]
         return buf

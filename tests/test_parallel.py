@@ -150,42 +150,42 @@ def test_in_place_calls_give_the_same_bits(label, shape, axis, dtype, activation
             np.testing.assert_array_equal(a, b, err_msg=f"{label}: {name}, training={training}")
 
 
-def _page_gap(a, b):
-    """Where b starts within a page, counted from a's start."""
-    return (b.ctypes.data - a.ctypes.data) % 4096
-
-
-def _at_gap(like, ref, gap):
-    """An empty array like ``like`` starting ``gap`` bytes after ``ref`` within a page."""
-    buf = np.empty(like.nbytes + 4096, np.uint8)
-    at = (ref.ctypes.data + gap - buf.ctypes.data) % 4096
-    return np.ndarray(like.shape, like.dtype, buf, at)
-
-
 @pytest.mark.parametrize("activation", [None, "relu"])
-def test_fresh_outputs_beyond_the_strip_budget_start_apart_from_x(activation):
-    """A fresh forward output of the lanes family beyond the strip budget (rows of a page,
-    written four rows per pass) starts ``_checks.PLACE_AT`` bytes (less up to 63) after x
-    within a page, as does a layer's kept buffer; its values are the bits written into a
-    caller's array at x's own offset; within the budget a fresh output is an ordinary array."""
-    from bnfast._checks import PLACE_AT
+def test_fresh_outputs_never_start_just_after_x(activation):
+    """Beyond the strip budget, with rows of a page (written four rows per pass), a fresh
+    forward output never starts fewer than ``_checks.PLACE_NEAR`` bytes after x within a page,
+    wherever x starts (every line of a page tried), nor does a layer's kept buffer; a re-placed
+    output holds the bits written into a caller's array at x's own offset; within the budget a
+    fresh output is an ordinary array."""
+    from bnfast._checks import PLACE_NEAR, page_gap
 
-    x = _data((_two_pass_rows(1024) + 1, 1024), np.float32)[0]
-    c = x.shape[1]
+    shape = (_two_pass_rows(1024) + 1, 1024)
+    x0 = _data(shape, np.float32)[0]
+    c = shape[1]
     rm, rv = np.linspace(2, 4, c).astype(np.float32), np.linspace(3, 5, c).astype(np.float32)
+    buf = np.empty(x0.nbytes + 4096, np.uint8)
+    buf[: x0.nbytes] = x0.view(np.uint8).ravel()
+    for at in range(0, 4096, 64):  # x at every line of a page
+        x = np.ndarray(shape, np.float32, buf, at)
+        y, _ = bnfast.forward(x, training=False, running_mean=rm, running_var=rv)
+        assert page_gap(x, y) >= PLACE_NEAR, at
     for training in (True, False):
         kw = dict(training=training, activation=activation)
-        y, _ = bnfast.forward(x, running_mean=rm.copy(), running_var=rv.copy(), **kw)
-        assert PLACE_AT - 64 < _page_gap(x, y) <= PLACE_AT
-        assert y.flags.c_contiguous and y.flags.writeable and not np.shares_memory(x, y)
-        out = _at_gap(x, x, 0)
-        bnfast.forward(x, running_mean=rm.copy(), running_var=rv.copy(), out=out, **kw)
+        for out_at in (0, 16, 512):  # a caller's out= at a near offset is used as given
+            out = np.ndarray(shape, np.float32, np.empty(x0.nbytes + 8192, np.uint8), 0)
+            lead = (x0.ctypes.data + out_at - out.ctypes.data) % 4096
+            out = np.ndarray(shape, np.float32, out.base, lead)
+            got = bnfast.forward(x0, running_mean=rm.copy(), running_var=rv.copy(), out=out, **kw)
+            assert got[0] is out and page_gap(x0, out) == out_at
+        y, _ = bnfast.forward(x0, running_mean=rm.copy(), running_var=rv.copy(), **kw)
+        assert page_gap(x0, y) >= PLACE_NEAR
+        assert y.flags.c_contiguous and y.flags.writeable and not np.shares_memory(x0, y)
         np.testing.assert_array_equal(y, out)
     layer = bnfast.BatchNorm(c, activation=activation, reuse_buffers=True)
     for _ in range(2):
-        y = layer(x)
-    assert PLACE_AT - 64 < _page_gap(x, y) <= PLACE_AT
-    small = x[:257]
+        y = layer(x0)
+    assert page_gap(x0, y) >= PLACE_NEAR
+    small = x0[:257]
     assert small.nbytes <= TUNE[TUNE_STRIP]
     assert bnfast.forward(small, activation=activation)[0].flags.owndata
 

@@ -313,7 +313,8 @@ class BatchNorm:
         """``(array, its canonical view)`` for a planned call to write: with ``reuse_buffers``
         the kept buffer of this kind while it has the plan's layout and overlaps none of
         ``avoid`` (the first of which is x; else :meth:`_buffer` picks or makes one), otherwise a
-        fresh array laid out canonically (placed apart from ``near``, see ``Layout.output``)."""
+        fresh array laid out canonically (``near``: x's canonical view where it matters where
+        the array starts relative to it, see ``Layout.output``)."""
         layout = p.layout
         if self.reuse_buffers:
             kept = self._kept.get(kind)
@@ -700,7 +701,7 @@ class _Plan:
     launch: tuple | None  # (kernel, tune) of a call below the serial threshold, else None
     synced: tuple | None  # with comm: the moments and given-statistics forward launches
     kept: tuple  # the shape of the block a forward keeps (``_core.kept_block``)
-    placed: bool  # a fresh y goes apart from x (``chk.Layout.placed_apart``)
+    placed: bool  # where a fresh y starts relative to x matters (``chk.Layout.placed_apart``)
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:

@@ -150,6 +150,11 @@ def test_in_place_calls_give_the_same_bits(label, shape, axis, dtype, activation
             np.testing.assert_array_equal(a, b, err_msg=f"{label}: {name}, training={training}")
 
 
+def _page_gap(a, b):
+    """Where b starts within a page, in bytes after a's start."""
+    return (b.ctypes.data - a.ctypes.data) % 4096
+
+
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_fresh_outputs_never_start_just_after_x(activation):
     """Beyond the strip budget, with rows of a page (written four rows per pass), a fresh
@@ -157,7 +162,7 @@ def test_fresh_outputs_never_start_just_after_x(activation):
     wherever x starts (every line of a page tried), nor does a layer's kept buffer; a re-placed
     output holds the bits written into a caller's array at x's own offset; within the budget a
     fresh output is an ordinary array."""
-    from bnfast._checks import PLACE_NEAR, page_gap
+    from bnfast._checks import PLACE_NEAR
 
     shape = (_two_pass_rows(1024) + 1, 1024)
     x0 = _data(shape, np.float32)[0]
@@ -168,23 +173,23 @@ def test_fresh_outputs_never_start_just_after_x(activation):
     for at in range(0, 4096, 64):  # x at every line of a page
         x = np.ndarray(shape, np.float32, buf, at)
         y, _ = bnfast.forward(x, training=False, running_mean=rm, running_var=rv)
-        assert page_gap(x, y) >= PLACE_NEAR, at
+        assert _page_gap(x, y) >= PLACE_NEAR, at
     for training in (True, False):
         kw = dict(training=training, activation=activation)
         for out_at in (0, 16, 512):  # a caller's out= at a near offset is used as given
-            out = np.ndarray(shape, np.float32, np.empty(x0.nbytes + 8192, np.uint8), 0)
-            lead = (x0.ctypes.data + out_at - out.ctypes.data) % 4096
-            out = np.ndarray(shape, np.float32, out.base, lead)
+            room = np.empty(x0.nbytes + 8192, np.uint8)
+            lead = (x0.ctypes.data + out_at - room.ctypes.data) % 4096
+            out = np.ndarray(shape, np.float32, room, lead)
             got = bnfast.forward(x0, running_mean=rm.copy(), running_var=rv.copy(), out=out, **kw)
-            assert got[0] is out and page_gap(x0, out) == out_at
+            assert got[0] is out and _page_gap(x0, out) == out_at
         y, _ = bnfast.forward(x0, running_mean=rm.copy(), running_var=rv.copy(), **kw)
-        assert page_gap(x0, y) >= PLACE_NEAR
+        assert _page_gap(x0, y) >= PLACE_NEAR
         assert y.flags.c_contiguous and y.flags.writeable and not np.shares_memory(x0, y)
         np.testing.assert_array_equal(y, out)
     layer = bnfast.BatchNorm(c, activation=activation, reuse_buffers=True)
     for _ in range(2):
         y = layer(x0)
-    assert page_gap(x0, y) >= PLACE_NEAR
+    assert _page_gap(x0, y) >= PLACE_NEAR
     small = x0[:257]
     assert small.nbytes <= TUNE[TUNE_STRIP]
     assert bnfast.forward(small, activation=activation)[0].flags.owndata

@@ -534,6 +534,7 @@ class Layout:
             return out, np.empty(self.canon, dtype)
         t = np.empty(self.ordered_shape, dtype)
         if near is not None and self.placed_apart(dtype) and page_gap(near, t) < PLACE_NEAR:
+            del t  # (freed first: a call's extra memory stays bounded, tests/test_reliability)
             t = placed(self.ordered_shape, dtype, near)
         return (t.transpose(self.inverse) if self.transposed else t), t.reshape(self.canon)
 

@@ -597,7 +597,7 @@ def forward(
         )
     else:
         x3 = x.reshape(layout.canon) if plan.reshapes else layout.view3(x)
-        y, y3 = layout.output(out, dtype, x3)
+        y, y3 = layout.output(out, dtype, x3 if plan.placed else None)
         launch = plan.launch
         if (
             tracking
@@ -657,6 +657,7 @@ class _ForwardPlan:
         "block",
         "kept",
         "view",
+        "placed",
         "reshapes",
         "launch",
         "pending",
@@ -730,6 +731,7 @@ class _ForwardPlan:
             )
         self.kept = kept_block(layout, dtype, rmax > 0.0).shape if training else (KEPT, 0)
         self.view = layout.is_view(x)
+        self.placed = layout.placed_apart(dtype)  # where a fresh y starts matters (chk.placed)
         self.reshapes = self.view and not layout.transposed
         nothing = count == 0 or layout.channels == 0  # (run_forward's own path handles it)
         launch = None if nothing else _threading.small_launch(layout.canon, dtype, "forward")

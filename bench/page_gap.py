@@ -16,12 +16,12 @@ two constants. Run it alone on the machine; name the CPU.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numba
 import numpy as np
 
 import bnfast
+from bnfast import _compare as cmp
 from bnfast import _machine
 from bnfast._checks import PLACE_AT, PLACE_NEAR
 
@@ -33,29 +33,6 @@ def buffer_at(shape: tuple, dtype, ref: np.ndarray, gap: int) -> np.ndarray:
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     room = np.empty(nbytes + PAGE, np.uint8)
     return np.ndarray(shape, dtype, room, (ref.ctypes.data + gap - room.ctypes.data) % PAGE)
-
-
-def low_us(fns: dict, budget_s: float, sample_s: float = 0.01, q: float = 10) -> dict:
-    """The ``q``-th percentile, in us per call, of samples (a few calls timed together) taken
-    in interleaved rounds, ``budget_s`` seconds per callable."""
-    reps = {}
-    for name, f in fns.items():
-        f()
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < sample_s:
-            f()
-            n += 1
-        reps[name] = max(1, n)
-    samples: dict = {name: [] for name in fns}
-    end = time.perf_counter() + budget_s * len(fns)
-    while time.perf_counter() < end:
-        for name, f in fns.items():
-            f()  # settle
-            start = time.perf_counter()
-            for _ in range(reps[name]):
-                f()
-            samples[name].append((time.perf_counter() - start) / reps[name])
-    return {name: float(np.percentile(v, q)) * 1e6 for name, v in samples.items()}
 
 
 def main() -> None:
@@ -81,8 +58,9 @@ def main() -> None:
             )
         for threads in (int(t) for t in args.threads.split(",")):
             numba.set_num_threads(threads)
-            t = low_us(fns, args.budget)
-            print(f"{spec:<12}{threads:>8}" + "".join(f"{t[d]:>7.0f}" for d in gaps), flush=True)
+            t = cmp.interleaved_ms(fns, budget_s=args.budget * len(fns), percentile=10)
+            line = "".join(f"{1e3 * t[d]:>7.0f}" for d in gaps)
+            print(f"{spec:<12}{threads:>8}" + line, flush=True)
 
 
 if __name__ == "__main__":

@@ -334,11 +334,15 @@ def interleaved_ms(
     sample_s: float = 0.02,
     settle_s: float = 0.015,
     setup: dict | None = None,
+    percentile: float = 50.0,
 ) -> dict:
     """Median ms per call of each callable, measured in interleaved rounds (one sample of each
     per round), so that a slow spell of a shared machine hits every implementation alike.
     ``setup``: for some names, a callable run (untimed) before each of their samples, e.g. to
-    set the thread count the sample runs at.
+    set the thread count the sample runs at. ``percentile``: another percentile of the samples
+    instead of the median (a low one drops a shared machine's spells of stolen time: on the
+    Zen 4 VM medians of unchanged code moved 20-40% between runs where 10th percentiles moved
+    a few percent; ``bench/page_gap.py`` takes the 10th).
 
     A sample is untimed calls for ``settle_s``, then enough timed calls to last about
     ``sample_s``. The untimed calls absorb the switch from another implementation: PyTorch's
@@ -375,7 +379,9 @@ def interleaved_ms(
                 fn()
             samples[name].append((time.perf_counter() - t) / k)
         rounds += 1
-    return {name: 1e3 * statistics.median(v) for name, v in samples.items()}
+    if percentile == 50.0:
+        return {name: 1e3 * statistics.median(v) for name, v in samples.items()}
+    return {name: 1e3 * float(np.percentile(v, percentile)) for name, v in samples.items()}
 
 
 # --- Batch norm inside a training step (issue 16): a NumPy MLP 784-H-H-10, Linear -> BN -> ReLU

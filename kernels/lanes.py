@@ -404,9 +404,13 @@ def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed):
     (266), (1024, 4096) 2270 / 1503 (1488). On Zen 5 (512-bit loads) four rows per pass
     measured the same as one ((2048, 1024) 292 / 292 us), so the rule costs nothing there. In
     cache the kernels' gain was not consistent (float32, Zen 4, (64-512, 1024) and (256-512,
-    2048), two runs: inference 0.86-1.34x, forward 0.89-1.27x, with ReLU 0.81-1.22x), so arrays
-    within the strip budget keep one row; rows of 2 KiB four at a time ran 2x slower from L3
-    ((6272, 512): 766 / 1584 us). In place (``out=x``) one row at a time: a second four-row
+    2048), two runs: inference 0.86-1.34x, forward 0.89-1.27x, with ReLU 0.81-1.22x), and
+    those runs left y wherever the allocator put it, which moves this loop by up to 1.25x
+    (``bnfast._checks.placed``); with y held 512 bytes before x the kernels gained (one thread:
+    inference 1.15-1.25x, forward 1.10-1.17x) but ReLU calls, whose flag this loop tests per
+    row, did not (1.01-1.08x) and two threads lost at (32, 4096) through the API (0.88-0.95x).
+    So arrays within the strip budget keep one row; rows of 2 KiB four at a time ran 2x slower
+    from L3 ((6272, 512): 766 / 1584 us). In place (``out=x``) one row at a time: a second four-row
     body cost compilation."""
     xb, yb = x2[r0:r1], y2[r0:r1]
     lo, w = np.uint64(l0), np.uint64(l1 - l0)

@@ -602,13 +602,9 @@ def forward(
         if (
             tracking
             and launch is not None
-            and not (
-                running_mean.dtype is dtype
-                and running_var.dtype is dtype
-                and (training or (running_mean.flags.writeable and running_var.flags.writeable))
-            )
+            and not (kernel_ready(running_mean, dtype) and kernel_ready(running_var, dtype))
         ):
-            launch = None  # (the kernels take running arrays in x's dtype, writeable)
+            launch = None  # (the kernels take running arrays as they are only when ready)
         stats = run_forward(
             x3,
             y3,
@@ -840,19 +836,21 @@ def _kept_view(x, layout):
 
 
 def _running_for_kernel(running_mean, running_var, dtype):
-    """The running arrays as the kernels take them: themselves when both have x's dtype and
-    are writeable (the kernel updates them in place), else copies in x's dtype (renorm reads
-    them; the update is then :func:`update_running_of`'s, in the arrays' own dtype)."""
+    """The running arrays as the kernels take them: themselves when both are
+    :func:`kernel_ready` (the kernel updates them in place), else copies in x's dtype (renorm
+    reads them; the update is then :func:`update_running_of`'s, in the arrays' own dtype)."""
     if running_mean is None:
         return _NO_RUNNING[dtype], _NO_RUNNING[dtype]
-    if (
-        running_mean.dtype == dtype
-        and running_var.dtype == dtype
-        and running_mean.flags.writeable
-        and running_var.flags.writeable
-    ):
+    if kernel_ready(running_mean, dtype) and kernel_ready(running_var, dtype):
         return running_mean, running_var
     return running_mean.astype(dtype), running_var.astype(dtype)
+
+
+def kernel_ready(v, dtype) -> bool:
+    """Can the kernels take running array ``v`` for data of ``dtype`` as it is (and update it
+    in place)? Of that dtype, writeable and contiguous (``kernels._jit``: per-channel vectors
+    are contiguous; a strided one is updated from a copy, as one of another dtype)."""
+    return v.dtype is dtype and (f := v.flags).writeable and f.c_contiguous
 
 
 def run_forward(

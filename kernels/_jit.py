@@ -9,8 +9,14 @@ view; ``bnfast`` copies any other view once). Parameter kinds:
   API passes writeable arrays as they are: a read-only view costs 0.4 us to make and numba's
   dispatch of read-only arguments is slower (8 arrays: 0.84 us against 0.58 us here).
 - ``"out"``: a 3-D data array the kernel writes, same dtype as the inputs.
-- ``"p"``: a per-channel vector in the data's dtype, read (gamma, beta); any 1-D layout.
-  ``"p_out"``: one the kernel may write (running statistics, dgamma, dbeta).
+- ``"p"``: a per-channel vector in the data's dtype, read (gamma, beta), C-contiguous
+  (``bnfast`` copies a strided one, O(C), and updates strided running arrays from a contiguous
+  copy, as it does running arrays of another dtype). ``"p_out"``: one the kernel may write
+  (running statistics, dgamma, dbeta). Contiguous rather than any layout, so that LLVM
+  vectorizes the per-channel loops (with a runtime stride it left them scalar): float32, one
+  thread, Zen 4, interleaved, with ``out=``: (2, 4096) forward 29.2 -> 25.0 us, inference
+  18.8 -> 15.8, backward 25.2 -> 21.3; (32, 4096) 1.05-1.09x; (128, 4096) and (128, 1024)
+  1.01-1.02x; the cold first training step unchanged (4.24-4.47 s against 4.19-4.32 s).
 - ``"stats"``: the float64 rows a cache keeps (``common.KEPT``: MEAN and INVSTD; R and D too
   under renorm; or none, ``(2, 0)``) that a forward kernel writes and a backward kernel reads;
   also the rescue's whole ``(STATS_ROWS, C)`` work block. Writeable in both, so that every
@@ -211,9 +217,9 @@ def _param(kind: str, dtype: types.Type) -> types.Type:
     if kind == "out":
         return types.Array(dtype, 3, "C")
     if kind == "p":
-        return types.Array(dtype, 1, "A", readonly=True)
+        return types.Array(dtype, 1, "C", readonly=True)
     if kind == "p_out":
-        return types.Array(dtype, 1, "A")
+        return types.Array(dtype, 1, "C")
     if kind in ("stats", "sums"):
         return types.Array(types.float64, 2, "C")
     if kind == "vec_out":

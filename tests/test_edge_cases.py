@@ -215,6 +215,79 @@ def test_parameters_used_in_x_precision(pdtype):
     np.testing.assert_allclose(rv, (0.9 + 0.1 * v * 10 / 9).astype(pdtype), rtol=rtol)
 
 
+def _vector(values: np.ndarray, kind: str) -> np.ndarray:
+    """``values`` as a 1-D array of another layout: every other element of a larger buffer,
+    or a reversed view."""
+    if kind == "strided":
+        v = np.zeros(2 * values.size, values.dtype)[::2]
+        v[...] = values
+        return v
+    return np.ascontiguousarray(values[::-1])[::-1]
+
+
+@pytest.mark.parametrize("kind", ["strided", "reversed"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape,axis",
+    # small calls (planned kernels without dispatch), lanes and rows families beyond the serial
+    # threshold (the parallel kernels through numba's dispatch), NHWC
+    [((16, 24), 1), ((4, 6, 5, 5), 1), ((1024, 96), 1), ((8, 96, 30, 30), 1), ((8, 5, 5, 12), -1)],
+)
+def test_strided_vectors_give_the_contiguous_bits(shape, axis, dtype, kind):
+    """gamma, beta and the running arrays of any 1-D layout give the bits of contiguous ones in
+    every operation (the kernels take contiguous vectors: bnfast copies gamma and beta, and
+    updates strided running arrays in place from contiguous copies), the running arrays are
+    updated in place, and gamma and beta are left alone."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(3, 2, shape).astype(dtype)
+    dy = rng.normal(0, 1, shape).astype(dtype)
+    c = shape[axis]
+    g0, b0 = rng.uniform(0.5, 1.5, c).astype(dtype), rng.normal(0, 1, c).astype(dtype)
+    m0, v0 = rng.normal(3, 1, c).astype(dtype), rng.uniform(2, 5, c).astype(dtype)
+
+    def run(make):
+        g, b, rm, rv = make(g0), make(b0), make(m0), make(v0)
+        got = {}
+        for name, kw in (("plain", {}), ("relu", {"activation": "relu"})):
+            y, cache = bnfast.forward(x, g, b, axis=axis, running_mean=rm, running_var=rv, **kw)
+            got[name] = (y, *bnfast.backward(dy, cache), rm.copy(), rv.copy())
+        y, cache = bnfast.forward(
+            x, g, b, axis=axis, running_mean=rm, running_var=rv, renorm=(2, 1)
+        )
+        got["renorm"] = (y, *bnfast.backward(dy, cache), rm.copy(), rv.copy())
+        y, cache = bnfast.forward(
+            x, g, b, axis=axis, training=False, running_mean=rm, running_var=rv
+        )
+        got["inference"] = (y, *bnfast.backward(dy, cache))
+        if axis != 0:
+            y, cache = bnfast.forward(
+                x,
+                g,
+                b,
+                axis=axis,
+                running_mean=rm,
+                running_var=rv,
+                virtual_batch_size=shape[0] // 2,
+            )
+            got["ghost"] = (y, *bnfast.backward(dy, cache), rm.copy(), rv.copy())
+        got["from input"] = bnfast.backward_from_input(dy, x, g, axis=axis)
+        bn = bnfast.BatchNorm(c, axis=axis, dtype=dtype, activation="relu")
+        bn.gamma, bn.beta, bn.running_mean, bn.running_var = make(g0), make(b0), make(m0), make(v0)
+        for _ in range(2):  # (the second call may take a plan)
+            y = bn(x)
+            got["layer"] = (y, bn.backward(dy), bn.dgamma.copy(), bn.running_mean.copy())
+        np.testing.assert_array_equal(g, g0)
+        np.testing.assert_array_equal(b, b0)
+        return got, rm
+
+    want, _ = run(np.array)
+    got, rm = run(lambda v: _vector(v, kind))
+    assert not rm.flags.c_contiguous  # (the test's own arrays were strided)
+    for name in want:
+        for i, (a, b) in enumerate(zip(want[name], got[name], strict=True)):
+            np.testing.assert_array_equal(b, a, err_msg=f"{name}, output {i}")
+
+
 @pytest.mark.parametrize("layout", ["C", "F", "permuted", "strided", "reversed", "readonly"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", [((6, 5), 1), ((4, 5, 6), 1), ((3, 4, 5, 6), -1)])

@@ -321,8 +321,9 @@ class BatchNorm:
             if (
                 kept is None
                 or kept[0] is not layout
-                or kept[1].dtype != p.dtype
-                or any(np.may_share_memory(kept[1], a) for a in avoid)
+                or kept[1].dtype is not p.dtype
+                or not chk.apart(avoid[0], kept[1])
+                or (len(avoid) > 1 and not chk.apart(avoid[1], kept[1]))
             ):
                 buf = self._buffer(kind, avoid[0], *avoid)  # the checked path's rule
                 assert buf is not None  # reuse_buffers, and x passed the plan's checks

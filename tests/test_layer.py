@@ -123,3 +123,12 @@ def test_reuse_buffers(shape, axis):
     y = reuse(ys[0].copy())
     y2 = reuse(y)  # feeding the kept output back in: a new buffer, not an overlap error
     assert y2 is not y and np.all(np.isfinite(y2))
+    want = bnfast.forward(y2.copy(), axis=axis)[0]
+    y3 = reuse(y2[::-1][::-1])  # a view of the kept output: a new buffer too
+    assert y3 is not y2 and not np.shares_memory(y3, y2)
+    np.testing.assert_array_equal(y3, want)
+    dx = reuse.backward(rng.normal(size=shape))
+    want = bnfast.backward(dx.copy(), reuse._cache)[0]
+    dx2 = reuse.backward(dx)  # the kept gradient fed back as dy
+    assert dx2 is not dx and not np.shares_memory(dx2, dx)
+    np.testing.assert_array_equal(dx2, want)

@@ -595,11 +595,18 @@ def partials_per_channel(p1, p2, inner, sums):
 
 
 @helper
-def channel_shifts(x2, inner, k):
-    """Each channel's shift: its first value (lane c*inner of row 0, shared by its replicas so
-    that their sums add up)."""
-    for c in range(k.shape[0]):
-        k[c] = x2[0, c * inner]
+def channel_shifts(x2, inner, l0, k):
+    """The shifts of the channels from lane l0 on (as many as ``k`` holds): each one's first
+    value (lane ``l0 + c*inner`` of row 0, shared by its replicas so that their sums add up).
+    A lane per channel (2-D) reads row 0 contiguously, which LLVM vectorizes (with the stride
+    ``inner`` it stayed scalar: ~0.5 ns a channel, float32 (2, 4096) forward, Zen 4)."""
+    row = x2[0, l0:]
+    if inner == 1:
+        for c in range(k.shape[0]):
+            k[c] = row[c]
+    else:
+        for c in range(k.shape[0]):
+            k[c] = row[c * inner]
 
 
 # --- Task bodies: each allocates its own O(T) buffers (inside a called function, so that a
@@ -633,8 +640,7 @@ def sums_tile(x2, inner, l0, l1, k, s, a):
     """The fused route's reduction of a tile over every row: its channels' shifts (into k, the
     tile's own buffer: first value of each) and shifted sums (rows 0 and 1 of ``s``), through
     the per-lane sums ``a`` (2, T)."""
-    for j in range(k.shape[0]):
-        k[j] = x2[0, l0 + j * inner]
+    channel_shifts(x2, inner, l0, k)
     w = l1 - l0
     a1, a2 = a[0], a[1]
     whole = np.bool_(False)  # a fused tile has every row: grouped anyway
@@ -882,7 +888,7 @@ def moments(x, mean, var, tune):
     k = np.empty(0 if fused else channels)
     p = np.empty((2, 0 if fused else nrb, lanes))
     if not fused:
-        channel_shifts(x2, inner, k)
+        channel_shifts(x2, inner, np.int64(0), k)
     tasks = nt if fused else nt * nrb
     bad = 0
     if tasks > 0:  # an empty parallel region still wakes the thread pool
@@ -949,7 +955,7 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
     zero = np.int64(0)
     if ALL_ROUTES:
         if reduce:
-            channel_shifts(x2, inner, k)
+            channel_shifts(x2, inner, zero, k)
             p = np.empty((2, nrb, lanes))
             for task in prange(nt * nrb):
                 r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
@@ -1124,7 +1130,7 @@ def backward_input(x, dy, gamma, params, dgamma, dbeta, dx, tune):
     k = np.empty(0 if fused else channels)
     p = np.empty((4, 0 if fused else nrb, lanes))
     if not fused:
-        channel_shifts(x2, inner, k)
+        channel_shifts(x2, inner, np.int64(0), k)
     tasks = nt if fused else nt * nrb
     if tasks > 0:  # an empty parallel region still wakes the thread pool
         for task in prange(tasks):

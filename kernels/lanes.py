@@ -348,6 +348,42 @@ def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2, cached):
 
 
 @helper
+def plain_gradient_sums(x2, g2, m, r0, r1, l0, l1, a1, a2, cached):
+    """``gradient_sums`` without an activation: the same sums in the same order (same bits),
+    without the mask's arithmetic. A loop of its own because LLVM did not unswitch
+    ``gradient_sums``' four-row loop on ``relu`` (the flag tested in the loop, dy loaded under
+    a mask). Float32, one thread, Zen 4, backward with ``out=``, interleaved 10th percentiles
+    (with ``gradient_pairs``' split): (128, 1024) 1.12-1.16x, (128, 4096) 1.06-1.10x, (512,
+    256) 1.07-1.08x, (512, 1024), (32, 4096), (2048, 1024) 1.05-1.06x. Only kernels that take
+    every route call it: the ``.small`` twin keeps ``gradient_sums`` (a cold first step
+    compiled 0.3 s more with both loops in one helper)."""
+    w = l1 - l0
+    for j in range(w):
+        a1[j] = 0.0
+        a2[j] = 0.0
+    xb, gb = x2[r0:r1], g2[r0:r1]  # rows from 0: see ``affine_rows``
+    n, r = xb.shape[0], 0
+    while (cached or grouped(x2, r0, r1, l0, l1)) and r + 4 <= n:
+        x0, x1, x2_, x3 = xb[r, l0:l1], xb[r + 1, l0:l1], xb[r + 2, l0:l1], xb[r + 3, l0:l1]
+        g0, g1, g2_, g3 = gb[r, l0:l1], gb[r + 1, l0:l1], gb[r + 2, l0:l1], gb[r + 3, l0:l1]
+        for j in range(w):
+            mj = m[j]
+            d0, d1, d2, d3 = x0[j] - mj, x1[j] - mj, x2_[j] - mj, x3[j] - mj
+            e0, e1 = np.float64(g0[j]), np.float64(g1[j])
+            e2, e3 = np.float64(g2_[j]), np.float64(g3[j])
+            a1[j] += (e0 + e1) + (e2 + e3)
+            a2[j] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)
+        r += 4
+    while r < n:
+        xr, gr = xb[r, l0:l1], gb[r, l0:l1]
+        for j in range(w):
+            e = np.float64(gr[j])
+            a1[j] += e
+            a2[j] += e * (xr[j] - m[j])
+        r += 1
+
+
+@helper
 def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4, cached):
     """The cache-free backward's one read of x and dy: per lane ``sum(x - k)``,
     ``sum((x - k)**2)``, ``sum(dy)``, ``sum(dy * (x - k))`` over rows r0:r1, four rows at a
@@ -387,7 +423,7 @@ def input_sums(x2, g2, k, r0, r1, l0, l1, a1, a2, a3, a4, cached):
 
 
 @helper
-def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed):
+def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1):
     """``y = activation((x - m[j]) * s[j] + b[j])`` on rows r0:r1, lanes l0:l1.
 
     One 2-D loop over the row block ``x2[r0:r1]``, rows from 0 and lanes at an unsigned
@@ -395,8 +431,9 @@ def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed):
     offset) took a wrap-around test each and ran 5-30% slower than a bare loop over the same
     rows (Zen 5, (2048, 64) 19.1 / 25.2 us, (8192, 64) 73.5 / 96.6 us).
 
-    Four rows per pass where the array is ``streamed`` (larger than the strip budget, so its
-    passes read it from L3 or memory) and the task's row segments are ``NEAR_PAGE`` or more:
+    Four rows per pass (``affine_fours``, called before it by ``write_task``) where the array
+    is streamed (larger than the strip budget, so its passes read it from L3 or memory), not
+    written in place, and the task's row segments are ``NEAR_PAGE`` or more:
     the pass loads each lane's m, s and b (float64) once for four rows, and on a CPU whose
     loads are 256 bits wide those loads bound the loop. Each element is computed as one row at
     a time computes it (same bits). Bare loop, float32, one thread, Zen 4, us, one row / four
@@ -419,9 +456,33 @@ def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed):
             for j in range(w):
                 yb[i, lo + j] = activate((yb[i, lo + j] - m[j]) * s[j] + b[j], relu, thr)
         return
+    for r in range(xb.shape[0]):
+        for j in range(w):
+            yb[r, lo + j] = activate((xb[r, lo + j] - m[j]) * s[j] + b[j], relu, thr)
+
+
+@helper
+def affine_fours(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1):
+    """``affine_rows``' four rows per pass (see there when): rows r0 to the last multiple of
+    four of r1 - r0, each element as one row at a time computes it (same bits); returns the
+    first row not written. Written twice, without and with the activation: LLVM unswitches a
+    one-row loop on ``relu`` but not this one (it tested the flag per row and vector). Float32,
+    Zen 4, interleaved 10th percentiles, without ReLU, 1 / 2 threads: (2048, 1024) forward
+    1.07-1.10x / 1.08x, inference 1.03-1.10x / 1.15x; (512, 4096), (1024, 4096) 0.97-1.04x.
+    Only kernels that take every route call it (``write_task``): the ``.small`` twin's arrays
+    are never beyond the strip budget, so a cold first step does not compile it."""
+    xb, yb = x2[r0:r1], y2[r0:r1]
+    lo, w = np.uint64(l0), np.uint64(l1 - l0)
     i, n = 0, xb.shape[0]
-    four = streamed and (l1 - l0) * x2.itemsize >= NEAR_PAGE
-    while four and i + 4 <= n:
+    while not relu and i + 4 <= n:
+        for j in range(w):
+            mj, sj, bj = m[j], s[j], b[j]
+            yb[i, lo + j] = (xb[i, lo + j] - mj) * sj + bj
+            yb[i + 1, lo + j] = (xb[i + 1, lo + j] - mj) * sj + bj
+            yb[i + 2, lo + j] = (xb[i + 2, lo + j] - mj) * sj + bj
+            yb[i + 3, lo + j] = (xb[i + 3, lo + j] - mj) * sj + bj
+        i += 4
+    while relu and i + 4 <= n:
         for j in range(w):
             mj, sj, bj = m[j], s[j], b[j]
             yb[i, lo + j] = activate((xb[i, lo + j] - mj) * sj + bj, relu, thr)
@@ -429,9 +490,7 @@ def affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed):
             yb[i + 2, lo + j] = activate((xb[i + 2, lo + j] - mj) * sj + bj, relu, thr)
             yb[i + 3, lo + j] = activate((xb[i + 3, lo + j] - mj) * sj + bj, relu, thr)
         i += 4
-    for r in range(i, n):
-        for j in range(w):
-            yb[r, lo + j] = activate((xb[r, lo + j] - m[j]) * s[j] + b[j], relu, thr)
+    return r0 + i
 
 
 @helper
@@ -473,14 +532,24 @@ def gradient_pairs(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
     1024) 0.190 -> 0.155, (512, 1024) 0.340 -> 0.304, (128, 1024) 0.094 -> 0.081, (256, 2048)
     0.379 -> 0.346 (two runs: 1.04-1.23x). Four rows per pass lost at (1024, 4096)
     (0.79-0.85x: twelve streams of x, dy and dx), two rows over 2 KiB segments lost at (2048,
-    512) and (512, 512), one thread (0.85-0.94x) and gained nothing on two."""
+    512) and (512, 512), one thread (0.85-0.94x) and gained nothing on two. The pair loop is
+    written without and with the activation's mask, as ``plain_gradient_sums`` beside
+    ``gradient_sums`` (LLVM unswitches one-row loops on ``relu``, not these); the ``.small``
+    twin does not take this helper (``tile_gradient``)."""
     if same(g2, d2) or (l1 - l0) * x2.itemsize < NEAR_PAGE:
         gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1)
         return
     n = r1 - r0
     xb, gb, db = x2[r0:r1], g2[r0:r1], d2[r0:r1]  # 2-D, lanes at an unsigned offset:
     lo, w = np.uint64(l0), np.uint64(l1 - l0)  # see ``affine_rows``
-    for i in range(0, n - 1, 2):
+    for i in range(0, n - 1 if not relu else 0, 2):
+        for j in range(w):
+            sj, pj, qj = s[j], c1[j], c0[j]
+            d = xb[i, lo + j] - m[j]
+            db[i, lo + j] = sj * np.float64(gb[i, lo + j]) - pj * d + qj
+            d = xb[i + 1, lo + j] - m[j]
+            db[i + 1, lo + j] = sj * np.float64(gb[i + 1, lo + j]) - pj * d + qj
+    for i in range(0, n - 1 if relu else 0, 2):
         for j in range(w):
             mj, sj, bj, pj, qj = m[j], s[j], b[j], c1[j], c0[j]
             d = xb[i, lo + j] - mj
@@ -628,11 +697,14 @@ def block_sums_task(x2, inner, k, r0, r1, l0, l1, p, b, cached):
 
 
 @step
-def write_task(x2, y2, inner, stats, c0, relu, thr, r0, r1, l0, l1, streamed):
+def write_task(x2, y2, inner, stats, c0, relu, thr, r0, r1, l0, l1, streamed, routes):
     """y on a task's rows and lanes; column c0 of the work block ``stats`` is the channel of
-    lane l0."""
+    lane l0. ``routes``: the calling kernel's ``ALL_ROUTES`` (as in ``forward_tile``): the
+    four-row pass of a streamed array (``affine_fours``) is pruned from the ``.small`` twin."""
     m, s, b = coefficients(stats, inner, c0, l1 - l0)
-    affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1, streamed)
+    if routes and streamed and (l1 - l0) * x2.itemsize >= NEAR_PAGE and not same(x2, y2):
+        r0 = affine_fours(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1)
+    affine_rows(x2, y2, m, s, b, relu, thr, r0, r1, l0, l1)
 
 
 @step
@@ -691,7 +763,7 @@ def forward_tile(
         given_channels(kept, c0, c1, work)
     finish_channels(work, zero, c0, c1, gamma, beta, running_mean, running_var, params)
     relu, thr = params[P_RELU] != 0.0, params[P_THR]
-    write_task(x2, y2, inner, work, zero, relu, thr, zero, x2.shape[0], l0, l1, streamed)
+    write_task(x2, y2, inner, work, zero, relu, thr, zero, x2.shape[0], l0, l1, streamed, routes)
     bad = settle_channels(k, work, zero, c0, c1, params, running_mean, running_var, kept)
     return bad + keep(own)
 
@@ -702,7 +774,10 @@ def gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b, ca
     m, s, c = coefficients(stats, inner, l0 // inner, w)
     a1 = np.empty(w)
     a2 = np.empty(w)
-    gradient_sums(x2, g2, m, s, c, relu, thr, r0, r1, l0, l1, a1, a2, cached)
+    if relu:
+        gradient_sums(x2, g2, m, s, c, relu, thr, r0, r1, l0, l1, a1, a2, cached)
+    else:
+        plain_gradient_sums(x2, g2, m, r0, r1, l0, l1, a1, a2, cached)
     p0, p1 = p[0, b], p[1, b]
     for j in range(w):
         p0[l0 + j] = a1[j]
@@ -789,10 +864,13 @@ def backward_tile(
     m, s, b = coefficients(stats, inner, np.int64(0), w)
     a1, a2 = a[0], a[1]
     whole = np.bool_(False)  # every row: grouped anyway
-    gradient_sums(x2, g2, m, s, b, relu, thr, np.int64(0), x2.shape[0], l0, l1, a1, a2, whole)
+    zero = np.int64(0)
+    if routes and not relu:
+        plain_gradient_sums(x2, g2, m, zero, x2.shape[0], l0, l1, a1, a2, whole)
+    else:
+        gradient_sums(x2, g2, m, s, b, relu, thr, zero, x2.shape[0], l0, l1, a1, a2, whole)
     fold_into(a1, inner, t[0])
     fold_into(a2, inner, t[1])
-    zero = np.int64(0)
     gradient_channels(t, zero, n, stats, zero, c1 - c0, coef, dgamma[c0:c1], dbeta[c0:c1])
     keep_sums(t, c0, sums)
     if dx_too:
@@ -975,7 +1053,9 @@ def forward(x, gamma, beta, running_mean, running_var, params, stats, y, tune):
         r0, r1, l0, l1 = span(task, nt, tile, lanes, rb, rows)
         t = 0
         if ALL_ROUTES and not local:
-            write_task(x2, y2, inner, work, l0 // inner, relu, thr, r0, r1, l0, l1, not cached)
+            write_task(
+                x2, y2, inner, work, l0 // inner, relu, thr, r0, r1, l0, l1, not cached, ALL_ROUTES
+            )
         else:
             t = forward_tile(
                 x2,

@@ -245,10 +245,18 @@ def apart(a: np.ndarray, owned: np.ndarray) -> bool:
     a view of a caller's array): ``a`` owns other memory, or NumPy's bounds test says so. A
     trainer's fresh activations take the first test (0.07 us; ``np.may_share_memory`` 0.18 us;
     through a generator over the arrays to avoid, as the layer's kept buffers had it, 0.47 us
-    for one array, Zen 4)."""
+    for one array, Zen 4: :func:`apart_from_all` instead)."""
     if a.base is None and a is not owned and a.flags.owndata:
         return True
     return not np.may_share_memory(a, owned)
+
+
+def apart_from_all(owned: np.ndarray, arrays: tuple) -> bool:
+    """:func:`apart` for each of ``arrays`` (a loop: a generator cost 0.3 us more)."""
+    for a in arrays:
+        if not apart(a, owned):
+            return False
+    return True
 
 
 def separate(written: tuple, read: tuple) -> bool:

@@ -322,8 +322,7 @@ class BatchNorm:
                 kept is None
                 or kept[0] is not layout
                 or kept[1].dtype is not p.dtype
-                or not chk.apart(avoid[0], kept[1])
-                or (len(avoid) > 1 and not chk.apart(avoid[1], kept[1]))
+                or not chk.apart_from_all(kept[1], avoid)
             ):
                 buf = self._buffer(kind, avoid[0], *avoid)  # the checked path's rule
                 assert buf is not None  # reuse_buffers, and x passed the plan's checks

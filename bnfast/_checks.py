@@ -170,7 +170,8 @@ def parameter(v, name: str, channels: int, dtype: np.dtype, default: float) -> n
         and v.shape == (channels,)
         and v.flags.c_contiguous
     ):
-        return v  # the common case: x's dtype, the right shape, contiguous (0.23 -> 0.12 us)
+        return v  # the common case: x's dtype, shape and contiguous (0.22 us; 0.18 before the
+        # contiguity test, Zen 4: a trainer's training call skips this, see taken_as_is)
     v = channel_vector(v, name, channels)
     return np.ascontiguousarray(v, dtype)  # (the kernels take contiguous vectors: ``_jit``)
 

@@ -301,7 +301,7 @@ class BatchNorm:
             or buf.shape != like.shape
             or buf.dtype != like.dtype
             or chk.Layout.of(buf, layout.axis).order != layout.order
-            or any(np.may_share_memory(buf, a) for a in avoid)
+            or not chk.apart_from_all(buf, avoid)
         ):
             # a kept y does not start just after this x within a page (``Layout.output``); a
             # trainer's next activations usually sit where this one does

@@ -2,6 +2,7 @@
 design, beside bnfast and PyTorch, per grid case, one thread, interleaved rounds.
 
     python bench/floors.py [--match TEXT] [--ops forward,backward,inference] [--budget 0.5]
+    python bench/floors.py --step [--threads 1,2] [--rounds 60]
 
 Issue 16 asks for each grid cell still short of its target "with its measured reason", and
 what the 1-ulp outputs really cost. For each case this times, in the same interleaved rounds:
@@ -22,6 +23,12 @@ what the 1-ulp outputs really cost. For each case this times, in the same interl
 Then ``need`` = PyTorch time / target: a cell whose ``f64`` floor is above ``need`` cannot
 reach its target with float64 arithmetic on this CPU at one thread. Layouts: 2-D and NHWC as
 (rows, C) lanes, NCHW as (N, C, H*W) rows. Run it alone on the machine; name the CPU.
+
+``--step``: the same for the issue's MLP-step shares (``python -m bnfast --step``): the step
+with BN+ReLU as bnfast's layer, as the bare float64 and float32 loops (``StepFloor``, a lower
+bound: no ReLU, no per-channel work) and as NumPy's, interleaved step by step. Inside the step
+every pass runs slower than back to back (its data comes cold after the matmuls), the floors'
+passes alike, so only a floor timed there says whether a share is reachable.
 """
 
 from __future__ import annotations
@@ -325,12 +332,83 @@ def floors(case: cmp.Case, inp: dict) -> dict:
     }
 
 
+class StepFloor:
+    """BN+ReLU in the MLP step (``_compare.mlp_step``) as the bare lane loops alone: forward
+    moments then the write, backward the gradient sums then dx, into buffers kept across
+    steps (as the bnfast layer's ``reuse_buffers``); no per-channel work, no ReLU (random
+    per-channel vectors), no Python beyond the loop calls: below what any BN+ReLU with those
+    passes can cost in the step. ``f32``: the float32 loops."""
+
+    f32 = False
+
+    def __init__(self, c: int) -> None:
+        rng = np.random.default_rng(1)
+        self.v64 = [rng.uniform(0.5, 1.5, c) for _ in range(5)]  # m, s, b, c1, c0
+        self.v32 = [v.astype(np.float32) for v in self.v64[1:]]  # s, t, c1, c0
+        self.a = (np.empty(c), np.empty(c))
+        self.f = (np.empty(c, np.float32), np.empty(c, np.float32))
+        self.y = self.dx = self.z = None
+
+    def forward(self, z):
+        if self.y is None:
+            self.y, self.dx = np.empty_like(z), np.empty_like(z)
+        self.z = z
+        if self.f32:
+            lane_sums32(z, *self.f)
+            lane_write32(z, self.y, *self.v32[:2])
+        else:
+            m, s, b = self.v64[:3]
+            lane_moments(z, z[0].astype(np.float64), *self.a)
+            lane_write(z, self.y, m, s, b)
+        return self.y
+
+    def backward(self, g):
+        if self.f32:
+            lane_gradient_sums32(self.z, g, *self.f)
+            s, _, c1, c0 = self.v32
+            lane_dx32(self.z, g, self.dx, s, c1, c0)
+        else:
+            m, s, _, c1, c0 = self.v64
+            lane_gradient_sums(self.z, g, m, *self.a)
+            lane_dx(self.z, g, self.dx, m, s, c1, c0)
+        return self.dx
+
+
+class StepFloor32(StepFloor):
+    f32 = True
+
+
+def step_floors(threads: list[int], rounds: int) -> None:
+    """The ``--step`` table: BN+ReLU time in the MLP step for bnfast, NumPy's BN and the
+    float64 and float32 floors, interleaved step by step, per thread count."""
+    print(
+        f"MLP step 784-H-H-10 floors on {_machine.describe()}; BN+ReLU us per step (its "
+        "share of that step), medians of interleaved steps; targets: share <= 10% at batch 64, "
+        "<= 5% at 256 and 1024"
+    )
+    layers = {"bnfast": "bnfast", "f64": StepFloor, "f32": StepFloor32, "numpy": "numpy"}
+    print(f"{'threads':>7}{'batch':>7}{'H':>6}" + "".join(f"{n:>17}" for n in layers))
+    for n in threads:
+        numba.set_num_threads(n)
+        for r in cmp.step_table(n, rounds, layers):
+            cells = "".join(
+                f"{1e3 * r[f'{k} BN ms']:>9.0f} ({r[f'{k} BN share']:>4.1%})" for k in layers
+            )
+            print(f"{n:>7}{r['batch']:>7}{r['hidden']:>6}{cells}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--step", action="store_true", help="the MLP step's floors instead")
+    p.add_argument("--threads", default="1", help="thread counts for --step, e.g. 1,2")
+    p.add_argument("--rounds", type=int, default=60, help="steps of each per case (--step)")
     p.add_argument("--match", default="", help="cases whose label contains this")
     p.add_argument("--ops", default="forward,backward,inference", help="of those three")
     p.add_argument("--budget", type=float, default=0.5, help="seconds per case and op")
     args = p.parse_args()
+    if args.step:
+        step_floors([int(t) for t in args.threads.split(",")], args.rounds)
+        return
     numba.set_num_threads(1)
     impls = cmp.available()
     torch = "pytorch" in impls

@@ -105,3 +105,50 @@ def test_floors_script_runs(capsys, monkeypatch):
     assert out.count("2-D 32x64") == 3  # one line per operation
     for op in ("forward", "backward", "inference"):
         assert f"== {op}" in out
+
+
+@pytest.mark.parametrize("layer", [floors.StepFloor, floors.StepFloor32])
+def test_step_floor_layer_runs_its_loops(layer):
+    """The MLP step's floor layer computes the lane loops' outputs (float64 reference) into
+    buffers it keeps across steps, and its moments land in its sums."""
+    z = (2 + RNG.standard_normal((40, 24))).astype(np.float32)
+    g = RNG.standard_normal(z.shape).astype(np.float32)
+    bn = layer(24)
+    z64, g64 = z.astype(np.float64), g.astype(np.float64)
+    m, s, b, c1, c0 = bn.v64
+    y = bn.forward(z)
+    if layer.f32:
+        s32, t32, p32, q32 = (v.astype(np.float64) for v in bn.v32)
+        np.testing.assert_allclose(y, z64 * s32 + t32, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(bn.f[0], z64.sum(0), rtol=1e-4)
+    else:
+        np.testing.assert_array_equal(y, ((z64 - m) * s + b).astype(np.float32))
+        np.testing.assert_allclose(bn.a[0], (z64 - z64[0]).sum(0), rtol=1e-12, atol=1e-9)
+    dx = bn.backward(g)
+    if layer.f32:
+        want = s32 * g64 - p32 * z64 + q32
+        np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-4)
+    else:
+        want = (s * g64 - c1 * (z64 - m) + c0).astype(np.float32)
+        np.testing.assert_allclose(dx, want, rtol=2e-7, atol=1e-6)
+    assert bn.forward(z) is y and bn.backward(g) is dx  # kept, as reuse_buffers keeps them
+
+
+def test_floors_step_table_runs(capsys, monkeypatch):
+    """``--step``: one line per thread count and case, a column per layer."""
+    import numba
+
+    from bnfast import _compare
+
+    threads = numba.get_num_threads()
+    monkeypatch.setattr(_compare, "STEP_CASES", ((16, 32), (24, 64)))
+    monkeypatch.setattr(sys, "argv", ["floors.py", "--step", "--threads", "1", "--rounds", "2"])
+    try:
+        floors.main()
+    finally:
+        numba.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["threads", "batch", "H", "bnfast", "f64", "f32", "numpy"]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[:3] for r in rows] == [["1", "16", "32"], ["1", "24", "64"]]
+    assert all(len(r) == 3 + 2 * 4 for r in rows)

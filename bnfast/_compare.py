@@ -428,9 +428,14 @@ class _BnfastBNReLU:
         return self.bn.backward(da)
 
 
-def mlp_step(batch: int, hidden: int, impl: str, seed: int = 0) -> Callable[[], tuple]:
+STEP_LAYERS: dict = {"bnfast": _BnfastBNReLU, "numpy": _NumpyBNReLU}
+
+
+def mlp_step(batch: int, hidden: int, impl, seed: int = 0) -> Callable[[], tuple]:
     """One training step of the MLP (forward, loss gradient, backward, no update): a callable
-    returning ``(step seconds, BN+ReLU seconds)`` of that step."""
+    returning ``(step seconds, BN+ReLU seconds)`` of that step. ``impl``: a name in
+    ``STEP_LAYERS`` or a class of the same two methods (``bench/floors.py`` times bare loops
+    in the step this way)."""
     rng = np.random.default_rng(seed)
     f32 = np.float32
     x = rng.standard_normal((batch, 784)).astype(f32)
@@ -438,7 +443,7 @@ def mlp_step(batch: int, hidden: int, impl: str, seed: int = 0) -> Callable[[], 
     w1 = (rng.standard_normal((784, hidden)) * 0.05).astype(f32)
     w2 = (rng.standard_normal((hidden, hidden)) * 0.05).astype(f32)
     w3 = (rng.standard_normal((hidden, 10)) * 0.05).astype(f32)
-    make = _BnfastBNReLU if impl == "bnfast" else _NumpyBNReLU
+    make = STEP_LAYERS[impl] if isinstance(impl, str) else impl
     bn1, bn2 = make(hidden), make(hidden)
     clock = time.perf_counter
 
@@ -474,12 +479,14 @@ def mlp_step(batch: int, hidden: int, impl: str, seed: int = 0) -> Callable[[], 
     return step
 
 
-def step_table(threads: int, rounds: int = 60) -> list[dict]:
-    """Median step time and BN+ReLU share of the MLP step, bnfast and NumPy, per case;
-    ``rounds`` steps of each, interleaved one by one."""
+def step_table(threads: int, rounds: int = 60, layers: dict | None = None) -> list[dict]:
+    """Median step time and BN+ReLU share of the MLP step per case, for each of ``layers``
+    (name: ``mlp_step``'s impl; default bnfast and NumPy); ``rounds`` steps of each,
+    interleaved one by one."""
+    layers = layers or {name: name for name in STEP_LAYERS}
     out = []
     for batch, hidden in STEP_CASES:
-        steps = {name: mlp_step(batch, hidden, name) for name in ("bnfast", "numpy")}
+        steps = {name: mlp_step(batch, hidden, impl) for name, impl in layers.items()}
         samples: dict = {name: [] for name in steps}
         for _ in range(5):  # warm-up (compilation, buffers)
             for fn in steps.values():
@@ -493,5 +500,6 @@ def step_table(threads: int, rounds: int = 60) -> list[dict]:
             share = statistics.median(b / t for t, b in s)
             row[f"{name} ms"] = 1e3 * total
             row[f"{name} BN share"] = share
+            row[f"{name} BN ms"] = 1e3 * statistics.median(b for _, b in s)
         out.append(row)
     return out

@@ -39,8 +39,9 @@ import numba
 import numpy as np
 from numba import njit
 
+import bnfast
 from bnfast import _compare as cmp
-from bnfast import _machine
+from bnfast import _core, _machine, _threading
 from bnfast.__main__ import TARGETS
 from bnfast.kernels.lanes import NEAR_PAGE
 
@@ -378,6 +379,64 @@ class StepFloor32(StepFloor):
     f32 = True
 
 
+class StepKernels:
+    """BN+ReLU in the MLP step as bnfast's own kernels alone: the layer's forward and backward
+    kernels (those its calls run: the planned small-call entry, else the family's kernels for
+    this thread count) called with arguments prepared at the first step, without the layer's
+    checks, plan tests or cache; what the layer's Python costs inside the step is the
+    difference from its column."""
+
+    def __init__(self, c: int) -> None:
+        self.bn = bnfast.BatchNorm(c, activation="relu", reuse_buffers=True)
+        self.fwd = None
+
+    def _prepare(self, z) -> None:
+        bn = self.bn
+        for _ in range(2):  # compiled, planned
+            bn(z)
+            bn.backward(np.ones_like(z))
+        p, cache = bn._plan, bn._cache
+        self.canon = p.layout.canon
+        x3 = z.reshape(self.canon)
+        fused = _threading.kernels_for(x3, fused=True)
+        self.fwd = p.launch or (fused[0].forward, fused[1])
+        launch = _core._backward_plan(p.layout, z.dtype, True, "relu", bn.eps)[2]
+        self.bwd = launch or (fused[0].backward, fused[1])
+        self.block, self.bblock = (
+            p.block,
+            _core._backward_plan(p.layout, z.dtype, True, "relu", bn.eps)[1],
+        )
+        self.rows, self.stats = bn._rows, np.empty(cache.stats.shape)
+        self.y, self.dx = np.empty_like(z), np.empty_like(z)
+
+    def forward(self, z):
+        if self.fwd is None:
+            self._prepare(z)
+        self.z3 = z.reshape(self.canon)
+        kernel, tune = self.fwd
+        g, b, rm, rv = self.rows[:4]
+        kernel(self.z3, g, b, rm, rv, self.block, self.stats, self.y.reshape(self.canon), tune)
+        return self.y
+
+    def backward(self, g):
+        kernel, tune = self.bwd
+        rows, canon = self.rows, self.canon
+        kernel(
+            self.z3,
+            g.reshape(canon),
+            rows[0],
+            rows[1],
+            self.stats,
+            self.bblock,
+            _core.NO_SUMS,
+            rows[4],
+            rows[5],
+            self.dx.reshape(canon),
+            tune,
+        )
+        return self.dx
+
+
 def step_floors(threads: list[int], rounds: int) -> None:
     """The ``--step`` table: BN+ReLU time in the MLP step for bnfast, NumPy's BN and the
     float64 and float32 floors, interleaved step by step, per thread count."""
@@ -386,7 +445,13 @@ def step_floors(threads: list[int], rounds: int) -> None:
         "share of that step), medians of interleaved steps; targets: share <= 10% at batch 64, "
         "<= 5% at 256 and 1024"
     )
-    layers = {"bnfast": "bnfast", "f64": StepFloor, "f32": StepFloor32, "numpy": "numpy"}
+    layers = {
+        "bnfast": "bnfast",
+        "kernels": StepKernels,
+        "f64": StepFloor,
+        "f32": StepFloor32,
+        "numpy": "numpy",
+    }
     print(f"{'threads':>7}{'batch':>7}{'H':>6}" + "".join(f"{n:>17}" for n in layers))
     for n in threads:
         numba.set_num_threads(n)

@@ -148,7 +148,26 @@ def test_floors_step_table_runs(capsys, monkeypatch):
     finally:
         numba.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["threads", "batch", "H", "bnfast", "f64", "f32", "numpy"]
+    names = ["bnfast", "kernels", "f64", "f32", "numpy"]
+    assert lines[1].split() == ["threads", "batch", "H", *names]
     rows = [line.split() for line in lines[2:]]
     assert [r[:3] for r in rows] == [["1", "16", "32"], ["1", "24", "64"]]
-    assert all(len(r) == 3 + 2 * 4 for r in rows)
+    assert all(len(r) == 3 + 2 * len(names) for r in rows)
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 1024)])  # a small call's entry; the family's
+def test_step_kernels_give_the_layers_outputs(shape):
+    """The kernels-alone layer of ``--step`` runs the layer's own kernels: a layer's outputs,
+    dgamma and dbeta bit for bit, step after step."""
+    import bnfast
+
+    z = RNG.standard_normal(shape).astype(np.float32)
+    g = RNG.standard_normal(shape).astype(np.float32)
+    ref = bnfast.BatchNorm(shape[1], activation="relu")
+    bare = floors.StepKernels(shape[1])
+    for _ in range(3):
+        np.testing.assert_array_equal(bare.forward(z), ref(z))
+        np.testing.assert_array_equal(bare.backward(g), ref.backward(g))
+        rows = bare.bn._rows
+        np.testing.assert_array_equal(rows[4], ref.dgamma)
+        np.testing.assert_array_equal(rows[5], ref.dbeta)

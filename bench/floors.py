@@ -25,8 +25,9 @@ reach its target with float64 arithmetic on this CPU at one thread. Layouts: 2-D
 (rows, C) lanes, NCHW as (N, C, H*W) rows. Run it alone on the machine; name the CPU.
 
 ``--step``: the same for the issue's MLP-step shares (``python -m bnfast --step``): the step
-with BN+ReLU as bnfast's layer, as the bare float64 and float32 loops (``StepFloor``, a lower
-bound: no ReLU, no per-channel work) and as NumPy's, interleaved step by step. Inside the step
+with BN+ReLU as bnfast's layer, as its kernels alone (``StepKernels``: no checks or cache), as
+the bare float64 and float32 loops (``StepFloor``, a lower bound: no ReLU, no per-channel
+work) and as NumPy's, interleaved step by step. Inside the step
 every pass runs slower than back to back (its data comes cold after the matmuls), the floors'
 passes alike, so only a floor timed there says whether a share is reachable.
 """
@@ -399,13 +400,10 @@ class StepKernels:
         self.canon = p.layout.canon
         x3 = z.reshape(self.canon)
         fused = _threading.kernels_for(x3, fused=True)
+        _, self.bblock, launch = _core._backward_plan(p.layout, z.dtype, True, "relu", bn.eps)
         self.fwd = p.launch or (fused[0].forward, fused[1])
-        launch = _core._backward_plan(p.layout, z.dtype, True, "relu", bn.eps)[2]
         self.bwd = launch or (fused[0].backward, fused[1])
-        self.block, self.bblock = (
-            p.block,
-            _core._backward_plan(p.layout, z.dtype, True, "relu", bn.eps)[1],
-        )
+        self.block = p.block
         self.rows, self.stats = bn._rows, np.empty(cache.stats.shape)
         self.y, self.dx = np.empty_like(z), np.empty_like(z)
 
@@ -438,8 +436,9 @@ class StepKernels:
 
 
 def step_floors(threads: list[int], rounds: int) -> None:
-    """The ``--step`` table: BN+ReLU time in the MLP step for bnfast, NumPy's BN and the
-    float64 and float32 floors, interleaved step by step, per thread count."""
+    """The ``--step`` table: BN+ReLU time in the MLP step for bnfast's layer, its kernels
+    alone, the float64 and float32 floors and NumPy's BN, interleaved step by step, per thread
+    count."""
     print(
         f"MLP step 784-H-H-10 floors on {_machine.describe()}; BN+ReLU us per step (its "
         "share of that step), medians of interleaved steps; targets: share <= 10% at batch 64, "

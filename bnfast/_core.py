@@ -1214,6 +1214,12 @@ def _backward_plan(
 _BACKWARD_PLANS: dict = {}
 
 
+def _backward_plan_kept(layout, dtype, training: bool, activation, eps: float):
+    """The plan ``_backward_plan`` keeps for these arguments, or None (not asked yet, or its
+    kernel was still being compiled): a caller may keep it too (the layer's planned path)."""
+    return _BACKWARD_PLANS.get((layout, dtype, training, activation, eps))
+
+
 def _kept_gradients(sums, kept, dgamma, dbeta) -> None:
     """dgamma and dbeta of every channel from the two sums and the rows a cache kept (the
     kernels' ``parameter_gradients`` on those rows, r = 1 and d = 0 without renorm): a virtual

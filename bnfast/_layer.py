@@ -34,6 +34,7 @@ from ._core import (
     _activation,
     _after_write,
     _backward_plan,
+    _backward_plan_kept,
     _backward_synced,
     _forward_synced,
     _renorm,
@@ -309,12 +310,13 @@ class BatchNorm:
             buf = self._buffers[kind] = layout.output(None, like.dtype, near)[0]
         return buf
 
-    def _planned_output(self, kind: str, p: _Plan, *avoid: np.ndarray, near=None):
+    def _planned_output(self, kind: str, p: _Plan, x: np.ndarray, dy, near):
         """``(array, its canonical view)`` for a planned call to write: with ``reuse_buffers``
-        the kept buffer of this kind while it has the plan's layout and overlaps none of
-        ``avoid`` (the first of which is x; else :meth:`_buffer` picks or makes one), otherwise a
-        fresh array laid out canonically (``near``: x's canonical view where it matters where
-        the array starts relative to it, see ``Layout.output``)."""
+        the kept buffer of this kind while it has the plan's layout and overlaps neither x nor
+        ``dy`` (None for y; else :meth:`_buffer` picks or makes one), otherwise a fresh array
+        laid out canonically (``near``: x's canonical view where it matters where the array
+        starts relative to it, see ``Layout.output``). Positional and tested array by array, no
+        helper loop: every call costs inside a training step (``_backward_planned``)."""
         layout = p.layout
         if self.reuse_buffers:
             kept = self._kept.get(kind)
@@ -322,9 +324,11 @@ class BatchNorm:
                 kept is None
                 or kept[0] is not layout
                 or kept[1].dtype is not p.dtype
-                or not chk.apart_from_all(kept[1], avoid)
+                or not chk.apart(x, kept[1])
+                or (dy is not None and not chk.apart(dy, kept[1]))
             ):
-                buf = self._buffer(kind, avoid[0], *avoid)  # the checked path's rule
+                avoid = (x,) if dy is None else (x, dy)
+                buf = self._buffer(kind, x, *avoid)  # the checked path's rule
                 assert buf is not None  # reuse_buffers, and x passed the plan's checks
                 kept = self._kept[kind] = (layout, buf, layout.view3(buf))
             return kept[1], kept[2]
@@ -340,6 +344,7 @@ class BatchNorm:
             return p
         q = _Plan()
         q.layout, q.dtype, q.shape = cache.layout, cache.x.dtype, cache.x.shape
+        q.backward = None
         q.view = cache.layout.is_view(cache.x)
         q.reshapes = q.view and not cache.layout.transposed
         return q
@@ -453,7 +458,7 @@ class BatchNorm:
         the same run path (``_core.run_forward``) with the plan's parameter block."""
         layout = p.layout
         x3 = x.reshape(layout.canon) if p.reshapes else layout.view3(x)
-        y, y3 = self._planned_output("y", p, x, near=x3 if p.placed else None)
+        y, y3 = self._planned_output("y", p, x, None, x3 if p.placed else None)
         rows = self._rows
         block = p.block
         total = 0
@@ -544,13 +549,30 @@ class BatchNorm:
         """The planned call: what :func:`bnfast.backward` does once its checks have passed
         (``_core.run_backward``), dgamma and dbeta written straight into the layer's rows."""
         layout = cache.layout
-        x3 = cache.view if cache.view is not None else layout.view3(cache.x)
-        p = self._plan_of(cache)
+        x = cache.x
+        x3 = cache.view if cache.view is not None else layout.view3(x)
+        p = self._plan
+        if p is None or p.layout is not layout or p.dtype is not x.dtype:
+            p = self._plan_of(cache)
         dy3 = dy.reshape(layout.canon) if p.reshapes else layout.view3(dy)
-        dx, dx3 = self._planned_output("dx", p, cache.x, dy)
-        relu_thr, block, launch = _backward_plan(
-            layout, x3.dtype, cache.training, cache.activation, cache.eps
-        )
+        dx, dx3 = self._planned_output("dx", p, x, dy, None)
+        # ``_backward_plan``'s answer kept in the plan: inside a NumPy MLP step every Python
+        # call of a layer call runs cold (its code and objects come from memory after the
+        # matmuls; ``bench/floors.py --step``), so the planned paths make as few as they can
+        memo = p.backward
+        if (
+            memo is not None
+            and memo[0] is cache.training
+            and memo[1] is cache.activation
+            and memo[2] == cache.eps
+        ):
+            relu_thr, block, launch = memo[3]
+        else:
+            mode = (layout, x3.dtype, cache.training, cache.activation, cache.eps)
+            plan = _backward_plan(*mode)
+            if _backward_plan_kept(*mode) is plan:  # (not while its kernel is being compiled)
+                p.backward = (cache.training, cache.activation, cache.eps, plan)
+            relu_thr, block, launch = plan
         if cache.comm is not None:  # synchronized: one collective of the two sums
             _backward_synced(cache, dy3, relu_thr, self._rows[4], self._rows[5], dx3)
             return dx
@@ -684,6 +706,7 @@ class _Plan:
         "synced",
         "kept",
         "placed",
+        "backward",
     )
     shape: tuple
     strides: tuple
@@ -702,6 +725,7 @@ class _Plan:
     synced: tuple | None  # with comm: the moments and given-statistics forward launches
     kept: tuple  # the shape of the block a forward keeps (``_core.kept_block``)
     placed: bool  # where a fresh y starts relative to x matters (``chk.Layout.placed_apart``)
+    backward: tuple | None  # (training, activation, eps, ``_core._backward_plan``'s answer)
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
@@ -717,6 +741,7 @@ class _Plan:
             return None
         p = cls()
         p.shape, p.strides, p.dtype = x.shape, x.strides, x.dtype
+        p.backward = None
         p.mode = bn._mode()
         p.batch_stats = bn.training or not bn.track_running_stats
         p.layout = cache.layout

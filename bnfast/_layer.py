@@ -338,10 +338,8 @@ class BatchNorm:
         return out, out.reshape(layout.canon)
 
     def _plan_of(self, cache: BatchNormCache) -> _Plan:
-        """A plan for the backward of ``cache`` (its input's layout and dtype)."""
-        p = self._plan
-        if p is not None and p.layout is cache.layout and p.dtype is cache.x.dtype:
-            return p
+        """A plan for the backward of ``cache`` (its input's layout and dtype) where the
+        layer's own is not one (``_backward_planned`` tests that first)."""
         q = _Plan()
         q.layout, q.dtype, q.shape = cache.layout, cache.x.dtype, cache.x.shape
         q.backward = None

@@ -132,3 +132,46 @@ def test_reuse_buffers(shape, axis):
     dx2 = reuse.backward(dx)  # the kept gradient fed back as dy
     assert dx2 is not dx and not np.shares_memory(dx2, dx)
     np.testing.assert_array_equal(dx2, want)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (256, 1024)])  # a small call's plan; a parallel size
+def test_planned_backward_follows_mode_changes_between_calls(shape):
+    """The planned backward keeps its kernel plan in the layer's plan, keyed by the cache's
+    mode: a layer whose eps, activation and train/eval mode change between calls (as a trainer's
+    schedules and evaluations do) gives the float64 reference's gradients at every call."""
+    rng = np.random.default_rng(3)
+    c = shape[1]
+    bn = bnfast.BatchNorm(c, reuse_buffers=True)
+    bn.gamma[...] = rng.uniform(0.5, 1.5, c)
+    bn.beta[...] = rng.normal(size=c)
+    modes = [(1e-5, None, True), (1e-5, None, True), (1e-3, None, True), (1e-3, "relu", True)]
+    modes += [(1e-3, "relu", False), (1e-3, "relu", True), (1e-5, None, False), (1e-5, None, True)]
+    for eps, activation, training in modes:
+        bn.eps, bn.activation = eps, activation
+        bn.train(training)
+        x = rng.normal(1, 2, shape).astype(np.float32)
+        dy = rng.normal(size=shape).astype(np.float32)
+        rm, rv = bn.running_mean.astype(np.float64), bn.running_var.astype(np.float64)
+        y = bn(x)
+        dx = bn.backward(dy)
+        g, b = bn.gamma.astype(np.float64), bn.beta.astype(np.float64)
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        if training:
+            mean, var = x64.mean(0), x64.var(0)
+        else:
+            mean, var = rm, rv
+        xhat = (x64 - mean) / np.sqrt(var + eps)
+        pre = g * xhat + b
+        want_y = np.maximum(pre, 0) if activation else pre
+        e = dy64 * (pre > 0) if activation else dy64
+        dbeta, dgamma = e.sum(0), (e * xhat).sum(0)
+        if training:
+            n = shape[0]
+            want_dx = g / np.sqrt(var + eps) / n * (n * e - dbeta - xhat * dgamma)
+        else:
+            want_dx = e * g / np.sqrt(var + eps)
+        label = f"eps {eps}, {activation}, training {training}"
+        np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5, err_msg=label)
+        np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5, err_msg=label)
+        np.testing.assert_allclose(bn.dgamma, dgamma, rtol=1e-4, atol=1e-3, err_msg=label)
+        np.testing.assert_allclose(bn.dbeta, dbeta, rtol=1e-4, atol=1e-3, err_msg=label)

@@ -319,11 +319,16 @@ def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2, cached):
     behind the activation's mask (``(x - m) * s + b`` recomputed from x); four rows at a time,
     as the moment sums (the accumulators loaded and stored once per four rows).
 
-    Kernels that take every route call it with ``relu`` the constant True (after testing the
-    flag), which LLVM folds into the inlined loop (``passes`` is then ``v > thr`` alone), and
-    ``plain_gradient_sums`` without the activation; the ``.small`` twin passes the flag. Same
-    bits. Float32, Zen 4, backward with ReLU, in-process interleaved 10th percentiles against
-    the flag passed through, 1 / 2 threads: (128, 1024) 1.11-1.14x / 1.10x, (256, 1024)
+    Kernels that take every route test the flag and call it with ``relu`` the constant True or
+    False, which LLVM folds into the inlined loop (``passes`` is then ``v > thr`` alone, or
+    gone: dy unmasked, as a loop written without the mask computes it); the ``.small`` twin
+    passes the flag (one copy for a cold first step to compile). LLVM does not unswitch this
+    four-row loop on a flag it does not know. Same bits. Without ReLU the constant False
+    measured as the former separate unmasked copy of this loop did (float32, Zen 4, one
+    thread, backward with ``out=``: 0.94-1.09x over (128-2048, 1024), (128, 4096), (512, 256),
+    the unchanged ReLU calls 0.98-1.08x in the same runs), and that copy had measured 1.05-1.16x
+    against the flag passed through. With ReLU, in-process interleaved 10th percentiles
+    against the flag passed through, 1 / 2 threads: (128, 1024) 1.11-1.14x / 1.10x, (256, 1024)
     1.05-1.10x / 1.08-1.13x, (512, 1024) 1.10-1.12x / 1.10x (a third run 0.90x), (1024, 1024)
     1.08x / 1.04x, (2048, 1024) 1.03-1.06x / 1.09x, (512, 2048) 1.03x / 1.12x (the backward
     without ReLU, unchanged, 0.93-1.08x in the same runs); a layer step with ReLU (256, 1024)
@@ -354,42 +359,6 @@ def gradient_sums(x2, g2, m, s, b, relu, thr, r0, r1, l0, l1, a1, a2, cached):
             e = np.float64(gr[j]) if passes(d * s[j] + b[j], relu, thr) else 0.0
             a1[j] += e
             a2[j] += e * d
-        r += 1
-
-
-@helper
-def plain_gradient_sums(x2, g2, m, r0, r1, l0, l1, a1, a2, cached):
-    """``gradient_sums`` without an activation: the same sums in the same order (same bits),
-    without the mask's arithmetic. A loop of its own because LLVM did not unswitch
-    ``gradient_sums``' four-row loop on ``relu`` (the flag tested in the loop, dy loaded under
-    a mask). Float32, one thread, Zen 4, backward with ``out=``, interleaved 10th percentiles
-    (with ``gradient_pairs``' split): (128, 1024) 1.12-1.16x, (128, 4096) 1.06-1.10x, (512,
-    256) 1.07-1.08x, (512, 1024), (32, 4096), (2048, 1024) 1.05-1.06x. Only kernels that take
-    every route call it: the ``.small`` twin keeps ``gradient_sums`` (a cold first step
-    compiled 0.3 s more with both loops in one helper)."""
-    w = l1 - l0
-    for j in range(w):
-        a1[j] = 0.0
-        a2[j] = 0.0
-    xb, gb = x2[r0:r1], g2[r0:r1]  # rows from 0: see ``affine_rows``
-    n, r = xb.shape[0], 0
-    while (cached or grouped(x2, r0, r1, l0, l1)) and r + 4 <= n:
-        x0, x1, x2_, x3 = xb[r, l0:l1], xb[r + 1, l0:l1], xb[r + 2, l0:l1], xb[r + 3, l0:l1]
-        g0, g1, g2_, g3 = gb[r, l0:l1], gb[r + 1, l0:l1], gb[r + 2, l0:l1], gb[r + 3, l0:l1]
-        for j in range(w):
-            mj = m[j]
-            d0, d1, d2, d3 = x0[j] - mj, x1[j] - mj, x2_[j] - mj, x3[j] - mj
-            e0, e1 = np.float64(g0[j]), np.float64(g1[j])
-            e2, e3 = np.float64(g2_[j]), np.float64(g3[j])
-            a1[j] += (e0 + e1) + (e2 + e3)
-            a2[j] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)
-        r += 4
-    while r < n:
-        xr, gr = xb[r, l0:l1], gb[r, l0:l1]
-        for j in range(w):
-            e = np.float64(gr[j])
-            a1[j] += e
-            a2[j] += e * (xr[j] - m[j])
         r += 1
 
 
@@ -543,9 +512,9 @@ def gradient_pairs(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1):
     0.379 -> 0.346 (two runs: 1.04-1.23x). Four rows per pass lost at (1024, 4096)
     (0.79-0.85x: twelve streams of x, dy and dx), two rows over 2 KiB segments lost at (2048,
     512) and (512, 512), one thread (0.85-0.94x) and gained nothing on two. The pair loop is
-    written without and with the activation's mask, as ``plain_gradient_sums`` beside
-    ``gradient_sums`` (LLVM unswitches one-row loops on ``relu``, not these); the ``.small``
-    twin does not take this helper (``tile_gradient``)."""
+    written without and with the activation's mask (LLVM unswitches one-row loops on ``relu``,
+    not these; ``gradient_sums`` gets the same from a constant flag at its call sites); the
+    ``.small`` twin does not take this helper (``tile_gradient``)."""
     if same(g2, d2) or (l1 - l0) * x2.itemsize < NEAR_PAGE:
         gradient_rows(x2, g2, d2, m, s, b, relu, thr, c1, c0, r0, r1, l0, l1)
         return
@@ -784,10 +753,10 @@ def gradient_sums_task(x2, g2, inner, stats, relu, thr, r0, r1, l0, l1, p, b, ca
     m, s, c = coefficients(stats, inner, l0 // inner, w)
     a1 = np.empty(w)
     a2 = np.empty(w)
-    if relu:  # (ReLU known on: the constant lets LLVM drop the flag's test, see backward_tile)
+    if relu:  # the flag as a constant: see ``gradient_sums``
         gradient_sums(x2, g2, m, s, c, True, thr, r0, r1, l0, l1, a1, a2, cached)
     else:
-        plain_gradient_sums(x2, g2, m, r0, r1, l0, l1, a1, a2, cached)
+        gradient_sums(x2, g2, m, s, c, False, thr, r0, r1, l0, l1, a1, a2, cached)
     p0, p1 = p[0, b], p[1, b]
     for j in range(w):
         p0[l0 + j] = a1[j]
@@ -875,9 +844,9 @@ def backward_tile(
     a1, a2 = a[0], a[1]
     whole = np.bool_(False)  # every row: grouped anyway
     zero = np.int64(0)
-    if routes and not relu:
-        plain_gradient_sums(x2, g2, m, zero, x2.shape[0], l0, l1, a1, a2, whole)
-    elif routes:  # ReLU on: the constant lets LLVM drop the flag's test from the mask
+    if routes and not relu:  # the flag as a constant: see ``gradient_sums``
+        gradient_sums(x2, g2, m, s, b, False, thr, zero, x2.shape[0], l0, l1, a1, a2, whole)
+    elif routes:
         gradient_sums(x2, g2, m, s, b, True, thr, zero, x2.shape[0], l0, l1, a1, a2, whole)
     else:  # the ``.small`` twin: one loop for both (a cold first step compiles one)
         gradient_sums(x2, g2, m, s, b, relu, thr, zero, x2.shape[0], l0, l1, a1, a2, whole)

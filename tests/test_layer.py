@@ -134,6 +134,79 @@ def test_reuse_buffers(shape, axis):
     np.testing.assert_array_equal(dx2, want)
 
 
+_REASSIGNED = [
+    ("axis", -1),
+    ("eps", 1e-2),
+    ("momentum", 0.5),
+    ("momentum", None),
+    ("activation", "relu"),
+    ("unbiased", False),
+    ("renorm", (1.5, 0.5)),
+    ("training", False),
+    ("track_running_stats", False),
+    ("gamma", "new"),
+    ("beta", "new"),
+    ("running_mean", "new"),
+    ("running_var", "new"),
+    ("dgamma", "new"),
+]
+
+
+@pytest.mark.parametrize("name, value", _REASSIGNED, ids=[f"{n}={v}" for n, v in _REASSIGNED])
+@pytest.mark.parametrize("shape", [(16, 6, 3, 6), (64, 6, 40, 6)])  # small call; parallel
+def test_assigning_an_attribute_after_planned_calls_acts_as_on_a_new_layer(shape, name, value):
+    """A layer's planned calls follow any public attribute assigned between calls (``axis``
+    too): the next forward and backward give the bits of a copy of the layer made after the
+    assignment (``deepcopy`` keeps no plan, so the copy's calls take the checked path)."""
+    import copy
+
+    rng = np.random.default_rng(5)
+    bn = bnfast.BatchNorm(6, reuse_buffers=True)
+    bn.gamma[...] = rng.uniform(0.5, 1.5, 6)
+    bn.beta[...] = rng.normal(size=6)
+    x = rng.normal(3, 2, shape).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    for _ in range(2):
+        bn(x)
+        bn.backward(dy)
+    assert bn._plan is not None  # the second calls were planned
+    if value == "new":
+        value = rng.uniform(0.5, 1.5, 6).astype(np.float32)
+    setattr(bn, name, value)
+    twin = copy.deepcopy(bn)
+    assert twin._plan is None
+    y, y_twin = bn(x).copy(), twin(x)
+    np.testing.assert_array_equal(y, y_twin)
+    if bn.running_mean is not None:
+        np.testing.assert_array_equal(bn.running_mean, twin.running_mean)
+        np.testing.assert_array_equal(bn.running_var, twin.running_var)
+    np.testing.assert_array_equal(bn.backward(dy), twin.backward(dy))
+    for key, grad in bn.grads().items():
+        np.testing.assert_array_equal(grad, twin.grads()[key])
+    # against NumPy where the change decides which axis is normalized
+    if name == "axis":
+        x64 = x.astype(np.float64)
+        mean, var = x64.mean((0, 1, 2)), x64.var((0, 1, 2))
+        want = bn.gamma * (x64 - mean) / np.sqrt(var + bn.eps) + bn.beta
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_assigning_the_same_setting_keeps_the_plan():
+    """``train()`` every step and a schedule's repeated momentum keep the planned path."""
+    bn = bnfast.BatchNorm(8)
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    bn(x)
+    plan = bn._plan
+    assert plan is not None
+    bn.train()
+    bn.momentum = float("0.1")  # equal, another object
+    bn.reuse_buffers = True  # read per call
+    bn.num_batches_tracked = 7
+    assert bn._plan is plan
+    bn.momentum = 0.2
+    assert bn._plan is None
+
+
 @pytest.mark.parametrize("shape", [(64, 48), (256, 1024)])  # a small call's plan; a parallel size
 def test_planned_backward_follows_mode_changes_between_calls(shape):
     """The planned backward keeps its kernel plan in the layer's plan, keyed by the cache's

@@ -27,7 +27,7 @@ reach its target with float64 arithmetic on this CPU at one thread. Layouts: 2-D
 ``--step``: the same for the issue's MLP-step shares (``python -m bnfast --step``): the step
 with BN+ReLU as bnfast's layer, as its kernels alone (``StepKernels``: no checks or cache), as
 the bare float64 and float32 loops (``StepFloor``, a lower bound: no ReLU, no per-channel
-work) and as NumPy's, interleaved step by step. Inside the step
+work) and as NumPy's, interleaved in blocks of steps (``_compare.STEP_BLOCK``). Inside the step
 every pass runs slower than back to back (its data comes cold after the matmuls), the floors'
 passes alike, so only a floor timed there says whether a share is reachable.
 """
@@ -437,12 +437,12 @@ class StepKernels:
 
 def step_floors(threads: list[int], rounds: int) -> None:
     """The ``--step`` table: BN+ReLU time in the MLP step for bnfast's layer, its kernels
-    alone, the float64 and float32 floors and NumPy's BN, interleaved step by step, per thread
-    count."""
+    alone, the float64 and float32 floors and NumPy's BN, interleaved in blocks of steps, per
+    thread count."""
     print(
         f"MLP step 784-H-H-10 floors on {_machine.describe()}; BN+ReLU us per step (its "
-        "share of that step), medians of interleaved steps; targets: share <= 10% at batch 64, "
-        "<= 5% at 256 and 1024"
+        "share of that step), medians of steps interleaved in blocks; targets: share <= 10% "
+        "at batch 64, <= 5% at 256 and 1024"
     )
     layers = {
         "bnfast": "bnfast",

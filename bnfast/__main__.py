@@ -385,7 +385,8 @@ def main(argv=None) -> int:
         print(f"bnfast on {_machine.describe()}")
         print(
             "NumPy MLP step 784-H-H-10 (Linear -> BN -> ReLU twice, softmax cross-entropy, "
-            "forward + backward, no update), float32; medians of interleaved steps; BN share = "
+            "forward + backward, no update), float32; medians of steps interleaved in blocks of "
+            f"{cmp.STEP_BLOCK} (the first of each not counted); BN share = "
             "time in BN+ReLU / step time (NumPy's matmuls use its BLAS threads throughout)"
         )
         head = f"{'threads':>7}{'batch':>7}{'H':>6}{'bnfast ms':>11}{'BN share':>10}"

@@ -25,6 +25,14 @@ else ``os.sysconf``, else the defaults named below):
 - ``TUNE_THREADS``: 1 in ``TUNE``; ``with_threads(n)`` is ``TUNE`` for a parallel call on n
   threads (``_threading.kernels_for``), so ``lanes.geometry`` can give each thread a fused tile
   (calling ``numba.get_num_threads()`` inside a kernel would stop numba caching it).
+- ``TUNE_WIDE``, ``TUNE_STREAM``: the lanes family's tiles for an array of at least half the
+  last-level cache (x and its output outgrow it: the passes stream from memory): lanes whose
+  float64 per-lane vectors (24 bytes a lane) fill at most 1/8 of L2, rounded down to a power of
+  two (1 MiB: 4096 lanes, 16 KiB of float32 per row). Longer runs of each row per task stream
+  faster from memory on one core (float32, one thread, Zen 4, tiles of 1024 -> 4096 lanes:
+  1.05-1.29x at (2048, 4096), (8192, 4096), (16384, 4096), forward, backward and inference;
+  (4096, 8192) 8192 lanes as 4096; two threads 0.95-1.08x), while in cache the L1d-sized tile
+  wins (see ``lanes.blocks``).
 - ``TUNE_L2``: one core's L2 in bytes (``lanes.geometry`` splits a fused strip for threads
   only into tiles that fit it; the rows family takes its fused route only for arrays that fit
   it, ``rows.fused``).
@@ -127,6 +135,8 @@ def tuning(caches: dict) -> np.ndarray:
     tune[_jit.TUNE_STRIP] = max(256 * 1024, 4 * caches["L2"])
     tune[_jit.TUNE_THREADS] = 1
     tune[_jit.TUNE_L2] = caches["L2"]
+    tune[_jit.TUNE_WIDE] = max(tune[_jit.TUNE_TILE], _power_of_two_floor(caches["L2"] // 192))
+    tune[_jit.TUNE_STREAM] = caches["L3"] // 2
     tune.flags.writeable = False
     return tune
 

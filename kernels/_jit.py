@@ -174,7 +174,9 @@ TUNE_BLOCK = 1  # bytes of x per task of a parallel partition
 TUNE_STRIP = 2  # lanes family: a strip of rows this small is reduced, then written from cache
 TUNE_THREADS = 3  # threads the call runs on (1 for a serial twin; set per call by _threading.tune)
 TUNE_L2 = 4  # bytes of one core's L2 (the rows family's fused route: arrays up to this size)
-TUNE_SIZE = 5
+TUNE_WIDE = 5  # lanes family: lanes per tile of an array of TUNE_STREAM bytes or more
+TUNE_STREAM = 6  # bytes of x from which x and its output outgrow the last-level cache
+TUNE_SIZE = 7
 
 # The parameter block: every scalar option of a call as one float64 vector with named indices
 # (``bnfast._plan`` builds it), read once per call into locals. A new scalar option is one

@@ -18,7 +18,7 @@ import bnfast
 from bnfast import _core, _threading
 from bnfast import reference as ref
 from bnfast._machine import TUNE
-from bnfast.kernels._jit import TUNE_L2, TUNE_STRIP
+from bnfast.kernels._jit import TUNE_L2, TUNE_STREAM, TUNE_STRIP, TUNE_WIDE
 from conftest import assert_channels_close, backward_tolerance, describe, forward_tolerance
 
 
@@ -49,6 +49,14 @@ def _cached_rows(lanes):
     partition with grouped row blocks (at every thread count)."""
     return int(TUNE[TUNE_STRIP]) // (2 * 4 * lanes)
 
+
+def _streaming_rows(lanes):
+    """An odd count of rows of ``lanes`` float32 lanes making x at least ``TUNE_STREAM`` bytes
+    (half this machine's last-level cache): the lanes family's wide tiles (``TUNE_WIDE``)."""
+    return -(-int(TUNE[TUNE_STREAM]) // (4 * lanes)) // 2 * 2 + 1
+
+
+_WIDE = int(TUNE[TUNE_WIDE])
 
 # One per family and layout kind, scaled above SERIAL_BELOW. (Below one core's L2 an array
 # with fewer than 512 lanes per row is a single task and runs the serial twin, the same code:
@@ -81,6 +89,8 @@ CASES = [
         ("lanes page rows in cache, odd count", (257, 1024), 1),
         ("lanes page rows, two-pass, odd count", (_two_pass_rows(1024) + 1, 1024), 1),
         ("lanes tiles of 1008 lanes (6x6)", (_two_pass_rows(2304) + 1, 64, 6, 6), 1),
+        # Streaming from memory: wide tiles, and a last tile of 4 lanes.
+        ("lanes wide tiles", (_streaming_rows(_WIDE + 4), _WIDE + 4), 1),
     ]
 ]
 

@@ -6,8 +6,9 @@ Each outer index holds one contiguous row of ``C * inner`` lanes. Rows narrower 
 a channel's k replicas share its shift, so their sums add up. Work is a fixed grid of tasks
 that depends on the shape and the machine's tuning vector only (never on the thread count):
 lane tiles of ``T`` lanes (a multiple of inner, so a tile holds whole channels; ``TUNE_TILE``
-keeps a tile's float64 per-lane buffers in L1d) times row blocks of ``rb >= BLOCK_ROWS_MIN``
-rows (``TUNE_BLOCK`` bytes of x per task).
+keeps a tile's float64 per-lane buffers in L1d; arrays that stream from memory take
+``TUNE_WIDE``, see ``blocks``) times row blocks of ``rb >= BLOCK_ROWS_MIN`` rows
+(``TUNE_BLOCK`` bytes of x per task).
 
 - Reductions run down a tile's rows eight at a time (on the fused route and for rows of a page
   or more, see ``grouped``; otherwise one at a time): per lane, the eight shifted values are
@@ -237,8 +238,9 @@ def geometry(x, tune):
 
 @helper
 def blocks(x, tune):
-    """``geometry``'s partition without the fused route: tiles of ``TUNE_TILE`` lanes times
-    row blocks of ``TUNE_BLOCK`` bytes (at least ``BLOCK_ROWS_MIN`` rows). The two-pass
+    """``geometry``'s partition without the fused route: tiles of ``TUNE_TILE`` lanes (of
+    ``TUNE_WIDE`` from ``TUNE_STREAM`` bytes of x) times row blocks of ``TUNE_BLOCK`` bytes
+    (at least ``BLOCK_ROWS_MIN`` rows). The two-pass
     route's, and every pass that writes without reducing (inference, given statistics): whole
     rows of a tile per task, so two threads share any array of two blocks or more. Strips cut
     for threads (fused geometry) gave an inference write one task where a strip could not be

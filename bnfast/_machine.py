@@ -29,10 +29,10 @@ else ``os.sysconf``, else the defaults named below):
   last-level cache (x and its output outgrow it: the passes stream from memory): lanes whose
   float64 per-lane vectors (24 bytes a lane) fill at most 1/8 of L2, rounded down to a power of
   two (1 MiB: 4096 lanes, 16 KiB of float32 per row). Longer runs of each row per task stream
-  faster from memory on one core (float32, one thread, Zen 4, tiles of 1024 -> 4096 lanes:
-  1.05-1.29x at (2048, 4096), (8192, 4096), (16384, 4096), forward, backward and inference;
-  (4096, 8192) 8192 lanes as 4096; two threads 0.95-1.08x), while in cache the L1d-sized tile
-  wins (see ``lanes.blocks``).
+  faster from memory (float32, Zen 4, tiles of 1024 -> 4096 lanes, forward, backward and
+  inference at (2048, 4096), (8192, 4096), (16384, 4096): 1.05-1.30x on one thread,
+  1.04-1.19x on two; at 16 MiB, (1024, 4096), only inference gains, 1.12-1.20x), while in
+  cache the L1d-sized tile wins (see ``lanes.blocks``).
 - ``TUNE_L2``: one core's L2 in bytes (``lanes.geometry`` splits a fused strip for threads
   only into tiles that fit it; the rows family takes its fused route only for arrays that fit
   it, ``rows.fused``).

@@ -251,11 +251,11 @@ def blocks(x, tune):
     k = replicas(outer, channels * inner, tune[TUNE_TILE])
     rows, lanes = outer // k, k * channels * inner
     # an array that streams from memory takes wider tiles (``TUNE_WIDE``): longer runs of
-    # each row per task. Float32, one thread, Zen 4, interleaved, tiles of 1024 -> 4096 lanes
-    # (ms): (8192, 4096) forward 29.7 -> 24.6, backward 51.2 -> 45.7, inference 20.1 -> 15.6;
-    # (16384, 4096) 49.7 -> 47.4, 87.5 -> 72.8, 32.7 -> 27.9; (2048, 4096) (32 MiB) 7.0 ->
-    # 6.3, 11.8 -> 9.3, 4.4 -> 3.9; two threads 0.95-1.08x. In cache the narrow tile wins
-    # (forward (512, 2048) 0.41 against 0.52, (128, 4096) 0.21 against 0.27).
+    # each row per task. Float32, Zen 4, one process, the same arrays, tiles of 1024 -> 4096
+    # lanes alternating call by call, 10th percentiles, forward / backward / inference, one
+    # thread, two runs: (2048, 4096) 1.11-1.30x, (8192, 4096) 1.06-1.29x, (16384, 4096)
+    # 1.05-1.27x; two threads 1.14-1.18x, 1.06-1.19x, 1.04-1.12x. In cache the narrow tile
+    # wins (one thread, forward (512, 2048) 0.41 against 0.52 ms, (128, 4096) 0.21 / 0.27).
     per_tile = tune[TUNE_TILE]
     if x.size * x.itemsize >= tune[TUNE_STREAM]:
         per_tile = tune[TUNE_WIDE]

@@ -424,7 +424,7 @@ class BatchNorm:
             and x.strides == p.strides
             and x.dtype is p.dtype
             and chk.apart(x, self._block)
-        ):  # (the plan is dropped when an attribute it depends on is assigned: __setattr__)
+        ):  # (assigning any public attribute a new value drops the plan: __setattr__)
             return self._forward_planned(x, p)
         if out is None:
             out = self._buffer("y", x, x)

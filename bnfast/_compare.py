@@ -497,7 +497,7 @@ def step_table(threads: int, rounds: int = 60, layers: dict | None = None) -> li
         for _ in range(5):  # warm-up (compilation, buffers)
             for fn in steps.values():
                 fn()
-        while len(samples[next(iter(steps))]) < rounds:
+        for _ in range(-(-rounds // (STEP_BLOCK - 1))):  # blocks: rounds samples or more
             for name, fn in steps.items():
                 fn()  # (the step after another layer's: see STEP_BLOCK)
                 for _ in range(STEP_BLOCK - 1):

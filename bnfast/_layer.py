@@ -363,7 +363,7 @@ class BatchNorm:
         layer's own is not one (``_backward_planned`` tests that first)."""
         q = _Plan()
         q.layout, q.dtype, q.shape = cache.layout, cache.x.dtype, cache.x.shape
-        q.backward = None
+        q.backward = q.fast = q.stats = q.made = q.bfast = None
         q.view = cache.layout.is_view(cache.x)
         q.reshapes = q.view and not cache.layout.transposed
         return q
@@ -458,8 +458,37 @@ class BatchNorm:
     def _forward_planned(self, x: np.ndarray, p: _Plan) -> np.ndarray:
         """The planned call: what :func:`bnfast.forward` does once its checks have passed, on
         the same run path (``_core.run_forward``) with the plan's parameter block."""
-        layout = p.layout
         state = self.__dict__  # (the writes below skip __setattr__: neither drops the plan)
+        fast = p.fast
+        if fast is not None:  # a training call: the plan's arguments, the cache by position
+            launch, rm, rv, block, canon, count = fast
+            x3 = x.reshape(canon)
+            y, y3 = self._planned_output("y", p, x, None, x3 if p.placed else None)
+            stats = p.stats if self.reuse_buffers else np.empty(p.kept)
+            stats = run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats, launch)
+            if count:
+                state["num_batches_tracked"] += 1
+            state["_cache"] = p.made = tuple.__new__(  # (BatchNormCache.of's fields)
+                BatchNormCache,
+                (
+                    x,
+                    stats,
+                    p.layout.axis,
+                    True,
+                    p.layout,
+                    x3,
+                    self.activation,
+                    (),
+                    None,
+                    0,
+                    p.gamma,
+                    p.beta,
+                    self.eps,
+                    None,
+                ),
+            )
+            return y
+        layout = p.layout
         x3 = x.reshape(layout.canon) if p.reshapes else layout.view3(x)
         y, y3 = self._planned_output("y", p, x, None, x3 if p.placed else None)
         rows = self._rows
@@ -516,6 +545,36 @@ class BatchNorm:
     def backward(self, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Gradient with respect to the last forward's input; stores ``dgamma``/``dbeta``."""
         cache = self._cache
+        p = self._plan
+        if (
+            p is not None
+            and cache is p.made
+            and p.bfast is not None
+            and out is None
+            and type(dy) is np.ndarray
+            and dy.shape == p.shape
+            and dy.strides == p.strides
+            and dy.dtype is p.dtype
+            and chk.apart(dy, self._block)
+        ):  # the backward of the planned forward's cache: its plan's arguments, no tests
+            launch, block = p.bfast
+            dx, dx3 = self._planned_output("dx", p, cache.x, dy, None)
+            dy3 = dy.reshape(p.layout.canon)
+            rows = self._rows
+            run_backward(
+                cache.view,
+                dy3,
+                p.gamma,
+                p.beta,
+                cache.stats,
+                block,
+                NO_SUMS,
+                rows[4],
+                rows[5],
+                dx3,
+                launch,
+            )
+            return dx
         if cache is None:
             raise RuntimeError("backward() needs a forward() call first")
         x = cache.x
@@ -575,6 +634,8 @@ class BatchNorm:
             if _backward_plan_kept(*mode) is plan:  # (not while its kernel is being compiled)
                 p.backward = (cache.training, cache.activation, cache.eps, plan)
             relu_thr, block, launch = plan
+        if p.backward is not None and cache is p.made:  # the next backwards of fast forwards
+            p.bfast = (launch, block)
         if cache.comm is not None:  # synchronized: one collective of the two sums
             _backward_synced(cache, dy3, relu_thr, self._rows[4], self._rows[5], dx3)
             return dx
@@ -711,6 +772,10 @@ class _Plan:
         "kept",
         "placed",
         "backward",
+        "fast",
+        "stats",
+        "made",
+        "bfast",
     )
     shape: tuple
     strides: tuple
@@ -729,6 +794,10 @@ class _Plan:
     kept: tuple  # the shape of the block a forward keeps (``_core.kept_block``)
     placed: bool  # where a fresh y starts relative to x matters (``chk.Layout.placed_apart``)
     backward: tuple | None  # (training, activation, eps, ``_core._backward_plan``'s answer)
+    fast: tuple | None  # a training forward's (launch, rm, rv, block, canon, count)
+    stats: np.ndarray | None  # with fast: the kept block that reuse_buffers reuses
+    made: Any  # with fast: the cache of the last planned forward, else None
+    bfast: tuple | None  # the backward of a cache it made: (launch, block), once one asked
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
@@ -769,6 +838,7 @@ class _Plan:
             )
             if pending not in synced and None not in synced:
                 p.synced = synced
+        p.fast = p.stats = p.made = p.bfast = None
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)
@@ -784,6 +854,14 @@ class _Plan:
                 cache.layout.count,
             ).copy()
             p.kept = kept_block(cache.layout, bn.dtype, p.block[P_RMAX] > 0.0).shape
+            if (
+                p.comm is None
+                and p.reshapes
+                and (bn.momentum is not None or not bn.track_running_stats)
+            ):
+                rm, rv = (bn._rows[2], bn._rows[3]) if bn.track_running_stats else (None, None)
+                p.fast = (p.launch, rm, rv, p.block, p.layout.canon, bn.track_running_stats)
+                p.stats = np.empty(p.kept)
         else:
             p.kept = (KEPT, 0)  # (an inference cache keeps the running arrays)
             p.block = params(

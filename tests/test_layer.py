@@ -248,3 +248,64 @@ def test_planned_backward_follows_mode_changes_between_calls(shape):
         np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5, err_msg=label)
         np.testing.assert_allclose(bn.dgamma, dgamma, rtol=1e-4, atol=1e-3, err_msg=label)
         np.testing.assert_allclose(bn.dbeta, dbeta, rtol=1e-4, atol=1e-3, err_msg=label)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("tracked", [True, False])
+@pytest.mark.parametrize("shape", [(64, 48), (16, 6, 3, 6), (256, 1024)])  # small; NCHW; parallel
+def test_planned_training_calls_in_any_order_give_the_functional_bits(shape, tracked, reuse):
+    """A layer's planned training calls (the kernel launch, kept statistics block and backward
+    kept in the plan) give the functional API's bits for calls in any order: two forwards
+    before a backward, two backwards of one forward; with ``reuse_buffers`` (the statistics
+    block is reused too) a copy of the layer taken between calls keeps its own; without it,
+    an earlier output is never written again."""
+    import copy
+
+    rng = np.random.default_rng(11)
+    c = shape[1]
+    bn = bnfast.BatchNorm(c, activation="relu", track_running_stats=tracked, reuse_buffers=reuse)
+    bn.gamma[...] = rng.uniform(0.5, 1.5, c)
+    bn.beta[...] = rng.normal(size=c)
+    rm = rv = None
+    if tracked:
+        rm, rv = bn.running_mean.copy(), bn.running_var.copy()
+    data = [rng.normal(1, 2, shape).astype(np.float32) for _ in range(5)]
+    grads = [rng.normal(size=shape).astype(np.float32) for _ in range(5)]
+    cache = None
+    kept = []  # (output, its value) of calls without reuse_buffers
+    twin = twin_cache = None
+
+    def forward(i, out=None):
+        nonlocal cache
+        y = bn(data[i], out=out)  # (out=: the checked path, between planned calls)
+        want, cache = bnfast.forward(
+            data[i], bn.gamma, bn.beta, running_mean=rm, running_var=rv, activation="relu"
+        )
+        np.testing.assert_array_equal(y, want)
+        if tracked:
+            np.testing.assert_array_equal(bn.running_mean, rm)
+            np.testing.assert_array_equal(bn.running_var, rv)
+        kept.append((y, y.copy()))
+
+    def backward(i):
+        dx = bn.backward(grads[i])
+        want, dgamma, dbeta = bnfast.backward(grads[i], cache)
+        np.testing.assert_array_equal(dx, want)
+        np.testing.assert_array_equal(bn.dgamma, dgamma)
+        np.testing.assert_array_equal(bn.dbeta, dbeta)
+        kept.append((dx, dx.copy()))
+
+    steps = ("f0", "b0", "f1", "b1", "f2", "f3", "b3", "b4", "out", "b2", "f4", "copy", "f0", "b1")
+    for step in steps:
+        if step == "copy":  # a copy between a forward and its backward
+            twin, twin_cache = copy.deepcopy(bn), cache
+        elif step == "out":
+            forward(1, np.empty(shape, np.float32))
+        else:
+            (forward if step[0] == "f" else backward)(int(step[1]))
+    assert bn._plan.fast is not None and bn._plan.bfast is not None  # the planned calls ran
+    assert bn.num_batches_tracked == (7 if tracked else 0)
+    np.testing.assert_array_equal(twin.backward(grads[2]), bnfast.backward(grads[2], twin_cache)[0])
+    if not reuse:
+        for out, value in kept:
+            np.testing.assert_array_equal(out, value)

@@ -211,6 +211,24 @@ def kernels_for(x3: np.ndarray, general: bool = False, fused: bool = False):
     return _ADAPTIVE[name], with_threads(threads)
 
 
+def held(x3: np.ndarray, op: str, general: bool = False, fused: bool = False) -> tuple:
+    """``(threads, launch)`` for a plan to keep while ``numba.get_num_threads()`` stays
+    ``threads``: ``launch`` is ``(kernel, tune)`` of ``kernels_for``'s answer for x3 (an array
+    at or above ``SERIAL_BELOW``) and ``op``, or None where that answer can change from call to
+    call at one thread count (below TBB, with more than one thread: GNU OpenMP's and
+    workqueue's measured choice between a parallel kernel and its serial twin, their
+    one-call-at-a-time guard before the layer has shown itself thread-safe). At one thread, or
+    where the shape alone picks the serial twin, the answer is the serial kernels on any layer.
+    A layer's planned calls keep it: inside a NumPy MLP step every object a call touches comes
+    from memory after the matmuls, and ``kernels_for``'s lookups and tests with the run path's
+    cost a batch-256 step's BN+ReLU 10-15% (float32, Zen 4, one thread)."""
+    threads = numba.get_num_threads()
+    kernels, tune = kernels_for(x3, general, fused)
+    if threads > 1 and kernels is not _SERIAL[_name(x3.shape)] and _layer != "tbb":
+        return threads, None
+    return threads, (getattr(kernels, op), tune)
+
+
 # --- Parallel or serial, decided by measurement. A parallel call pays for the pool's launch,
 # for waking workers that went to sleep, and for sharing the other core with whatever runs
 # there (a NumPy matmul's OpenBLAS threads, PyTorch's OpenMP workers keep spinning after they

@@ -575,3 +575,73 @@ def test_tbb_runs_the_parallel_kernels(monkeypatch):
             assert tune[_threading._jit.TUNE_THREADS] == 2
     finally:
         numba.set_num_threads(threads)
+
+
+def test_held_kernels_follow_the_layer_and_the_thread_count(monkeypatch):
+    """``_threading.held``: what a layer's plan may keep across calls above the serial
+    threshold. One thread: the serial kernel on any layer; two threads: the parallel kernel
+    under TBB (with the 2-thread tuning vector), none under GNU OpenMP or workqueue (their
+    choice is made per call), the serial kernel where the shape alone picks it."""
+    x3 = np.ones((4096, 256, 1), np.float32)  # 4 MiB: parallel at two threads
+    tall = np.ones((1024, 64, 1), np.float32)  # one fused tile: serial on any thread count
+    assert x3.nbytes >= _threading.SERIAL_BELOW
+    threads = numba.get_num_threads()
+    monkeypatch.setattr(_threading, "_thread_safe_layer", True)
+    try:
+        for layer in ("tbb", "omp", "workqueue"):
+            monkeypatch.setattr(_threading, "_layer", layer)
+            numba.set_num_threads(1)
+            assert _threading.held(x3, "forward", fused=True) == (
+                1,
+                (_threading._SERIAL["lanes"].forward, TUNE),
+            )
+            numba.set_num_threads(2)
+            count, launch = _threading.held(x3, "backward", fused=True)
+            assert count == 2
+            if layer == "tbb":
+                assert launch[0] is _threading._PARALLEL["lanes"].backward
+                assert launch[1][_threading._jit.TUNE_THREADS] == 2
+            else:
+                assert launch is None
+            if tall.nbytes >= _threading.SERIAL_BELOW:
+                assert _threading.held(tall, "forward", fused=True)[1][0] is (
+                    _threading._SERIAL["lanes"].forward
+                )
+    finally:
+        numba.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("layer", ["tbb", "omp"])
+def test_planned_layer_calls_follow_thread_count_changes(layer, monkeypatch):
+    """A layer's planned calls above the serial threshold keep the kernel for the thread count
+    they ran at and take another when ``numba.set_num_threads`` changes it between calls (or
+    none where the layer chooses per call): the functional API's bits at every step."""
+    monkeypatch.setattr(_threading, "_layer", layer)
+    monkeypatch.setattr(_threading, "_thread_safe_layer", True)
+    rng = np.random.default_rng(8)
+    shape = (2048, 512)  # 4 MiB
+    bn = bnfast.BatchNorm(512, activation="relu", reuse_buffers=True)
+    threads = numba.get_num_threads()
+    try:
+        for k in (2, 2, 1, 1, 2, 2, 1):
+            numba.set_num_threads(k)
+            x = rng.normal(1, 2, shape).astype(np.float32)
+            dy = rng.normal(size=shape).astype(np.float32)
+            rm, rv = bn.running_mean.copy(), bn.running_var.copy()
+            y = bn(x)
+            want, cache = bnfast.forward(
+                x, bn.gamma, bn.beta, running_mean=rm, running_var=rv, activation="relu"
+            )
+            np.testing.assert_array_equal(y, want)
+            np.testing.assert_array_equal(bn.running_var, rv)
+            dx = bn.backward(dy)
+            want_dx, dgamma, _ = bnfast.backward(dy, cache)
+            np.testing.assert_array_equal(dx, want_dx)
+            np.testing.assert_array_equal(bn.dgamma, dgamma)
+            p = bn._plan
+            if p.held is not None:  # (after the first planned forward)
+                assert p.held[0] == k
+                assert (p.held[1] is None) == (layer == "omp" and k > 1)
+        assert p.held is not None and p.bheld is not None
+    finally:
+        numba.set_num_threads(threads)

@@ -251,7 +251,7 @@ def test_planned_backward_follows_mode_changes_between_calls(shape):
 
 
 @pytest.mark.parametrize("reuse", [True, False])
-@pytest.mark.parametrize("tracked", [True, False])
+@pytest.mark.parametrize("tracked", [True, False, "renorm"])
 @pytest.mark.parametrize("shape", [(64, 48), (16, 6, 3, 6), (256, 1024)])  # small; NCHW; parallel
 def test_planned_training_calls_in_any_order_give_the_functional_bits(shape, tracked, reuse):
     """A layer's planned training calls (the kernel launch, kept statistics block and backward
@@ -263,7 +263,10 @@ def test_planned_training_calls_in_any_order_give_the_functional_bits(shape, tra
 
     rng = np.random.default_rng(11)
     c = shape[1]
-    bn = bnfast.BatchNorm(c, activation="relu", track_running_stats=tracked, reuse_buffers=reuse)
+    renorm = (1.5, 0.5) if tracked == "renorm" else None  # (four kept rows: r and d too)
+    bn = bnfast.BatchNorm(
+        c, activation="relu", track_running_stats=bool(tracked), reuse_buffers=reuse, renorm=renorm
+    )
     bn.gamma[...] = rng.uniform(0.5, 1.5, c)
     bn.beta[...] = rng.normal(size=c)
     rm = rv = None
@@ -279,7 +282,13 @@ def test_planned_training_calls_in_any_order_give_the_functional_bits(shape, tra
         nonlocal cache
         y = bn(data[i], out=out)  # (out=: the checked path, between planned calls)
         want, cache = bnfast.forward(
-            data[i], bn.gamma, bn.beta, running_mean=rm, running_var=rv, activation="relu"
+            data[i],
+            bn.gamma,
+            bn.beta,
+            running_mean=rm,
+            running_var=rv,
+            activation="relu",
+            renorm=renorm,
         )
         np.testing.assert_array_equal(y, want)
         if tracked:

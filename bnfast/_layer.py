@@ -16,17 +16,17 @@ replaced arrays and mixed dtypes take the checked path through :func:`bnfast.for
 (forward + backward) 11.3 us planned (12.0 us with fused ReLU and reused buffers), against
 33.7 us for PyTorch's ``BatchNorm1d`` with autograd (``bench/small_calls.py``).
 
-A training forward without a collective or ``momentum=None`` (a trainer's every step) takes
-the plan's ``fast`` arguments: the small-call launch or, above the serial threshold, the
-kernel held for the current thread count (``_threading.held``: one ``get_num_threads`` test
-a call), the running rows, block and canonical shape, with ``reuse_buffers`` a kept
-statistics block too (the layer keeps one cache: only the last forward's statistics are ever
-read); it records the cache it made (``made``), and the backward of that cache (an identity
-test) runs from the backward arguments kept at its first call (``bfast``, ``bheld``), with no
-mode or layout test. Inside a NumPy MLP step every line of a layer call runs with its code
-and objects cold, so the fewer the better: float32 Zen 4, BN+ReLU per step against the
-previous planned path (blocks of steps, one process), batch 64 1.04-1.21x, batch 256
-1.01-1.07x; a (32, 64) layer step back to back 9.4 -> 8.5 us.
+A training forward without a collective or ``momentum=None`` (a trainer's every step), whose
+input reshapes to its canonical view, takes the plan's ``fast`` arguments: the small-call
+launch or, above the serial threshold, the kernel held for the current thread count
+(``_threading.held``: one ``get_num_threads`` test a call), the running rows, block and
+canonical shape, with ``reuse_buffers`` a kept statistics block too (the layer keeps one cache:
+only the last forward's statistics are ever read); it records the cache it made (``made``), and
+the backward of that cache (an identity test) runs from the backward arguments kept at its
+first call (``bfast``, ``bheld``), with no mode or layout test. Inside a NumPy MLP step every
+line of a layer call runs with its code and objects cold, so the fewer the better: float32 Zen
+4, BN+ReLU per step against the previous planned path (blocks of steps, one process), batch 64
+1.04-1.21x, batch 256 1.01-1.07x; a (32, 64) layer step back to back 9.4 -> 8.5 us.
 """
 
 from __future__ import annotations

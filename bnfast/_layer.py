@@ -26,7 +26,7 @@ the backward of that cache (an identity test) runs from the backward arguments k
 first call (``bfast``, ``bheld``), with no mode or layout test. Inside a NumPy MLP step every
 line of a layer call runs with its code and objects cold, so the fewer the better: float32 Zen
 4, BN+ReLU per step against the previous planned path (blocks of steps, one process), batch 64
-1.04-1.21x, batch 256 1.01-1.07x; a (32, 64) layer step back to back 9.4 -> 8.5 us.
+1.04-1.21x, batch 256 1.01-1.11x; a (32, 64) layer step back to back 9.4 -> 8.5 us.
 """
 
 from __future__ import annotations

@@ -873,48 +873,30 @@ def run_forward(
         rm, rv = running_mean, running_var
         if rm is None:
             rm = rv = _NO_RUNNING[x3.dtype]
+        kept, foreign = stats, False
         bad = kernel(x3, gamma, beta, rm, rv, block, stats, y3, tune)
-        if bad:
-            return forward_settled(bad, x3, y3, gamma, beta, rm, rv, block, stats, tune)
-        return stats
-    dtype, channels = x3.dtype, x3.shape[1]
-    if x3.shape[0] * x3.shape[2] == 0 or channels == 0:  # nothing to normalize (PyTorch)
-        stats[...] = np.nan
-        return stats
-    rm, rv = _running_for_kernel(running_mean, running_var, dtype)
-    mode = block[P_MODE]
-    kernels, tune = _threading.kernels_for(x3, mode == FORWARD_GIVEN, fused=mode == FORWARD_BATCH)
-    foreign = rm is not running_mean and running_mean is not None and mode != FORWARD_RUNNING
-    kept = stats
-    if foreign:  # the update below needs VAR
-        stats = np.empty((KEPT_VAR, x3.shape[1]))
-        stats[: kept.shape[0], : kept.shape[1]] = kept  # (a synchronized forward's given rows)
-    bad = kernels.forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
+    else:
+        dtype, channels = x3.dtype, x3.shape[1]
+        if x3.shape[0] * x3.shape[2] == 0 or channels == 0:  # nothing to normalize (PyTorch)
+            stats[...] = np.nan
+            return stats
+        rm, rv = _running_for_kernel(running_mean, running_var, dtype)
+        mode = block[P_MODE]
+        kernels, tune = _threading.kernels_for(
+            x3, mode == FORWARD_GIVEN, fused=mode == FORWARD_BATCH
+        )
+        foreign = rm is not running_mean and running_mean is not None and mode != FORWARD_RUNNING
+        kept = stats
+        if foreign:  # the update below needs VAR
+            stats = np.empty((KEPT_VAR, x3.shape[1]))
+            stats[: kept.shape[0], : kept.shape[1]] = kept  # (a synchronized forward's given rows)
+        bad = kernels.forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad < 0:  # the fused-only small twin's routes do not apply
         bad = _threading.fallback(x3).forward(x3, gamma, beta, rm, rv, block, stats, y3, tune)
     if bad:
         stats = _rescued(x3, y3, gamma, beta, rm, rv, block, stats, tune)
     if foreign:
         update_running_of(running_mean, running_var, stats[MEAN], stats[VAR], block)
-    return _kept_from(kept, stats)
-
-
-def forward_settled(bad, x3, y3, gamma, beta, rm, rv, block, kept, tune) -> np.ndarray:
-    """After a forward kernel called on :func:`run_forward`'s checked arguments with running
-    arrays of x's dtype (a small call's ``launch``, a layer plan's held kernel) returned ``bad``
-    != 0: the general serial kernel where the ``.small`` twin's routes did not apply (-1,
-    nothing written), the rescue where channels were counted bad; returns the kept block
-    (``kept`` or a new one, as :func:`run_forward`). The layer's planned forward calls the
-    kernel itself and this only then."""
-    if bad < 0:
-        bad = _threading.fallback(x3).forward(x3, gamma, beta, rm, rv, block, kept, y3, tune)
-    stats = _rescued(x3, y3, gamma, beta, rm, rv, block, kept, tune) if bad else kept
-    return _kept_from(kept, stats)
-
-
-def _kept_from(kept: np.ndarray, stats: np.ndarray) -> np.ndarray:
-    """The block a forward returns: ``kept`` with the rows of ``stats`` (a rescue's or the
-    VAR-keeping block) copied in, or those rows as a new block where ``kept`` keeps none."""
     if stats is not kept:
         if kept.shape[1] == 0:
             return np.ascontiguousarray(stats[:KEPT])
@@ -1267,20 +1249,11 @@ def run_backward(x3, dy3, gamma, beta, stats, block, sums, dgamma, dbeta, dx3, l
     else:
         kernels, tune = _threading.kernels_for(x3, block[P_MODE] != BACKWARD_TRAIN, fused=True)
         done = kernels.backward(x3, dy3, gamma, beta, stats, block, sums, dgamma, dbeta, dx3, tune)
-    if done:
-        backward_settled(done, x3, dy3, gamma, beta, stats, block, sums, dgamma, dbeta, dx3, tune)
-
-
-def backward_settled(done, x3, dy3, gamma, beta, stats, block, sums, dgamma, dbeta, dx3, tune):
-    """After a backward kernel returned ``done`` != 0: the general serial kernel where the
-    fused-only ``.small`` twin's route did not apply (-1, nothing written); any other code is
-    an internal error (-2: none kept off the fused route; ``kept_block`` never lets that
-    happen)."""
-    if done == -1:
+    if done == -1:  # the fused-only small twin's route does not apply
         done = _threading.fallback(x3).backward(
             x3, dy3, gamma, beta, stats, block, sums, dgamma, dbeta, dx3, tune
         )
-    if done:
+    if done:  # (-2: none kept off the fused route; kept_block never lets that happen)
         raise RuntimeError(f"bnfast internal error: backward kernel returned {done}")
 
 

@@ -19,11 +19,11 @@ replaced arrays and mixed dtypes take the checked path through :func:`bnfast.for
 A training forward without a collective or ``momentum=None`` (a trainer's every step), whose
 input reshapes to its canonical view, takes the plan's ``fast`` arguments: the small-call
 launch or, above the serial threshold, the kernel held for the current thread count
-(``_threading.held``: one ``get_num_threads`` test a call), the running rows, block and
+(``_Plan.kernel``: one ``get_num_threads`` test a call), the running rows, block and
 canonical shape, with ``reuse_buffers`` a kept statistics block too (the layer keeps one cache:
 only the last forward's statistics are ever read); it records the cache it made (``made``), and
 the backward of that cache (an identity test) runs from the backward arguments kept at its
-first call (``bfast``, ``bheld``), with no mode or layout test. Inside a NumPy MLP step every
+first call (``bfast``), with no mode or layout test. Inside a NumPy MLP step every
 line of a layer call runs with its code and objects cold, so the fewer the better: float32 Zen
 4, BN+ReLU per step against the previous planned path (blocks of steps, one process), batch 64
 1.04-1.21x, batch 256 1.01-1.11x; a (32, 64) layer step back to back 9.4 -> 8.5 us.
@@ -41,7 +41,6 @@ from numba import get_num_threads
 from . import _checks as chk
 from . import _sync, _threading
 from ._core import (
-    _NO_RUNNING,
     NO_KEPT,
     NO_SUMS,
     RELU_THRESHOLD,
@@ -54,9 +53,7 @@ from ._core import (
     _forward_synced,
     _renorm,
     backward,
-    backward_settled,
     forward,
-    forward_settled,
     kept_block,
     params,
     run_backward,
@@ -379,7 +376,8 @@ class BatchNorm:
         layer's own is not one (``_backward_planned`` tests that first)."""
         q = _Plan()
         q.layout, q.dtype, q.shape = cache.layout, cache.x.dtype, cache.x.shape
-        q.backward = q.fast = q.stats = q.made = q.bfast = q.held = q.bheld = None
+        q.backward = q.fast = q.stats = q.made = q.bfast = None
+        q.held = {}
         q.view = cache.layout.is_view(cache.x)
         q.reshapes = q.view and not cache.layout.transposed
         return q
@@ -476,45 +474,28 @@ class BatchNorm:
         the same run path (``_core.run_forward``) with the plan's parameter block."""
         state = self.__dict__  # (the writes below skip __setattr__: neither drops the plan)
         fast = p.fast
-        if fast is not None:  # a training call: the plan's arguments, the cache by position
+        if fast is not None:  # a training call: the run path on the plan's arguments
             launch, rm, rv, block, canon, count = fast
             x3 = x.reshape(canon)
             y, y3 = self._planned_output("y", p, x, None, x3 if p.placed else None)
             stats = p.stats if self.reuse_buffers else np.empty(p.kept)
             if launch is None:  # above the serial threshold: this thread count's kernel
-                held = p.held
-                if held is None or held[0] != get_num_threads():
-                    held = p.held = _threading.held(x3, "forward", fused=True)
-                launch = held[1]
-            if launch is None:  # (a measured choice each call: _threading.held)
-                stats = run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats)
-            else:
-                kernel, tune = launch
-                bad = kernel(x3, p.gamma, p.beta, rm, rv, block, stats, y3, tune)
-                if bad:
-                    stats = forward_settled(
-                        bad, x3, y3, p.gamma, p.beta, rm, rv, block, stats, tune
-                    )
+                launch = p.kernel(x3, "forward")
+            stats = run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats, launch)
             if count:
                 state["num_batches_tracked"] += 1
-            state["_cache"] = p.made = tuple.__new__(  # (BatchNormCache.of's fields)
-                BatchNormCache,
-                (
-                    x,
-                    stats,
-                    p.layout.axis,
-                    True,
-                    p.layout,
-                    x3,
-                    self.activation,
-                    (),
-                    None,
-                    0,
-                    p.gamma,
-                    p.beta,
-                    self.eps,
-                    None,
-                ),
+            state["_cache"] = p.made = BatchNormCache.of(
+                x,
+                stats,
+                p.layout.axis,
+                True,
+                p.layout,
+                x3,
+                self.activation,
+                p.gamma,
+                p.beta,
+                self.eps,
+                None,
             )
             return y
         layout = p.layout
@@ -589,20 +570,22 @@ class BatchNorm:
             launch, block = p.bfast
             dx, dx3 = self._planned_output("dx", p, cache.x, dy, None)
             dy3 = dy.reshape(p.layout.canon)
-            x3, stats, rows = cache.view, cache.stats, self._rows
             if launch is None:  # as in the forward
-                held = p.bheld
-                if held is None or held[0] != get_num_threads():
-                    held = p.bheld = _threading.held(x3, "backward", fused=True)
-                launch = held[1]
-            if launch is None:
-                run_backward(x3, dy3, p.gamma, p.beta, stats, block, NO_SUMS, rows[4], rows[5], dx3)
-                return dx
-            kernel, tune = launch
-            args = (x3, dy3, p.gamma, p.beta, stats, block, NO_SUMS, rows[4], rows[5], dx3, tune)
-            done = kernel(*args)
-            if done:
-                backward_settled(done, *args)
+                launch = p.kernel(cache.view, "backward")
+            rows = self._rows
+            run_backward(
+                cache.view,
+                dy3,
+                p.gamma,
+                p.beta,
+                cache.stats,
+                block,
+                NO_SUMS,
+                rows[4],
+                rows[5],
+                dx3,
+                launch,
+            )
             return dx
         if cache is None:
             raise RuntimeError("backward() needs a forward() call first")
@@ -806,7 +789,6 @@ class _Plan:
         "made",
         "bfast",
         "held",
-        "bheld",
     )
     shape: tuple
     strides: tuple
@@ -829,8 +811,16 @@ class _Plan:
     stats: np.ndarray | None  # with fast: the kept block that reuse_buffers reuses
     made: Any  # with fast: the cache of the last planned forward, else None
     bfast: tuple | None  # the backward of a cache it made: (launch, block), once one asked
-    held: tuple | None  # with fast above the serial threshold: ``_threading.held``'s answer
-    bheld: tuple | None  # with bfast above the serial threshold: the backward's
+    held: dict  # above the serial threshold: ``_threading.held``'s answer per kernel
+
+    def kernel(self, x3: np.ndarray, op: str) -> tuple | None:
+        """The ``(kernel, tune)`` of ``op`` for x3 at this thread count, kept while the count
+        stays (``_threading.held``; None where the threading layer chooses per call: the run
+        path then asks ``kernels_for`` itself)."""
+        held = self.held.get(op)
+        if held is None or held[0] != get_num_threads():
+            held = self.held[op] = _threading.held(x3, op, fused=True)
+        return held[1]
 
     @classmethod
     def after(cls, bn: BatchNorm, x, cache: BatchNormCache) -> _Plan | None:
@@ -871,7 +861,8 @@ class _Plan:
             )
             if pending not in synced and None not in synced:
                 p.synced = synced
-        p.fast = p.stats = p.made = p.bfast = p.held = p.bheld = None
+        p.fast = p.stats = p.made = p.bfast = None
+        p.held = {}
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)
@@ -892,11 +883,7 @@ class _Plan:
                 and p.reshapes
                 and (bn.momentum is not None or not bn.track_running_stats)
             ):
-                rm, rv = (
-                    (bn._rows[2], bn._rows[3])
-                    if bn.track_running_stats
-                    else (_NO_RUNNING[bn.dtype],) * 2  # (the kernels' "none")
-                )
+                rm, rv = (bn._rows[2], bn._rows[3]) if bn.track_running_stats else (None, None)
                 p.fast = (p.launch, rm, rv, p.block, p.layout.canon, bn.track_running_stats)
                 p.stats = np.empty(p.kept)
         else:

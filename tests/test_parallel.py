@@ -583,18 +583,19 @@ def test_held_kernels_follow_the_layer_and_the_thread_count(monkeypatch):
     under TBB (with the 2-thread tuning vector), none under GNU OpenMP or workqueue (their
     choice is made per call), the serial kernel where the shape alone picks it."""
     x3 = np.ones((4096, 256, 1), np.float32)  # 4 MiB: parallel at two threads
-    tall = np.ones((1024, 64, 1), np.float32)  # one fused tile: serial on any thread count
+    # at the serial threshold, below one core's L2, 64 lanes: one fused tile, serial always
+    tall = np.ones((_threading.SERIAL_BELOW // (64 * 4), 64, 1), np.float32)
     assert x3.nbytes >= _threading.SERIAL_BELOW
+    assert _threading.SERIAL_BELOW <= tall.nbytes < TUNE[TUNE_L2]
     threads = numba.get_num_threads()
     monkeypatch.setattr(_threading, "_thread_safe_layer", True)
     try:
         for layer in ("tbb", "omp", "workqueue"):
             monkeypatch.setattr(_threading, "_layer", layer)
             numba.set_num_threads(1)
-            assert _threading.held(x3, "forward", fused=True) == (
-                1,
-                (_threading._SERIAL["lanes"].forward, TUNE),
-            )
+            count, (kernel, tune) = _threading.held(x3, "forward", fused=True)
+            assert count == 1
+            assert kernel is _threading._SERIAL["lanes"].forward and tune is TUNE
             numba.set_num_threads(2)
             count, launch = _threading.held(x3, "backward", fused=True)
             assert count == 2
@@ -603,10 +604,8 @@ def test_held_kernels_follow_the_layer_and_the_thread_count(monkeypatch):
                 assert launch[1][_threading._jit.TUNE_THREADS] == 2
             else:
                 assert launch is None
-            if tall.nbytes >= _threading.SERIAL_BELOW:
-                assert _threading.held(tall, "forward", fused=True)[1][0] is (
-                    _threading._SERIAL["lanes"].forward
-                )
+            kernel, tune = _threading.held(tall, "forward", fused=True)[1]
+            assert kernel is _threading._SERIAL["lanes"].forward
     finally:
         numba.set_num_threads(threads)
 
@@ -639,9 +638,9 @@ def test_planned_layer_calls_follow_thread_count_changes(layer, monkeypatch):
             np.testing.assert_array_equal(dx, want_dx)
             np.testing.assert_array_equal(bn.dgamma, dgamma)
             p = bn._plan
-            if p.held is not None:  # (after the first planned forward)
-                assert p.held[0] == k
-                assert (p.held[1] is None) == (layer == "omp" and k > 1)
-        assert p.held is not None and p.bheld is not None
+            for op, held in p.held.items():  # (after the first planned forward)
+                assert held[0] == k, op
+                assert (held[1] is None) == (layer == "omp" and k > 1), op
+        assert set(p.held) == {"forward", "backward"}
     finally:
         numba.set_num_threads(threads)

@@ -16,17 +16,17 @@ replaced arrays and mixed dtypes take the checked path through :func:`bnfast.for
 (forward + backward) 11.3 us planned (12.0 us with fused ReLU and reused buffers), against
 33.7 us for PyTorch's ``BatchNorm1d`` with autograd (``bench/small_calls.py``).
 
-A training forward without a collective or ``momentum=None`` (a trainer's every step), whose
-input reshapes to its canonical view, takes the plan's ``fast`` arguments: the small-call
-launch or, above the serial threshold, the kernel held for the current thread count
-(``_Plan.kernel``: one ``get_num_threads`` test a call), the running rows, block and
-canonical shape, with ``reuse_buffers`` a kept statistics block too (the layer keeps one cache:
-only the last forward's statistics are ever read); it records the cache it made (``made``), and
-the backward of that cache (an identity test) runs from the backward arguments kept at its
-first call (``bfast``), with no mode or layout test. Inside a NumPy MLP step every
-line of a layer call runs with its code and objects cold, so the fewer the better: float32 Zen
-4, BN+ReLU per step against the previous planned path (blocks of steps, one process), batch 64
-1.04-1.21x, batch 256 1.01-1.11x; a (32, 64) layer step back to back 9.4 -> 8.5 us.
+A planned training forward runs the small-call entry or, above the serial threshold, the
+kernel held for the current thread count (``_Plan.kernel``: one ``get_num_threads`` test a
+call, not ``kernels_for``'s lookups), and with ``reuse_buffers`` writes its statistics into a
+block the plan keeps (the layer keeps one cache: only the last forward's statistics are ever
+read). Without a collective and with an input that reshapes to its canonical view it records
+the cache it made (``made``); the backward of that cache (an identity test) runs from the
+backward arguments kept at its first call (``bfast``), with no mode or layout test. Inside a
+NumPy MLP step every line of a layer call runs with its code and objects cold, so the fewer
+the better: float32 Zen 4, BN+ReLU per step against the previous planned path (blocks of
+steps, one process), batch 64 1.04-1.21x, batch 256 1.01-1.11x; a (32, 64) layer step back to
+back 9.4 -> 8.5 us.
 """
 
 from __future__ import annotations
@@ -376,7 +376,9 @@ class BatchNorm:
         layer's own is not one (``_backward_planned`` tests that first)."""
         q = _Plan()
         q.layout, q.dtype, q.shape = cache.layout, cache.x.dtype, cache.x.shape
-        q.backward = q.fast = q.stats = q.made = q.bfast = None
+        q.backward = q.made = q.bfast = None
+        q.stats = NO_KEPT
+        q.marks = False
         q.held = {}
         q.view = cache.layout.is_view(cache.x)
         q.reshapes = q.view and not cache.layout.transposed
@@ -473,31 +475,6 @@ class BatchNorm:
         """The planned call: what :func:`bnfast.forward` does once its checks have passed, on
         the same run path (``_core.run_forward``) with the plan's parameter block."""
         state = self.__dict__  # (the writes below skip __setattr__: neither drops the plan)
-        fast = p.fast
-        if fast is not None:  # a training call: the run path on the plan's arguments
-            launch, rm, rv, block, canon, count = fast
-            x3 = x.reshape(canon)
-            y, y3 = self._planned_output("y", p, x, None, x3 if p.placed else None)
-            stats = p.stats if self.reuse_buffers else np.empty(p.kept)
-            if launch is None:  # above the serial threshold: this thread count's kernel
-                launch = p.kernel(x3, "forward")
-            stats = run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats, launch)
-            if count:
-                state["num_batches_tracked"] += 1
-            state["_cache"] = p.made = BatchNormCache.of(
-                x,
-                stats,
-                p.layout.axis,
-                True,
-                p.layout,
-                x3,
-                self.activation,
-                p.gamma,
-                p.beta,
-                self.eps,
-                None,
-            )
-            return y
         layout = p.layout
         x3 = x.reshape(layout.canon) if p.reshapes else layout.view3(x)
         y, y3 = self._planned_output("y", p, x, None, x3 if p.placed else None)
@@ -525,17 +502,22 @@ class BatchNorm:
             if self.track_running_stats:
                 state["num_batches_tracked"] += 1
         elif p.batch_stats:
-            stats = np.empty(p.kept)
+            # with reuse_buffers the plan's statistics block: the layer keeps one cache, so
+            # only the last forward's statistics are ever read
+            stats = p.stats if self.reuse_buffers else np.empty(p.kept)
             if self.momentum is None:  # the cumulative average's weight changes every call
                 block[P_MOMENTUM] = self._momentum()  # (else set in the plan)
             rm, rv = (rows[2], rows[3]) if self.track_running_stats else (None, None)
-            stats = run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats, p.launch)
+            launch = p.launch  # the small-call entry, else this thread count's kernel
+            if launch is None:
+                launch = p.kernel(x3, "forward")
+            stats = run_forward(x3, y3, p.gamma, p.beta, rm, rv, block, stats, launch)
             if self.track_running_stats:
                 state["num_batches_tracked"] += 1
         else:
             stats = NO_KEPT
             run_forward(x3, y3, p.gamma, p.beta, rows[2], rows[3], block, stats, p.launch)
-        state["_cache"] = BatchNormCache.of(
+        cache = state["_cache"] = BatchNormCache.of(
             x,
             stats,
             layout.axis,
@@ -550,6 +532,8 @@ class BatchNorm:
             p.comm,
             total,
         )
+        if p.marks:  # the backward of this cache may run from the plan (``bfast``)
+            p.made = cache
         return y
 
     def backward(self, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -784,7 +768,7 @@ class _Plan:
         "kept",
         "placed",
         "backward",
-        "fast",
+        "marks",
         "stats",
         "made",
         "bfast",
@@ -807,9 +791,9 @@ class _Plan:
     kept: tuple  # the shape of the block a forward keeps (``_core.kept_block``)
     placed: bool  # where a fresh y starts relative to x matters (``chk.Layout.placed_apart``)
     backward: tuple | None  # (training, activation, eps, ``_core._backward_plan``'s answer)
-    fast: tuple | None  # a training forward's (launch, rm, rv, block, canon, count)
-    stats: np.ndarray | None  # with fast: the kept block that reuse_buffers reuses
-    made: Any  # with fast: the cache of the last planned forward, else None
+    marks: bool  # a training plan without comm= whose x reshapes to its canonical view
+    stats: np.ndarray  # a training plan's kept block, which reuse_buffers reuses
+    made: Any  # with marks: the cache of the last planned forward, else None
     bfast: tuple | None  # the backward of a cache it made: (launch, block), once one asked
     held: dict  # above the serial threshold: ``_threading.held``'s answer per kernel
 
@@ -861,8 +845,9 @@ class _Plan:
             )
             if pending not in synced and None not in synced:
                 p.synced = synced
-        p.fast = p.stats = p.made = p.bfast = None
+        p.made = p.bfast = None
         p.held = {}
+        p.marks = p.batch_stats and p.comm is None and p.reshapes
         if p.batch_stats:
             renorm = bn.renorm if bn.track_running_stats else None
             rmax, dmax = _renorm(renorm)
@@ -878,16 +863,10 @@ class _Plan:
                 cache.layout.count,
             ).copy()
             p.kept = kept_block(cache.layout, bn.dtype, p.block[P_RMAX] > 0.0).shape
-            if (
-                p.comm is None
-                and p.reshapes
-                and (bn.momentum is not None or not bn.track_running_stats)
-            ):
-                rm, rv = (bn._rows[2], bn._rows[3]) if bn.track_running_stats else (None, None)
-                p.fast = (p.launch, rm, rv, p.block, p.layout.canon, bn.track_running_stats)
-                p.stats = np.empty(p.kept)
+            p.stats = np.empty(p.kept)
         else:
             p.kept = (KEPT, 0)  # (an inference cache keeps the running arrays)
+            p.stats = NO_KEPT
             p.block = params(
                 FORWARD_RUNNING,
                 bn.eps,

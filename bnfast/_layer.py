@@ -25,8 +25,8 @@ the cache it made (``made``); the backward of that cache (an identity test) runs
 backward arguments kept at its first call (``bfast``), with no mode or layout test. Inside a
 NumPy MLP step every line of a layer call runs with its code and objects cold, so the fewer
 the better: float32 Zen 4, BN+ReLU per step against the previous planned path (blocks of
-steps, one process), batch 64 1.04-1.21x, batch 256 1.01-1.11x; a (32, 64) layer step back to
-back 9.4 -> 8.5 us.
+steps, one process), batch 64 1.00-1.06x, batch 256 1.02-1.07x; a (32, 64) layer step back to
+back 1.05-1.12x.
 """
 
 from __future__ import annotations

@@ -222,8 +222,8 @@ def held(x3: np.ndarray, op: str, general: bool = False, fused: bool = False) ->
     A layer's planned calls keep it: inside a NumPy MLP step every object a call touches comes
     from memory after the matmuls (float32, Zen 4, one thread, batch 256 x 1024: a prototype
     calling the kept kernels took BN+ReLU 1.13-1.14x faster than the run path asking
-    ``kernels_for`` each call; the layer as built, against the previous one, 1.01-1.11x over
-    six runs)."""
+    ``kernels_for`` each call; the layer as built, against the previous one, 1.02-1.07x over
+    four runs)."""
     threads = numba.get_num_threads()
     kernels, tune = kernels_for(x3, general, fused)
     if threads > 1 and kernels is not _SERIAL[_name(x3.shape)] and _layer != "tbb":
